@@ -1,0 +1,39 @@
+"""The RTN quantizer object (configured from ``conf/quant/rtn*.yaml``)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from npft_lightning.quant.base import WeightQuantizer
+from npft_lightning.quant.rtn import rtn_quantize, rtn_step
+
+
+class RTN(WeightQuantizer):
+    """Round-to-nearest, per output channel (``group_size=None``) or per group of input columns."""
+
+    def __init__(self, bits: int = 4, group_size: int | None = None, sym: bool = False, name: str | None = None):
+        if not 2 <= int(bits) <= 8:
+            raise ValueError(f"quant bits={bits} is outside 2..8; use a value from 2 to 8")
+        if group_size is not None and int(group_size) <= 0:
+            raise ValueError(f"quant group_size={group_size} must be a positive divisor of the input features, or null")
+        self.bits = int(bits)
+        self.group_size = None if group_size is None else int(group_size)
+        self.sym = bool(sym)
+        self.name = name or default_name("rtn", self.bits, self.group_size, self.sym)
+
+    def quantize_weight(self, weight: Tensor, *, name: str | None = None) -> Tensor:
+        return rtn_quantize(weight, self.bits, self.group_size, self.sym)
+
+    def step(self, weight: Tensor) -> Tensor:
+        """Per-element quantization step Δ (used by the ``uniform_step`` noise)."""
+        return rtn_step(weight, self.bits, self.group_size, self.sym)
+
+
+def default_name(family: str, bits: int, group_size: int | None, sym: bool = False) -> str:
+    """``rtn4``, ``rtn3_g32``, ``rtn4_sym_g32`` ..."""
+    name = f"{family}{bits}"
+    if sym:
+        name += "_sym"
+    if group_size is not None:
+        name += f"_g{group_size}"
+    return name

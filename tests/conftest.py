@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny randomly initialised LLaMA- and OPT-shaped causal LMs (no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+VOCAB = 256
+
+
+def make_tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def make_tiny_opt(seed: int = 0) -> OPTForCausalLM:
+    torch.manual_seed(seed)
+    cfg = OPTConfig(
+        vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=256, word_embed_proj_dim=64,
+    )
+    return OPTForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def tiny_llama() -> LlamaForCausalLM:
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def tiny_opt() -> OPTForCausalLM:
+    return make_tiny_opt()
+
+
+@pytest.fixture
+def token_windows() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, VOCAB, (4, 32), generator=g)
