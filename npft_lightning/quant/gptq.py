@@ -1,0 +1,385 @@
+"""GPTQ (Frantar et al., 2022): one-shot second-order weight quantization on the RTN grid.
+
+Each layer minimises ``||X W^T - X Ŵ^T||²`` over the calibration inputs X: columns are rounded
+one at a time and the not-yet-rounded columns absorb the rounding error through the inverse
+Hessian ``H = 2/n Σ x xᵀ``. The grid is the RTN grid of :mod:`npft_lightning.quant.rtn` (same
+bits / sym / group semantics), so a GPTQ weight is a valid RTN encoding and exports the same way.
+
+Numerics: the Hessian is accumulated with fp32 matmuls (TF32 off) into a float64 sum; the
+solve (damping, Cholesky, column loop) runs in float64; scales and zeros come from
+``rtn_params`` (float32) and the returned weight is float32.
+
+Groups (``group_size``): a group is always ``group_size`` *contiguous input columns in the
+original order*, exactly as in RTN, so no column-permutation index (``g_idx``) is needed to
+decode. Its scale / zero are computed
+
+* ``static_groups=False`` (default): just before the first of its columns is rounded, from the
+  current, error-updated values of all its columns. Without act-order this is the reference's
+  dynamic grouping (the reference reads stale in-block values when ``group_size < block_size``;
+  we apply the pending in-block updates first). With act-order the group's columns are spread
+  over the processing order; the same rule still applies (its first processed column triggers it).
+* ``static_groups=True``: up front from the original weights (the reference ``--static-groups``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from npft_lightning.layers import block_index, decoder_blocks
+from npft_lightning.quant.base import WeightQuantizer
+from npft_lightning.quant.rtn import rtn_decode, rtn_params
+from npft_lightning.quant.uniform import default_name
+
+
+class GPTQCodes(NamedTuple):
+    """Integer codes [rows, cols] (uint8, original column order), scale / zero [rows, n_groups] (float32).
+
+    ``perm`` is the processing order (act-order) or None; it is informational only: the codes
+    decode with :func:`~npft_lightning.quant.rtn.rtn_decode` without it.
+    """
+
+    codes: Tensor
+    scale: Tensor
+    zero: Tensor
+    perm: Tensor | None
+
+
+@contextmanager
+def no_tf32() -> Iterator[None]:
+    """fp32 matmuls at full precision inside the block (the reference disables TF32 too)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _upper_cholesky_of_inverse(hessian: Tensor, percdamp: float) -> Tensor:
+    """Upper Cholesky factor of ``(H + damp·I)^-1``; the damping grows ×10 if H is not positive definite."""
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    mean_diag = hessian.diagonal().mean()
+    damp = percdamp * mean_diag
+    for _ in range(6):
+        chol, info = torch.linalg.cholesky_ex(hessian + damp * eye)
+        if info == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if info == 0:
+                return upper
+        damp = torch.clamp(damp * 10, min=1e-6 * mean_diag)
+        warnings.warn(f"GPTQ: Hessian not positive definite, retrying with damping {float(damp):.3g}", stacklevel=3)
+    raise RuntimeError("GPTQ: Hessian stays singular even with strong damping; are the calibration inputs all zero?")
+
+
+def gptq_encode_matrix(
+    weight: Tensor,
+    hessian: Tensor,
+    bits: int,
+    group_size: int | None = None,
+    sym: bool = False,
+    act_order: bool = True,
+    block_size: int = 128,
+    percdamp: float = 0.01,
+    static_groups: bool = False,
+) -> GPTQCodes:
+    """GPTQ-quantize one weight matrix [out, in] given its input Hessian [in, in]; returns the codes."""
+    rows, cols = weight.shape
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match the {cols} input features")
+    if group_size is not None and (group_size <= 0 or cols % group_size != 0):
+        raise ValueError(f"group_size={group_size} does not divide the {cols} input features; pick a divisor of {cols}")
+    maxq = 2**bits - 1
+    g = cols if group_size is None else group_size
+    n_groups = cols // g
+
+    W = weight.detach().to(torch.float64).clone()
+    H = hessian.detach().to(device=W.device, dtype=torch.float64).clone()
+    # A column that never sees a non-zero input cannot affect the output: zero it, keep H invertible.
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    scale = torch.zeros(rows, n_groups, dtype=torch.float32, device=W.device)
+    zero = torch.zeros_like(scale)
+    dynamic = group_size is not None and not static_groups
+    if not dynamic:  # per-channel: whole (dead-zeroed) rows; static groups: original contiguous groups
+        scale, zero = rtn_params(W, bits, group_size, sym)
+    ready = [not dynamic] * n_groups
+
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(cols, device=W.device)
+    if act_order:
+        W, H = W[:, perm], H[perm][:, perm]
+    inv_perm = torch.argsort(perm)
+    group_of_pos = (perm // g).tolist()  # group of each processing position
+    positions_of_group = inv_perm.reshape(n_groups, g).sort(dim=1).values  # processing positions of each group
+
+    Hinv = _upper_cholesky_of_inverse(H, percdamp)
+    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
+
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()  # this block's columns, kept up to date column by column
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            grp = group_of_pos[i1 + i]
+            if not ready[grp]:
+                # First column of this group: params from the group's current values. Columns past
+                # this block still miss the in-block updates (lazy batching); apply them here.
+                pos = positions_of_group[grp]
+                inside = pos < i2
+                current = torch.empty(rows, g, dtype=W.dtype, device=W.device)
+                current[:, inside] = W1[:, pos[inside] - i1]
+                later = pos[~inside]
+                current[:, ~inside] = W[:, later] - Err1 @ Hinv[i1:i2, later]
+                s, z = rtn_params(current, bits, None, sym)
+                scale[:, grp], zero[:, grp] = s[:, 0], z[:, 0]
+                ready[grp] = True
+            s, z = scale[:, grp].double(), zero[:, grp].double()
+            w = W1[:, i]
+            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+            codes[:, i1 + i] = q.to(torch.uint8)
+            err = (w - s * (q - z)) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        # Lazy batch update: the columns after this block absorb its errors in one matmul.
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    return GPTQCodes(codes[:, inv_perm], scale, zero, perm if act_order else None)
+
+
+def gptq_quantize_matrix(
+    weight: Tensor,
+    hessian: Tensor,
+    bits: int,
+    group_size: int | None = None,
+    sym: bool = False,
+    act_order: bool = True,
+    block_size: int = 128,
+    percdamp: float = 0.01,
+    static_groups: bool = False,
+) -> Tensor:
+    """GPTQ fake-quantized copy of ``weight`` [out, in] (float32): every value is a point of its row/group's RTN grid."""
+    enc = gptq_encode_matrix(weight, hessian, bits, group_size, sym, act_order, block_size, percdamp, static_groups)
+    return rtn_decode(enc.codes, enc.scale, enc.zero, group_size)
+
+
+class HessianAccumulator:
+    """``H = 2/n Σ x xᵀ`` over all input rows (tokens) a Linear sees; fp32 matmuls, float64 sum."""
+
+    def __init__(self, in_features: int, device: torch.device):
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self.count = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(device=self.sum.device, dtype=torch.float32)
+        self.sum += (x.T @ x).double()
+        self.count += x.shape[0]
+
+    def hessian(self) -> Tensor:
+        if self.count == 0:
+            raise RuntimeError("GPTQ: a linear layer saw no calibration input; is it used in the forward pass?")
+        return self.sum * (2.0 / self.count)
+
+
+# True-sequential stages inside one block, by leaf name (LLaMA/Mistral/Qwen and OPT names).
+_STAGES = {
+    "q_proj": 0, "k_proj": 0, "v_proj": 0,
+    "o_proj": 1, "out_proj": 1,
+    "gate_proj": 2, "up_proj": 2, "fc1": 2,
+    "down_proj": 3, "fc2": 3,
+}
+_LAST_STAGE = max(_STAGES.values()) + 1  # unknown leaves go last
+
+
+def sequential_stages(names: list[str]) -> list[list[str]]:
+    """Group one block's linear names as [q,k,v] -> [o] -> [gate,up / fc1] -> [down / fc2] (-> unknown)."""
+    stages: dict[int, list[str]] = {}
+    for name in names:
+        stages.setdefault(_STAGES.get(name.rsplit(".", 1)[-1], _LAST_STAGE), []).append(name)
+    return [stages[k] for k in sorted(stages)]
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the first block's inputs are recorded."""
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Structural equality of captured forward kwargs (to share identical ones between batches)."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a is b or (type(a) is type(b) and isinstance(a, (int, float, str, bool)) and a == b)
+
+
+def capture_block_inputs(
+    model: nn.Module, block: nn.Module, calibration: Tensor, batch_size: int
+) -> list[tuple[Tensor, tuple, dict[str, Any]]]:
+    """(hidden_states, extra args, kwargs) entering ``block`` for each batch of calibration windows.
+
+    A forward pre-hook records the call and stops the forward, so nothing after the embeddings
+    runs. The KV cache is switched off. Identical kwargs (mask, positions, rotary embeddings)
+    are shared between batches to save memory.
+    """
+    captured: list[tuple[Tensor, tuple, dict[str, Any]]] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        for key in ("past_key_values", "past_key_value"):
+            if key in kwargs:
+                kwargs[key] = None
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        if captured and _same(captured[-1][1:], (args[1:], kwargs)):
+            args, kwargs = captured[-1][1], captured[-1][2]
+        else:
+            args = args[1:]
+        captured.append((hidden, args, kwargs))
+        raise _StopForward
+
+    device = next(model.parameters()).device
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, calibration.shape[0], batch_size):
+            try:
+                model(input_ids=calibration[start : start + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_block(block: nn.Module, inputs: list[tuple[Tensor, tuple, dict[str, Any]]]) -> list[Tensor]:
+    """The block's output hidden states for every captured batch."""
+    outputs = []
+    for hidden, args, kwargs in inputs:
+        out = block(hidden, *args, **kwargs)
+        outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
+    return outputs
+
+
+class GPTQ(WeightQuantizer):
+    """GPTQ on the RTN grid, calibrated block by block on token windows (see the module docstring).
+
+    ``act_order=True, true_sequential=True`` is the default (best on SmolLM2); the plain
+    reference behaviour is ``act_order=False, true_sequential=False``.
+    """
+
+    needs_calibration = True
+
+    def __init__(
+        self,
+        bits: int = 4,
+        group_size: int | None = None,
+        sym: bool = False,
+        act_order: bool = True,
+        true_sequential: bool = True,
+        block_size: int = 128,
+        percdamp: float = 0.01,
+        name: str | None = None,
+        static_groups: bool = False,
+        batch_size: int = 8,
+    ):
+        if not 2 <= int(bits) <= 8:
+            raise ValueError(f"quant bits={bits} is outside 2..8; use a value from 2 to 8")
+        if group_size is not None and int(group_size) <= 0:
+            raise ValueError(f"quant group_size={group_size} must be a positive divisor of the input features, or null")
+        if int(block_size) <= 0 or int(batch_size) <= 0:
+            raise ValueError(f"block_size={block_size} and batch_size={batch_size} must be positive")
+        if not 0 <= float(percdamp):
+            raise ValueError(f"percdamp={percdamp} must be >= 0")
+        self.bits = int(bits)
+        self.group_size = None if group_size is None else int(group_size)
+        self.sym = bool(sym)
+        self.act_order = bool(act_order)
+        self.true_sequential = bool(true_sequential)
+        self.block_size = int(block_size)
+        self.percdamp = float(percdamp)
+        self.static_groups = bool(static_groups)
+        self.batch_size = int(batch_size)
+        if name is None:
+            name = default_name("gptq", self.bits, self.group_size, self.sym)
+            if not self.act_order:
+                name += "_noact"
+            if not self.true_sequential:
+                name += "_noseq"
+            if self.static_groups and self.group_size is not None:
+                name += "_static"
+        self.name = name
+
+    def quantize_weight(self, weight: Tensor, *, name: str | None = None) -> Tensor:
+        raise NotImplementedError("GPTQ needs calibration activations: call quantize_model(model, linears, calibration)")
+
+    def quantize_matrix(self, weight: Tensor, hessian: Tensor) -> Tensor:
+        """This quantizer's settings applied to one matrix and its Hessian."""
+        return gptq_quantize_matrix(
+            weight, hessian, self.bits, self.group_size, self.sym, self.act_order,
+            self.block_size, self.percdamp, self.static_groups,
+        )
+
+    def _hessians(
+        self, block: nn.Module, inputs: list[tuple[Tensor, tuple, dict[str, Any]]], linears: Mapping[str, nn.Linear]
+    ) -> dict[str, Tensor]:
+        """Run the block on all calibration batches and return each linear's input Hessian."""
+        accumulators = {name: HessianAccumulator(lin.in_features, lin.weight.device) for name, lin in linears.items()}
+        handles = [
+            lin.register_forward_hook(lambda mod, args, out, acc=accumulators[name]: acc.add(args[0]))
+            for name, lin in linears.items()
+        ]
+        try:
+            run_block(block, inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {name: acc.hessian() for name, acc in accumulators.items()}
+
+    @torch.no_grad()
+    def quantize_model(
+        self,
+        model: nn.Module,
+        linears: Mapping[str, nn.Linear],
+        calibration: Tensor | None = None,
+    ) -> None:
+        if calibration is None or calibration.numel() == 0:
+            raise ValueError("GPTQ needs calibration token windows (a LongTensor [n_windows, seq_len])")
+        if calibration.dim() == 1:
+            calibration = calibration[None]
+        _, blocks = decoder_blocks(model)
+        per_block: dict[int, dict[str, nn.Linear]] = {}
+        for name, linear in linears.items():
+            per_block.setdefault(block_index(name), {})[name] = linear
+        if not per_block:
+            return
+        last = max(per_block)
+
+        was_training = model.training
+        model.eval()
+        try:
+            with no_tf32():
+                inputs = capture_block_inputs(model, blocks[0], calibration, self.batch_size)
+                for b in tqdm(range(last + 1), desc=f"{self.name} blocks", leave=False, disable=None):
+                    block, block_linears = blocks[b], per_block.get(b, {})
+                    stages = sequential_stages(list(block_linears)) if self.true_sequential else [list(block_linears)]
+                    for stage in stages:
+                        # Each stage's Hessians see the outputs of the already-quantized earlier stages.
+                        hessians = self._hessians(block, inputs, {n: block_linears[n] for n in stage})
+                        for name in stage:
+                            weight = block_linears[name].weight
+                            q = self.quantize_matrix(weight.float(), hessians.pop(name))
+                            weight.copy_(q.to(device=weight.device, dtype=weight.dtype))
+                    if b < last:  # the next block's inputs come from this (quantized) block
+                        outputs = run_block(block, inputs)
+                        inputs = [(out, args, kwargs) for out, (_, args, kwargs) in zip(outputs, inputs)]
+        finally:
+            model.train(was_training)

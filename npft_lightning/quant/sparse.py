@@ -1,0 +1,102 @@
+"""Dense-and-sparse decomposition (SqueezeLLM) around any quantizer.
+
+The top ``keep_ratio`` percent of each matrix (by sensitivity, or by |w| when no sensitivity is
+given) is kept in full precision (the sparse part); the rest, with the kept entries set to 0, is
+quantized by the base quantizer (the dense part); the kept values are then written back. Zeroing
+them first takes the outliers out of the dense part's range (RTN, NF) and out of its error (GPTQ:
+0 is a grid point, so GPTQ compensates exactly the error of the dense part). A base quantizer with
+a ``sensitivity`` attribute (k-means) also gets zero weight at the kept positions, so they do not
+pull its centroids.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from npft_lightning.quant.base import WeightQuantizer
+
+
+def top_fraction_mask(score: Tensor, keep_ratio: float) -> Tensor:
+    """Boolean mask of the ``round(numel · keep_ratio / 100)`` largest entries of ``score``."""
+    k = min(score.numel(), int(round(score.numel() * keep_ratio / 100)))
+    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+    if k > 0:
+        mask[score.detach().float().flatten().topk(k).indices] = True
+    return mask.reshape(score.shape)
+
+
+class DenseAndSparse(WeightQuantizer):
+    """Keep the most sensitive ``keep_ratio`` % of each matrix exact; quantize the rest with ``base``.
+
+    Set ``sensitivity`` (canonical name -> scores shaped like the weight, e.g. NPFT's Fisher) to
+    pick the kept entries; |w| is used for matrices without scores. If the base quantizer has its
+    own ``sensitivity`` attribute left as None, it is given these scores too.
+    """
+
+    def __init__(self, base: WeightQuantizer, keep_ratio: float = 0.45, name: str | None = None):
+        if not 0 <= float(keep_ratio) <= 100:
+            raise ValueError(f"keep_ratio={keep_ratio} is a percentage; use a value in [0, 100]")
+        self.base = base
+        self.keep_ratio = float(keep_ratio)
+        self.name = name or f"{base.name}_sparse{self.keep_ratio:g}"
+        self.needs_calibration = base.needs_calibration
+        self.sensitivity: dict[str, Tensor] | None = None
+
+    def mask(self, weight: Tensor, name: str | None = None) -> Tensor:
+        """Entries of ``weight`` kept in full precision."""
+        score = None if self.sensitivity is None or name is None else self.sensitivity.get(name)
+        if score is None:
+            score = weight.abs()
+        elif score.shape != weight.shape:
+            raise ValueError(f"sensitivity of {name} has shape {tuple(score.shape)}, weight {tuple(weight.shape)}")
+        return top_fraction_mask(score.to(weight.device), self.keep_ratio)
+
+    @contextmanager
+    def _base_sensitivity(self, masks: Mapping[str, Tensor], shapes: Mapping[str, torch.Size]) -> Iterator[None]:
+        """Temporarily give a sensitivity-aware base zero weight at the kept positions."""
+        if not hasattr(self.base, "sensitivity"):
+            yield
+            return
+        original = self.base.sensitivity
+        scores = original if original is not None else self.sensitivity
+        masked = {}
+        for name, mask in masks.items():
+            s = None if scores is None else scores.get(name)
+            s = torch.ones(shapes[name], device=mask.device) if s is None else s.to(mask.device).float()
+            masked[name] = s.masked_fill(mask, 0.0)
+        self.base.sensitivity = masked
+        try:
+            yield
+        finally:
+            self.base.sensitivity = original
+
+    def quantize_weight(self, weight: Tensor, *, name: str | None = None) -> Tensor:
+        key = name if name is not None else "_"
+        mask = self.mask(weight, name)
+        with self._base_sensitivity({key: mask}, {key: weight.shape}):
+            q = self.base.quantize_weight(weight.masked_fill(mask, 0), name=key)
+        return torch.where(mask, weight, q.to(weight.dtype))
+
+    @torch.no_grad()
+    def quantize_model(
+        self,
+        model: nn.Module,
+        linears: Mapping[str, nn.Linear],
+        calibration: Tensor | None = None,
+    ) -> None:
+        masks = {name: self.mask(lin.weight, name) for name, lin in linears.items()}
+        kept = {name: lin.weight[masks[name]].clone() for name, lin in linears.items()}
+        for name, lin in linears.items():
+            lin.weight.masked_fill_(masks[name], 0)
+        with self._base_sensitivity(masks, {name: lin.weight.shape for name, lin in linears.items()}):
+            self.base.quantize_model(model, linears, calibration)
+        for name, lin in linears.items():
+            lin.weight[masks[name]] = kept[name]
+
+    def __repr__(self) -> str:
+        return f"DenseAndSparse(base={self.base!r}, keep_ratio={self.keep_ratio}, name={self.name!r})"
+

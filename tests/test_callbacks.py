@@ -1,0 +1,153 @@
+"""The NPFT callbacks on a tiny model: exact restore, noise timing, fake-quant equals a hand merge."""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from peft import LoraConfig
+
+from npft_lightning.callbacks import FakeQuantValidation, NoisePerturbation, OutlierSelection
+from npft_lightning.data import CausalLMDataModule
+from npft_lightning.layers import decoder_linears
+from npft_lightning.models import ByteTokenizer
+from npft_lightning.module import NPFTModule
+from npft_lightning.noise import NoNoise, UniformStepNoise
+from npft_lightning.perplexity import dataset_nll, perplexity
+from npft_lightning.quant import RTN
+from npft_lightning.sensitivity import OutlierSelector
+
+from conftest import make_tiny_llama
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class RepeatedText:
+    """A small in-memory corpus (same interface as the real corpora)."""
+
+    name = "repeated"
+
+    def text(self, split: str) -> str:
+        rng = torch.Generator().manual_seed({"train": 0, "validation": 1, "test": 2}[split])
+        words = ["alpha", "beta", "gamma", "delta", "noise", "weight", "quant", "lightning"]
+        idx = torch.randint(0, len(words), (3000,), generator=rng)
+        return " ".join(words[i] for i in idx)
+
+    def fingerprint(self) -> str:
+        return "repeated-v1"
+
+
+def make_datamodule(**kw) -> CausalLMDataModule:
+    args = dict(seq_len=32, eval_seq_len=64, batch_size=2, max_eval_windows=2, seed=0)
+    args.update(kw)
+    dm = CausalLMDataModule(RepeatedText(), tokenizer=ByteTokenizer(), **args)
+    dm.setup("fit")
+    return dm
+
+
+def make_module() -> NPFTModule:
+    module = NPFTModule(make_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
+    with torch.no_grad():  # non-zero B so the merged deltas matter
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return module
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_fake_quant_restores_bit_exactly_and_matches_a_hand_merge():
+    module, dm = make_module(), make_datamodule()
+    trainer = types.SimpleNamespace(datamodule=dm)
+    before = snapshot(module)
+    callback = FakeQuantValidation({"rtn3": RTN(3)})
+    result = callback.quantized_ppl(trainer, module)
+    after = snapshot(module)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    # The same number computed by hand: merge with PEFT, quantize the decoder linears, evaluate.
+    merged = copy.deepcopy(module.model).merge_and_unload()
+    with torch.no_grad():
+        for linear in decoder_linears(merged).values():
+            linear.weight.copy_(RTN(3).quantize_weight(linear.weight))
+    expected = perplexity(*dataset_nll(merged, dm.val_dataloader()))
+    assert result["rtn3"] == pytest.approx(expected, rel=1e-5)
+    assert result["rtn3"] != pytest.approx(perplexity(*module.dataset_nll(dm.val_dataloader())), rel=1e-4)
+
+
+class WeightSpy(Callback):
+    """Records the decoder weights the forward pass sees, and the weights after each batch."""
+
+    def __init__(self):
+        self.seen: list[dict[str, torch.Tensor]] = []
+        self.after: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append({k: v.weight.detach().clone() for k, v in pl_module.decoder_linears().items()})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after.append({k: v.weight.detach().clone() for k, v in pl_module.decoder_linears().items()})
+
+
+def fit_with_noise(distribution, accumulate: int = 1, steps: int = 2, schedule: str = "per_step"):
+    module, dm = make_module(), make_datamodule()
+    clean = {k: v.weight.detach().clone() for k, v in module.decoder_linears().items()}
+    selector = OutlierSelector(method="magnitude", ratio=5.0)
+    spy = WeightSpy()
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=steps, accumulate_grad_batches=accumulate, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0,
+        callbacks=[OutlierSelection(selector), NoisePerturbation(distribution, schedule=schedule, seed=3), spy],
+    )
+    trainer.fit(module, datamodule=dm)
+    return module, clean, spy
+
+
+def test_per_step_noise_touches_only_masks_and_is_removed_bit_exactly():
+    module, clean, spy = fit_with_noise(UniformStepNoise(scale=1.0, bits=4))
+    masks = module.outlier_masks
+    for seen in spy.seen:
+        for name, w in seen.items():
+            changed = (w != clean[name]).reshape(-1).nonzero().flatten()
+            assert set(changed.tolist()) <= set(masks[name].tolist())
+        assert any(not torch.equal(seen[n], clean[n]) for n in seen)
+    for after in spy.after:  # removed after every optimizer step
+        assert all(torch.equal(after[n], clean[n]) for n in after)
+    # Two steps, two different draws.
+    assert any(not torch.equal(spy.seen[0][n], spy.seen[1][n]) for n in clean)
+
+
+def test_accumulated_micro_batches_share_one_draw():
+    _, clean, spy = fit_with_noise(UniformStepNoise(scale=1.0, bits=4), accumulate=2, steps=2)
+    assert len(spy.seen) == 4
+    assert all(torch.equal(spy.seen[0][n], spy.seen[1][n]) for n in clean)
+    assert all(torch.equal(spy.seen[2][n], spy.seen[3][n]) for n in clean)
+    assert any(not torch.equal(spy.seen[1][n], spy.seen[2][n]) for n in clean)
+    # Between the micro-batches of one step the noise stays; after the step it is gone.
+    assert any(not torch.equal(spy.after[0][n], clean[n]) for n in clean)
+    assert all(torch.equal(spy.after[1][n], clean[n]) for n in clean)
+
+
+def test_same_seed_same_noise():
+    _, _, spy_a = fit_with_noise(UniformStepNoise(scale=1.0, bits=4))
+    _, _, spy_b = fit_with_noise(UniformStepNoise(scale=1.0, bits=4))
+    assert all(torch.equal(spy_a.seen[i][n], spy_b.seen[i][n]) for i in range(2) for n in spy_a.seen[i])
+
+
+def test_control_leaves_weights_untouched():
+    _, clean, spy = fit_with_noise(NoNoise())
+    assert all(torch.equal(seen[n], clean[n]) for seen in spy.seen for n in clean)
+
+
+def test_per_epoch_noise_is_held_for_the_epoch():
+    _, clean, spy = fit_with_noise(UniformStepNoise(scale=1.0, bits=4), steps=3, schedule="per_epoch")
+    assert all(torch.equal(spy.seen[0][n], spy.seen[2][n]) for n in clean)
+    assert any(not torch.equal(spy.seen[0][n], clean[n]) for n in clean)

@@ -1,0 +1,68 @@
+"""The real Hydra entry point, driven in a subprocess (as a user runs it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_train(tmp_path: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HYDRA_FULL_ERROR="0", PYTHONUNBUFFERED="1")
+    env.pop("HYDRA_FULL_ERROR")
+    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path}", *overrides]
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+TINY = ["model=tiny-llama", "data.seq_len=64", "data.eval_seq_len=128", "data.max_eval_windows=2",
+        "outliers.calibration_windows=2", "outliers.calibration_length=64", "curvature.windows=2", "curvature.length=64"]
+
+
+def test_fast_dev_run_through_the_real_entry(tmp_path):
+    proc = run_train(tmp_path, *TINY, "trainer.fast_dev_run=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["ppl"]["before"]) == {"fp", "rtn4", "rtn3_g32"}
+    assert "Validation perplexity" in proc.stdout
+
+
+def test_short_training_run_writes_before_and_after(tmp_path):
+    proc = run_train(tmp_path, *TINY, "trainer.max_steps=3", "quant=[rtn4,rtn3]", "noise=npft_paper")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["ppl"]["after"]) == {"fp", "rtn4", "rtn3"}
+    assert metrics["train"]["global_step"] == 3
+    assert set(metrics["curvature"]) == {"before", "after"}
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_hub_model_not_cached_gives_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    proc = run_train(tmp_path, "model=opt-1.3b", "quant=rtn4", timeout=120)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "not in the local Hugging Face cache" in lines[0] and "model.path=" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_real_smollm2_end_to_end(tmp_path):
+    """The bundled SmolLM2-135M on Wikipedia: a few steps, before/after table, plausible numbers."""
+    proc = run_train(
+        tmp_path, "trainer.max_steps=2", "data.max_eval_windows=1", "data.eval_seq_len=512",
+        "outliers.calibration_windows=2", "curvature.windows=1", timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    before, after = metrics["ppl"]["before"], metrics["ppl"]["after"]
+    assert 5 < before["fp"] < 40  # SmolLM2 on Wikipedia leads is ~13 at 2048 tokens
+    assert before["rtn3_g32"] > before["rtn4"] > before["fp"]  # quantization hurts, 3-bit more
+    assert after["fp"] < before["fp"] * 1.05

@@ -1,0 +1,27 @@
+"""Fine-tune a causal LM with NPFT and validate it under fake quantization.
+
+    python train.py                                    # SmolLM2-135M + Wikipedia, the default recipe
+    python train.py model=opt-1.3b quant=rtn4          # any model / quantizer config group
+    python train.py -m noise.scale=0,0.5,1,2           # a Hydra sweep
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__)))
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from npft_lightning.cli import run
+
+    run(cfg, "train")
+
+
+if __name__ == "__main__":
+    main()
