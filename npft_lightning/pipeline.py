@@ -51,11 +51,8 @@ def build_callbacks(cfg: DictConfig, quantizers: dict[str, Any]) -> tuple[list[p
     return callbacks + list(npft.values()), npft
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fine-tune, validate with fake quantization, write ``metrics.json`` and print the before/after table."""
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    output_dir = Path(cfg.paths.output_dir)
-
+def build(cfg: DictConfig) -> tuple[NPFTModule, pl.LightningDataModule, pl.Trainer, dict[str, pl.Callback]]:
+    """Model, data, callbacks and trainer from a composed config (shared by ``train`` and the benches)."""
     model, tokenizer = instantiate(cfg.model).load()
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     lora = instantiate(cfg.peft, _convert_="all")
@@ -65,10 +62,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         model, lora, optimizer=instantiate(cfg.optimizer),
         warmup_steps=cfg.schedule.warmup_steps, lr_decay=cfg.schedule.lr_decay,
     )
-    quantizers = build_quantizers(cfg)
-    callbacks, npft = build_callbacks(cfg, quantizers)
+    callbacks, npft = build_callbacks(cfg, build_quantizers(cfg))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return module, datamodule, trainer, npft
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fine-tune, validate with fake quantization, write ``metrics.json`` and print the before/after table."""
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    output_dir = Path(cfg.paths.output_dir)
+    module, datamodule, trainer, npft = build(cfg)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 

@@ -59,6 +59,20 @@ def test_kmeans_beats_rtn_on_gaussian_rows() -> None:
         assert all(len(row.unique()) <= 2**bits for row in q)
 
 
+def test_kmeans_converges_to_a_lloyd_fixed_point() -> None:
+    w = _gauss(16, 128)
+    s = torch.rand(w.shape, generator=torch.Generator().manual_seed(2))
+    codes, lut = kmeans_encode(w, 3, sensitivity=s, iters=200)
+    assert torch.all(lut[:, 1:] >= lut[:, :-1])
+    # every value sits at its nearest centroid ...
+    assert torch.allclose((w - lut.gather(1, codes.long())).abs(), (w[..., None] - lut[:, None, :]).abs().amin(-1))
+    # ... and every centroid is the weighted mean of its values
+    onehot = torch.nn.functional.one_hot(codes.long(), 8).float()
+    mass = (onehot * s[..., None]).sum(1)
+    mean = (onehot * (s * w)[..., None]).sum(1) / mass.clamp(min=1e-12)
+    assert torch.allclose(lut[mass > 0], mean[mass > 0], atol=1e-6)
+
+
 def test_kmeans_sensitivity_pulls_centroids() -> None:
     w = torch.tensor([[0.0, 1.0, 2.0, 10.0]])
     codes, lut = kmeans_encode(w, 1)

@@ -15,3 +15,39 @@ __all__ = [
     "rtn_quantize",
     "rtn_step",
 ]
+
+from npft_lightning.quant.gptq import GPTQ, GPTQCodes, gptq_encode_matrix, gptq_quantize_matrix
+from npft_lightning.quant.nonuniform import (
+    NF,
+    NF4,
+    CubeRoot,
+    KMeans,
+    cuberoot_quantize,
+    kmeans_decode,
+    kmeans_encode,
+    kmeans_quantize,
+    nf4_quantize,
+    nf_levels,
+    nf_quantize,
+)
+from npft_lightning.quant.sparse import DenseAndSparse, top_fraction_mask
+
+__all__ += [
+    "GPTQ",
+    "GPTQCodes",
+    "gptq_encode_matrix",
+    "gptq_quantize_matrix",
+    "NF",
+    "NF4",
+    "CubeRoot",
+    "KMeans",
+    "cuberoot_quantize",
+    "kmeans_decode",
+    "kmeans_encode",
+    "kmeans_quantize",
+    "nf4_quantize",
+    "nf_levels",
+    "nf_quantize",
+    "DenseAndSparse",
+    "top_fraction_mask",
+]

@@ -121,6 +121,7 @@ def gptq_encode_matrix(
 
     Hinv = _upper_cholesky_of_inverse(H, percdamp)
     codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
+    grids: dict[int, tuple[Tensor, Tensor]] = {}  # float64 (scale, zero) of each group in use
 
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -141,12 +142,14 @@ def gptq_encode_matrix(
                 s, z = rtn_params(current, bits, None, sym)
                 scale[:, grp], zero[:, grp] = s[:, 0], z[:, 0]
                 ready[grp] = True
-            s, z = scale[:, grp].double(), zero[:, grp].double()
+            if grp not in grids:
+                grids[grp] = scale[:, grp].double(), zero[:, grp].double()
+            s, z = grids[grp]
             w = W1[:, i]
             q = torch.clamp(torch.round(w / s) + z, 0, maxq)
             codes[:, i1 + i] = q.to(torch.uint8)
             err = (w - s * (q - z)) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # the remaining columns absorb the error
             Err1[:, i] = err
         # Lazy batch update: the columns after this block absorb its errors in one matmul.
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
@@ -371,6 +374,7 @@ class GPTQ(WeightQuantizer):
                 for b in tqdm(range(last + 1), desc=f"{self.name} blocks", leave=False, disable=None):
                     block, block_linears = blocks[b], per_block.get(b, {})
                     stages = sequential_stages(list(block_linears)) if self.true_sequential else [list(block_linears)]
+                    stages = [stage for stage in stages if stage]
                     for stage in stages:
                         # Each stage's Hessians see the outputs of the already-quantized earlier stages.
                         hessians = self._hessians(block, inputs, {n: block_linears[n] for n in stage})

@@ -82,7 +82,8 @@ def _kmeans_rows(w: Tensor, s: Tensor, k: int, iters: int) -> tuple[Tensor, Tens
         if r.numel():
             # Move one empty centroid per such row onto the worst-represented point of that row.
             codes = _sorted_codes(bounds[r], n)
-            err, worst = (sorted_s[r] * (sorted_w[r] - new[r].gather(1, codes)) ** 2).max(dim=1)
+            # (a tiny floor lets zero-weight points attract an otherwise idle centroid)
+            err, worst = ((sorted_s[r] + 1e-6) * (sorted_w[r] - new[r].gather(1, codes)) ** 2).max(dim=1)
             r, worst = r[err > 0], worst[err > 0]
             new[r, empty[r].int().argmax(dim=1)] = sorted_w[r, worst]
         if torch.equal(new, lut):
