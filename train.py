@@ -8,12 +8,15 @@
 from __future__ import annotations
 
 import os
-import sys
+import warnings
 
 import hydra
 from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__)))
+# Deprecation chatter from transformers/Lightning internals is not actionable for users of this tool.
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

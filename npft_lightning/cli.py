@@ -46,9 +46,35 @@ def run(cfg: DictConfig, task: str) -> Any:
             from npft_lightning.pipeline import train
 
             return train(cfg)
+        if task == "eval":
+            from npft_lightning.evaluation import evaluate
+
+            return evaluate(cfg)
         raise ValueError(f"unknown task {task!r}")
-    except UserError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    except Exception as err:  # noqa: BLE001 - only user errors are shortened, everything else re-raises
+        message = user_message(err)
+        if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def user_message(err: BaseException) -> str | None:
+    """The one-line message of a user error, also when Hydra's ``instantiate`` wrapped it; else None.
+
+    A ``ValueError`` raised by one of our constructors while Hydra builds it from the config names
+    the bad value and the fix, so it is shown the same way as a :class:`UserError`.
+    """
+    from hydra.errors import InstantiationException
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, UserError):
+            return str(err).splitlines()[0]
+        if isinstance(err, InstantiationException):
+            cause = err.__cause__ or err.__context__
+            if isinstance(cause, (UserError, ValueError)):
+                return str(cause).splitlines()[0]
+        err = err.__cause__ or err.__context__
+    return None

@@ -192,7 +192,8 @@ def pqi_scores(
     * ``deltas`` (canonical name -> merged LoRA update s·BA) make the quantizer see W + s·BA, the
       weight a user would export, while the adapters stay active: the path then runs from the
       merged weight to its quantized version. Without them the model's current base weights are
-      quantized.
+      quantized. A calibrated quantizer (GPTQ) gets ``windows`` and runs with the model as it is,
+      so disable the adapters around this call as for ``fake_quantized``.
     * Weights are restored bit-exactly at the end. In bf16 the interpolated points are rounded
       to bf16; use an fp32 model for an accurate integral.
     """
@@ -442,8 +443,13 @@ class OutlierSelector:
         windows: Tensor | None,
         loss_fn: LossFn | None = None,
         deltas: Mapping[str, Tensor] | None = None,
+        signed: bool = False,
     ) -> dict[str, Tensor]:
-        """Sensitivity score of every entry of each weight in ``linears`` (float32)."""
+        """Sensitivity score of every entry of each weight in ``linears`` (float32).
+
+        ``signed`` only matters for PQI: under DDP sum the signed per-rank terms, then take |·|
+        (|Σ_r x_r| is not Σ_r |x_r|). Fisher and magnitude are non-negative and simply add up.
+        """
         if self.method == "magnitude":
             return magnitude_scores(linears)
         if windows is None:
@@ -454,7 +460,7 @@ class OutlierSelector:
             raise ValueError("outliers method='pqi' needs a target quantizer; set OutlierSelector.target (e.g. the RTN config)")
         return pqi_scores(
             model, linears, self.target, windows, self.pqi_intervals, self.batch_size, self.progress,
-            loss_fn=loss_fn, deltas=deltas,
+            signed=signed, loss_fn=loss_fn, deltas=deltas,
         )
 
     def select(

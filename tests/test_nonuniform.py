@@ -22,7 +22,7 @@ from npft_lightning.quant.nonuniform import (
     nf_levels,
     nf_quantize,
 )
-from npft_lightning.quant.rtn import rtn_params, rtn_quantize
+from npft_lightning.quant.rtn import rtn_quantize
 from npft_lightning.quant.sparse import DenseAndSparse, top_fraction_mask
 
 

@@ -338,6 +338,10 @@ def test_selector_validation_and_dispatch(tiny_llama, token_windows):
         OutlierSelector(method="pqi").scores(tiny_llama, linears, token_windows)
     pqi = OutlierSelector(method="pqi", ratio=1.0, pqi_intervals=1, target=RTN(4), progress=False)
     assert len(pqi.select(tiny_llama, linears, token_windows[:1])) == 14
+    signed = pqi.scores(tiny_llama, linears, token_windows[:1], signed=True)
+    unsigned = pqi.scores(tiny_llama, linears, token_windows[:1])
+    name = "model.layers.0.mlp.up_proj"
+    assert (signed[name] < 0).any() and torch.equal(signed[name].abs(), unsigned[name])
 
 
 def test_mask_bytes():

@@ -210,7 +210,7 @@ def sequential_stages(names: list[str]) -> list[list[str]]:
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook once the first block's inputs are recorded."""
+    """Raised by a hook to end a forward pass early once it has recorded what it needs."""
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -334,14 +334,31 @@ class GPTQ(WeightQuantizer):
     def _hessians(
         self, block: nn.Module, inputs: list[tuple[Tensor, tuple, dict[str, Any]]], linears: Mapping[str, nn.Linear]
     ) -> dict[str, Tensor]:
-        """Run the block on all calibration batches and return each linear's input Hessian."""
+        """Run the block on all calibration batches and return each linear's input Hessian.
+
+        A batch's forward stops as soon as every linear of ``linears`` has seen its input, so an
+        early stage (q, k, v) does not pay for the rest of the block.
+        """
         accumulators = {name: HessianAccumulator(lin.in_features, lin.weight.device) for name, lin in linears.items()}
+        pending: set[str] = set()
+
+        def record(name: str, args: tuple) -> None:
+            accumulators[name].add(args[0])
+            pending.discard(name)
+            if not pending:
+                raise _StopForward
+
         handles = [
-            lin.register_forward_hook(lambda mod, args, out, acc=accumulators[name]: acc.add(args[0]))
+            lin.register_forward_hook(lambda mod, args, out, name=name: record(name, args))
             for name, lin in linears.items()
         ]
         try:
-            run_block(block, inputs)
+            for hidden, args, kwargs in inputs:
+                pending.update(linears)
+                try:
+                    block(hidden, *args, **kwargs)
+                except _StopForward:
+                    pass
         finally:
             for handle in handles:
                 handle.remove()

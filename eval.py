@@ -1,0 +1,27 @@
+"""Score a model without training: unquantized and fake-quantized perplexity.
+
+    python eval.py                                             # SmolLM2, validation split, RTN4 + RTN3-g32
+    python eval.py adapter=logs/train/runs/<run>/adapter quant=[rtn4,gptq4] splits=[validation,test]
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__)))
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    from npft_lightning.cli import run
+
+    run(cfg, "eval")
+
+
+if __name__ == "__main__":
+    main()

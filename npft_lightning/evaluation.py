@@ -1,0 +1,86 @@
+"""Score a model without training: unquantized and fake-quantized perplexity on one or more splits.
+
+Behind ``eval.py``. The model may carry a PEFT adapter folder (merged before quantization); the
+windows, the quantizers and the PPL definition are exactly those of the fake-quant validation
+callback, so numbers from the two agree.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
+
+from npft_lightning.errors import UserError
+from npft_lightning.io import atomic_write_json
+from npft_lightning.layers import decoder_linears
+from npft_lightning.perplexity import dataset_nll, perplexity
+from npft_lightning.pipeline import build_quantizers
+from npft_lightning.quant.base import fake_quantized
+
+
+def load_for_eval(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
+    """The model of ``cfg.model`` with the adapter folder ``cfg.adapter`` merged in, if one is given."""
+    model, tokenizer = instantiate(cfg.model).load()
+    adapter = cfg.get("adapter")
+    if adapter:
+        path = Path(str(adapter)).expanduser()
+        if not (path / "adapter_config.json").is_file():
+            raise UserError(f"adapter={adapter} has no adapter_config.json; give the adapter/ folder a training run wrote")
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    return model.eval(), tokenizer
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    model, tokenizer = load_for_eval(cfg)
+    device = torch.device(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    datamodule.setup("validate")
+    quantizers = {"fp": None, **build_quantizers(cfg)}
+    linears = decoder_linears(model)
+    results: dict[str, dict[str, float]] = {}
+    timings: dict[str, float] = {}
+    for split in cfg.splits:
+        windows = datamodule.eval_windows(split)
+        results[split] = {}
+        for name, quantizer in quantizers.items():
+            start = time.perf_counter()
+            batches = tqdm(windows.split(cfg.data.eval_batch_size), desc=f"{split} {name}", leave=False)
+            if quantizer is None:
+                nll, count = dataset_nll(model, batches, device)
+            else:
+                calibration = None
+                if quantizer.needs_calibration:
+                    calibration = datamodule.calibration_windows(cfg.calibration.windows, cfg.calibration.length, seed=cfg.calibration.seed).to(device)
+                with torch.no_grad(), fake_quantized(model, linears, quantizer, calibration=calibration):
+                    nll, count = dataset_nll(model, batches, device)
+            results[split][name] = perplexity(nll, count)
+            timings[f"{split}/{name}"] = time.perf_counter() - start
+        results[split]["_tokens"] = int(windows.numel())
+        results[split]["_windows"] = int(windows.size(0))
+    metrics = {"ppl": results, "seconds": timings, "config": OmegaConf.to_container(cfg, resolve=True)}
+    atomic_write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
+    print_eval_table(results)
+    return metrics
+
+
+def print_eval_table(results: dict[str, dict[str, float]]) -> None:
+    table = Table(title="Perplexity (GPTQ protocol)")
+    table.add_column("split")
+    names = [n for n in next(iter(results.values())) if not n.startswith("_")]
+    for name in names:
+        table.add_column("unquantized" if name == "fp" else name, justify="right")
+    table.add_column("windows × tokens", justify="right")
+    for split, row in results.items():
+        table.add_row(split, *[f"{row[n]:.3f}" for n in names], f"{row['_windows']} × {row['_tokens'] // max(row['_windows'], 1)}")
+    Console().print(table)
