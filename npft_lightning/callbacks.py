@@ -57,11 +57,19 @@ class OutlierSelection(Callback):
                 self.selector.calibration_windows, self.selector.calibration_length, seed=self.selector.calibration_seed
             )
             windows = _shard(windows, trainer)
+        pqi = self.selector.method == "pqi"
+        distributed = trainer.world_size > 1 and self.selector.needs_calibration
         with torch.inference_mode(False), torch.enable_grad():
-            scores = self.selector.scores(pl_module.model, linears, windows)
-        if trainer.world_size > 1 and self.selector.needs_calibration:
-            scores = {name: trainer.strategy.reduce(s.to(pl_module.device), reduce_op="sum").cpu() for name, s in scores.items()}
-        self.masks = select_outliers(scores, self.selector.ratio, self.selector.budget)
+            # PQI runs from the merged weight W+BA to Q(W+BA); the adapters stay on meanwhile.
+            # Across ranks the signed integrals are summed before taking |.|.
+            scores = self.selector.scores(pl_module.model, linears, windows,
+                                          deltas=pl_module.lora_deltas() if pqi else None, signed=pqi and distributed)
+        if distributed:
+            scores = {name: trainer.strategy.reduce(s.to(pl_module.device), reduce_op="sum") for name, s in scores.items()}
+            if pqi:
+                scores = {name: s.abs() for name, s in scores.items()}
+        # Masks live on the weights' device: the per-step noise indexes with them every step.
+        self.masks = {name: m.to(pl_module.device) for name, m in select_outliers(scores, self.selector.ratio, self.selector.budget).items()}
         del scores
         self.refreshed_epoch = trainer.current_epoch
         pl_module.outlier_masks = self.masks
@@ -73,6 +81,7 @@ class OutlierSelection(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.masks:  # restored from a checkpoint
+            self.masks = {name: m.to(pl_module.device) for name, m in self.masks.items()}
             pl_module.outlier_masks = self.masks
             return
         self._refresh(trainer, pl_module)
