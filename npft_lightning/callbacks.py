@@ -20,7 +20,7 @@ from npft_lightning.curvature import hutchinson_trace, perturbation_trace_estima
 from npft_lightning.noise import apply_noise, noise_generator, restore_noise, scale_schedule
 from npft_lightning.perplexity import perplexity
 from npft_lightning.quant.base import WeightQuantizer, fake_quantized
-from npft_lightning.sensitivity import OutlierSelector, mask_bytes, select_outliers
+from npft_lightning.sensitivity import OutlierSelector, fisher_diagonal, mask_bytes, select_outliers
 
 log = logging.getLogger(__name__)
 
@@ -239,24 +239,43 @@ class FakeQuantValidation(Callback):
     """
 
     def __init__(self, quantizers: Mapping[str, WeightQuantizer], before_fit: bool = True,
-                 calibration_windows: int = 128, calibration_length: int = 512, calibration_seed: int = 0):
+                 calibration_windows: int = 128, calibration_length: int = 512, calibration_seed: int = 0,
+                 sensitivity_windows: int = 16):
         self.quantizers = dict(quantizers)
         self.before_fit = before_fit
         self.calibration = (calibration_windows, calibration_length, calibration_seed)
+        self.sensitivity_windows = sensitivity_windows
         self.results: dict[str, dict[str, float]] = {}
+
+    def _fisher(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        """Fisher scores of the current (adapter-merged) model, for sensitivity-weighted quantizers (k-means)."""
+        _, length, seed = self.calibration
+        windows = trainer.datamodule.calibration_windows(self.sensitivity_windows, length, seed=seed).to(pl_module.device)
+        with torch.inference_mode(False), torch.enable_grad():
+            return fisher_diagonal(pl_module.model, pl_module.decoder_linears(), windows)
 
     def quantized_ppl(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         loader = trainer.datamodule.val_dataloader()
         linears = pl_module.decoder_linears()
         deltas = pl_module.lora_deltas()
+        fisher = None
         out: dict[str, float] = {}
         for name, quantizer in self.quantizers.items():
             calibration = None
             if quantizer.needs_calibration:
                 n, length, seed = self.calibration
                 calibration = trainer.datamodule.calibration_windows(n, length, seed=seed).to(pl_module.device)
-            with pl_module.adapters_disabled(), fake_quantized(pl_module.model, linears, quantizer, deltas, calibration):
-                out[name] = perplexity(*pl_module.dataset_nll(loader))
+            # Quantizers weighted by sensitivity get the Fisher of the model being quantized, unless set by the user.
+            borrowed = hasattr(quantizer, "sensitivity") and quantizer.sensitivity is None
+            if borrowed:
+                fisher = fisher if fisher is not None else self._fisher(trainer, pl_module)
+                quantizer.sensitivity = fisher
+            try:
+                with pl_module.adapters_disabled(), fake_quantized(pl_module.model, linears, quantizer, deltas, calibration):
+                    out[name] = perplexity(*pl_module.dataset_nll(loader))
+            finally:
+                if borrowed:
+                    quantizer.sensitivity = None
         return out
 
     def _evaluate_all(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
