@@ -24,6 +24,7 @@ from npft_lightning.layers import decoder_linears
 from npft_lightning.perplexity import dataset_nll, perplexity
 from npft_lightning.pipeline import build_quantizers
 from npft_lightning.quant.base import fake_quantized
+from npft_lightning.sensitivity import fisher_diagonal
 
 
 def load_for_eval(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
@@ -50,6 +51,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     linears = decoder_linears(model)
     results: dict[str, dict[str, float]] = {}
     timings: dict[str, float] = {}
+    fisher = None
     for split in cfg.splits:
         windows = datamodule.eval_windows(split)
         results[split] = {}
@@ -62,6 +64,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 calibration = None
                 if quantizer.needs_calibration:
                     calibration = datamodule.calibration_windows(cfg.calibration.windows, cfg.calibration.length, seed=cfg.calibration.seed).to(device)
+                if getattr(quantizer, "sensitivity", False) is None:  # Fisher-weighted quantizers (k-means)
+                    fisher = fisher if fisher is not None else fisher_diagonal(
+                        model, linears, datamodule.calibration_windows(cfg.calibration.sensitivity_windows, cfg.calibration.length,
+                                                                        seed=cfg.calibration.seed).to(device))
+                    quantizer.sensitivity = fisher
                 with torch.no_grad(), fake_quantized(model, linears, quantizer, calibration=calibration):
                     nll, count = dataset_nll(model, batches, device)
             results[split][name] = perplexity(nll, count)
