@@ -272,7 +272,7 @@ class FakeQuantValidation(Callback):
                 quantizer.sensitivity = fisher
             try:
                 with pl_module.adapters_disabled(), fake_quantized(pl_module.model, linears, quantizer, deltas, calibration):
-                    out[name] = perplexity(*pl_module.dataset_nll(loader))
+                    out[name] = perplexity(*pl_module.dataset_nll(loader, desc=f"ppl {name}"))
             finally:
                 if borrowed:
                     quantizer.sensitivity = None
@@ -280,7 +280,7 @@ class FakeQuantValidation(Callback):
 
     def _evaluate_all(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         with torch.inference_mode():
-            result = {"fp": perplexity(*pl_module.dataset_nll(trainer.datamodule.val_dataloader()))}
+            result = {"fp": perplexity(*pl_module.dataset_nll(trainer.datamodule.val_dataloader(), desc="ppl unquantized"))}
             result.update(self.quantized_ppl(trainer, pl_module))
         return result
 

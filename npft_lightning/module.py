@@ -19,6 +19,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 from torchmetrics import SumMetric
+from tqdm.auto import tqdm
 
 from npft_lightning.layers import canonical_name, decoder_linears
 from npft_lightning.perplexity import causal_lm_nll, perplexity
@@ -99,13 +100,17 @@ class NPFTModule(pl.LightningModule):
             yield
 
     @torch.no_grad()
-    def dataset_nll(self, batches: Iterable[Tensor]) -> tuple[float, int]:
-        """Summed NLL and token count over ``batches``, summed over all DDP ranks."""
+    def dataset_nll(self, batches: Iterable[Tensor], desc: str | None = None) -> tuple[float, int]:
+        """Summed NLL and token count over ``batches``, summed over all DDP ranks.
+
+        ``desc`` shows a progress bar (rank 0 only): these passes run outside Lightning's loops.
+        """
         was_training = self.model.training
         self.model.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)
-        for input_ids in batches:
+        show = desc is not None and (self._trainer is None or self.trainer.is_global_zero)
+        for input_ids in tqdm(batches, desc=desc, leave=False, disable=not show):
             input_ids = input_ids.to(self.device)
             nll, n = causal_lm_nll(self(input_ids), input_ids)
             total += nll

@@ -12,17 +12,33 @@ from torch import Tensor, nn
 class WeightQuantizer:
     """A weight-only fake quantizer.
 
-    Weight-local quantizers (RTN, NF4, cube-root, k-means) implement :meth:`quantize_weight`.
-    Quantizers that need activations (GPTQ) override :meth:`quantize_model`, which by default
-    quantizes each linear on its own. ``name`` is the key used in logs (``val/ppl_<name>``).
+    Weight-local quantizers (RTN, NF4, cube-root, k-means) implement :meth:`encode_weight` (the
+    integer codes and their scales / lookup tables, what a real export stores) and
+    :meth:`decode_weight`; :meth:`quantize_weight` is their composition, so fake quantization and
+    export cannot diverge. A quantizer may instead override :meth:`quantize_weight` alone (it is
+    then usable for fake quantization, not for export). Quantizers that need activations (GPTQ)
+    override :meth:`quantize_model` and :meth:`encode_model`, which by default handle each linear on
+    its own. ``name`` is the key used in logs (``val/ppl_<name>``).
     """
 
     name: str = "quantizer"
     needs_calibration: bool = False
 
+    def encode_weight(self, weight: Tensor, *, name: str | None = None) -> dict[str, Tensor]:
+        """The stored form of one weight matrix [out_features, in_features]: field name -> tensor.
+
+        Integer codes are ``uint8`` tensors with values below ``2**bits`` (the export bit-packs them);
+        scales, zero points and lookup tables are float32, so that decoding is exact.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no stored (encoded) form; it only fake-quantizes")
+
+    def decode_weight(self, payload: Mapping[str, Tensor]) -> Tensor:
+        """Float32 weight matrix from the fields returned by :meth:`encode_weight`."""
+        raise NotImplementedError(f"{type(self).__name__} has no stored (encoded) form; it only fake-quantizes")
+
     def quantize_weight(self, weight: Tensor, *, name: str | None = None) -> Tensor:
-        """Fake-quantized copy of one weight matrix [out_features, in_features]."""
-        raise NotImplementedError
+        """Fake-quantized copy of one weight matrix [out_features, in_features] (same dtype)."""
+        return self.decode_weight(self.encode_weight(weight, name=name)).to(weight.dtype)
 
     @torch.no_grad()
     def quantize_model(
@@ -34,6 +50,23 @@ class WeightQuantizer:
         """Replace, in place, the weights of ``linears`` (canonical name -> Linear) by their fake-quantized values."""
         for name, linear in linears.items():
             linear.weight.copy_(self.quantize_weight(linear.weight.float(), name=name).to(linear.weight.dtype))
+
+    @torch.no_grad()
+    def encode_model(
+        self,
+        model: nn.Module,
+        linears: Mapping[str, nn.Linear],
+        calibration: Tensor | None = None,
+    ) -> dict[str, dict[str, Tensor]]:
+        """Canonical name -> :meth:`encode_weight` fields (on the CPU) of each of ``linears``.
+
+        The model is left unchanged; decoding the fields and casting to the weight dtype gives
+        exactly the weights :meth:`quantize_model` writes.
+        """
+        return {
+            name: {field: t.cpu() for field, t in self.encode_weight(linear.weight.float(), name=name).items()}
+            for name, linear in linears.items()
+        }
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))

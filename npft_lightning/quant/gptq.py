@@ -32,9 +32,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from npft_lightning.layers import block_index, decoder_blocks
-from npft_lightning.quant.base import WeightQuantizer
+from npft_lightning.quant.base import WeightQuantizer, weights_restored
 from npft_lightning.quant.rtn import rtn_decode, rtn_params
-from npft_lightning.quant.uniform import default_name
+from npft_lightning.quant.uniform import decode_rtn_fields, default_name
 
 
 class GPTQCodes(NamedTuple):
@@ -324,12 +324,24 @@ class GPTQ(WeightQuantizer):
     def quantize_weight(self, weight: Tensor, *, name: str | None = None) -> Tensor:
         raise NotImplementedError("GPTQ needs calibration activations: call quantize_model(model, linears, calibration)")
 
-    def quantize_matrix(self, weight: Tensor, hessian: Tensor) -> Tensor:
-        """This quantizer's settings applied to one matrix and its Hessian."""
-        return gptq_quantize_matrix(
+    def encode_weight(self, weight: Tensor, *, name: str | None = None) -> dict[str, Tensor]:
+        raise NotImplementedError("GPTQ needs calibration activations: call encode_model(model, linears, calibration)")
+
+    def encode_matrix(self, weight: Tensor, hessian: Tensor) -> GPTQCodes:
+        """This quantizer's settings applied to one matrix and its Hessian: the codes."""
+        return gptq_encode_matrix(
             weight, hessian, self.bits, self.group_size, self.sym, self.act_order,
             self.block_size, self.percdamp, self.static_groups,
         )
+
+    def quantize_matrix(self, weight: Tensor, hessian: Tensor) -> Tensor:
+        """This quantizer's settings applied to one matrix and its Hessian: the float32 weight."""
+        enc = self.encode_matrix(weight, hessian)
+        return rtn_decode(enc.codes, enc.scale, enc.zero, self.group_size)
+
+    def decode_weight(self, payload: Mapping[str, Tensor]) -> Tensor:
+        """Float32 weight from RTN-grid fields ``codes`` / ``scale`` / ``zero`` (no permutation needed)."""
+        return decode_rtn_fields(payload, self.group_size)
 
     def _hessians(
         self, block: nn.Module, inputs: list[tuple[Tensor, tuple, dict[str, Any]]], linears: Mapping[str, nn.Linear]
@@ -371,6 +383,28 @@ class GPTQ(WeightQuantizer):
         linears: Mapping[str, nn.Linear],
         calibration: Tensor | None = None,
     ) -> None:
+        self._quantize_blocks(model, linears, calibration, record=False)
+
+    @torch.no_grad()
+    def encode_model(
+        self,
+        model: nn.Module,
+        linears: Mapping[str, nn.Linear],
+        calibration: Tensor | None = None,
+    ) -> dict[str, dict[str, Tensor]]:
+        """The codes / scale / zero (on the CPU) of the pass :meth:`quantize_model` makes; the model is left unchanged."""
+        with weights_restored(linears):
+            return self._quantize_blocks(model, linears, calibration, record=True)
+
+    def _quantize_blocks(
+        self,
+        model: nn.Module,
+        linears: Mapping[str, nn.Linear],
+        calibration: Tensor | None,
+        record: bool,
+    ) -> dict[str, dict[str, Tensor]]:
+        """The block-by-block pass: writes the quantized weights in place (later blocks and stages are
+        calibrated on them) and, if ``record``, returns each linear's fields."""
         if calibration is None or calibration.numel() == 0:
             raise ValueError("GPTQ needs calibration token windows (a LongTensor [n_windows, seq_len])")
         if calibration.dim() == 1:
@@ -379,8 +413,9 @@ class GPTQ(WeightQuantizer):
         per_block: dict[int, dict[str, nn.Linear]] = {}
         for name, linear in linears.items():
             per_block.setdefault(block_index(name), {})[name] = linear
+        fields: dict[str, dict[str, Tensor]] = {}
         if not per_block:
-            return
+            return fields
         last = max(per_block)
 
         was_training = model.training
@@ -397,10 +432,14 @@ class GPTQ(WeightQuantizer):
                         hessians = self._hessians(block, inputs, {n: block_linears[n] for n in stage})
                         for name in stage:
                             weight = block_linears[name].weight
-                            q = self.quantize_matrix(weight.float(), hessians.pop(name))
-                            weight.copy_(q.to(device=weight.device, dtype=weight.dtype))
+                            enc = self.encode_matrix(weight.float(), hessians.pop(name))
+                            encoded = {"codes": enc.codes, "scale": enc.scale, "zero": enc.zero}
+                            weight.copy_(self.decode_weight(encoded).to(device=weight.device, dtype=weight.dtype))
+                            if record:
+                                fields[name] = {field: t.cpu() for field, t in encoded.items()}
                     if b < last:  # the next block's inputs come from this (quantized) block
                         outputs = run_block(block, inputs)
                         inputs = [(out, args, kwargs) for out, (_, args, kwargs) in zip(outputs, inputs)]
         finally:
             model.train(was_training)
+        return fields

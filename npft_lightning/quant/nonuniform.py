@@ -11,12 +11,14 @@ All math is float32.
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 from torch import Tensor
 
 from npft_lightning.quant.base import WeightQuantizer
 from npft_lightning.quant.rtn import _grouped, rtn_quantize
-from npft_lightning.quant.uniform import default_name
+from npft_lightning.quant.uniform import decode_rtn_fields, default_name, rtn_fields
 
 # ---------------------------------------------------------------------------------------------
 # k-means (SqueezeLLM-style)
@@ -145,9 +147,14 @@ class KMeans(WeightQuantizer):
         self.name = name or f"kmeans{self.bits}"
         self.sensitivity: dict[str, Tensor] | None = None
 
-    def quantize_weight(self, weight: Tensor, *, name: str | None = None) -> Tensor:
+    def encode_weight(self, weight: Tensor, *, name: str | None = None) -> dict[str, Tensor]:
+        """``codes`` [rows, cols] uint8 and a per-row lookup table ``lut`` [rows, 2^bits] float32."""
         sensitivity = None if self.sensitivity is None or name is None else self.sensitivity.get(name)
-        return kmeans_quantize(weight, self.bits, sensitivity, self.iters)
+        codes, lut = kmeans_encode(weight, self.bits, sensitivity, self.iters)
+        return {"codes": codes, "lut": lut}
+
+    def decode_weight(self, payload: Mapping[str, Tensor]) -> Tensor:
+        return kmeans_decode(payload["codes"], payload["lut"])
 
     def __repr__(self) -> str:  # the sensitivity dict is too big to print
         return f"KMeans(bits={self.bits}, iters={self.iters}, name={self.name!r}, sensitivity={'set' if self.sensitivity else None})"
@@ -166,6 +173,18 @@ def cuberoot_quantize(weight: Tensor, bits: int, group_size: int | None = None, 
     return (fq * fq * fq).to(weight.dtype)
 
 
+def cuberoot_fields(weight: Tensor, bits: int, group_size: int | None = None, sym: bool = False) -> dict[str, Tensor]:
+    """RTN fields (``codes``, ``scale``, ``zero``) of the cube root ``sign(w)|w|^(1/3)``."""
+    w = weight.float()
+    return rtn_fields(torch.sign(w) * w.abs().pow(1.0 / 3.0), bits, group_size, sym)
+
+
+def decode_cuberoot_fields(payload: Mapping[str, Tensor], group_size: int | None) -> Tensor:
+    """Float32 ``Q(f(w))³`` (the same ops as :func:`cuberoot_quantize`)."""
+    fq = decode_rtn_fields(payload, group_size)
+    return fq * fq * fq
+
+
 class CubeRoot(WeightQuantizer):
     """The "lens of perturbation" non-uniform quantizer: uniform on the cube root, cubed back."""
 
@@ -179,8 +198,12 @@ class CubeRoot(WeightQuantizer):
         self.sym = bool(sym)
         self.name = name or default_name("cuberoot", self.bits, self.group_size, self.sym)
 
-    def quantize_weight(self, weight: Tensor, *, name: str | None = None) -> Tensor:
-        return cuberoot_quantize(weight, self.bits, self.group_size, self.sym)
+    def encode_weight(self, weight: Tensor, *, name: str | None = None) -> dict[str, Tensor]:
+        """RTN ``codes`` / ``scale`` / ``zero`` of the cube root of ``weight``."""
+        return cuberoot_fields(weight, self.bits, self.group_size, self.sym)
+
+    def decode_weight(self, payload: Mapping[str, Tensor]) -> Tensor:
+        return decode_cuberoot_fields(payload, self.group_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,15 +238,29 @@ def nf_levels(bits: int = 4) -> Tensor:
     return (levels / levels.abs().max()).float()
 
 
-def nf_quantize(weight: Tensor, bits: int = 4, block_size: int = 64) -> Tensor:
-    """NormalFloat fake quantization: per contiguous block of ``block_size`` elements of each row,
-    ``ŵ = absmax · level[nearest(w / absmax)]``; same dtype as ``weight``."""
+def nf_encode(weight: Tensor, bits: int = 4, block_size: int = 64) -> tuple[Tensor, Tensor]:
+    """Level indices [rows, cols] (uint8) and the absmax of each block of ``block_size`` elements of a row
+    [rows, cols / block_size] (float32)."""
     blocks = _grouped(weight.float(), block_size)
     absmax = blocks.abs().amax(dim=-1, keepdim=True)
     absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))  # an all-zero block stays zero
     levels = nf_levels(bits).to(weight.device)
     codes = torch.bucketize(blocks / absmax, (levels[1:] + levels[:-1]) / 2)
-    return (levels[codes] * absmax).reshape(weight.shape).to(weight.dtype)
+    return codes.reshape(weight.shape).to(torch.uint8), absmax[..., 0]
+
+
+def nf_decode(codes: Tensor, absmax: Tensor, bits: int = 4) -> Tensor:
+    """Float32 weight ``absmax · level[code]``, the block size being ``cols / absmax.shape[1]``."""
+    blocks = _grouped(codes, codes.shape[1] // absmax.shape[1]).long()
+    levels = nf_levels(bits).to(codes.device)
+    return (levels[blocks] * absmax[..., None]).reshape(codes.shape)
+
+
+def nf_quantize(weight: Tensor, bits: int = 4, block_size: int = 64) -> Tensor:
+    """NormalFloat fake quantization: per contiguous block of ``block_size`` elements of each row,
+    ``ŵ = absmax · level[nearest(w / absmax)]``; same dtype as ``weight``."""
+    codes, absmax = nf_encode(weight, bits, block_size)
+    return nf_decode(codes, absmax, bits).to(weight.dtype)
 
 
 def nf4_quantize(weight: Tensor, block_size: int = 64) -> Tensor:
@@ -243,8 +280,13 @@ class NF(WeightQuantizer):
         self.block_size = int(block_size)
         self.name = name or (f"nf{self.bits}" if self.block_size == 64 else f"nf{self.bits}_b{self.block_size}")
 
-    def quantize_weight(self, weight: Tensor, *, name: str | None = None) -> Tensor:
-        return nf_quantize(weight, self.bits, self.block_size)
+    def encode_weight(self, weight: Tensor, *, name: str | None = None) -> dict[str, Tensor]:
+        """Level indices ``codes`` [rows, cols] uint8 and ``absmax`` [rows, cols / block_size] float32."""
+        codes, absmax = nf_encode(weight, self.bits, self.block_size)
+        return {"codes": codes, "absmax": absmax}
+
+    def decode_weight(self, payload: Mapping[str, Tensor]) -> Tensor:
+        return nf_decode(payload["codes"], payload["absmax"], self.bits)
 
 
 class NF4(NF):

@@ -17,7 +17,10 @@ from typing import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from npft_lightning.quant.base import WeightQuantizer
+from npft_lightning.quant.base import WeightQuantizer, weights_restored
+
+# Fields the sparse part adds to the base quantizer's stored form.
+SPARSE_FIELDS = ("sparse_index", "sparse_value")
 
 
 def top_fraction_mask(score: Tensor, keep_ratio: float) -> Tensor:
@@ -81,6 +84,20 @@ class DenseAndSparse(WeightQuantizer):
             q = self.base.quantize_weight(weight.masked_fill(mask, 0), name=key)
         return torch.where(mask, weight, q.to(weight.dtype))
 
+    def encode_weight(self, weight: Tensor, *, name: str | None = None) -> dict[str, Tensor]:
+        """The base quantizer's fields for the dense part, plus ``sparse_index`` (flat positions of the
+        kept entries, int64) and ``sparse_value`` (their exact values, float32)."""
+        key = name if name is not None else "_"
+        mask = self.mask(weight, name)
+        with self._base_sensitivity({key: mask}, {key: weight.shape}):
+            dense = self.base.encode_weight(weight.masked_fill(mask, 0), name=key)
+        return _with_sparse(dense, mask, weight[mask])
+
+    def decode_weight(self, payload: Mapping[str, Tensor]) -> Tensor:
+        dense = self.base.decode_weight({k: v for k, v in payload.items() if k not in SPARSE_FIELDS})
+        index, value = payload["sparse_index"].long(), payload["sparse_value"].float()
+        return dense.flatten().index_put((index,), value).reshape(dense.shape)
+
     @torch.no_grad()
     def quantize_model(
         self,
@@ -97,6 +114,32 @@ class DenseAndSparse(WeightQuantizer):
         for name, lin in linears.items():
             lin.weight[masks[name]] = kept[name]
 
+    @torch.no_grad()
+    def encode_model(
+        self,
+        model: nn.Module,
+        linears: Mapping[str, nn.Linear],
+        calibration: Tensor | None = None,
+    ) -> dict[str, dict[str, Tensor]]:
+        # The same steps as quantize_model, with the base quantizer's encode_model in the middle.
+        masks = {name: self.mask(lin.weight, name) for name, lin in linears.items()}
+        kept = {name: lin.weight[masks[name]] for name, lin in linears.items()}
+        with weights_restored(linears):
+            for name, lin in linears.items():
+                lin.weight.masked_fill_(masks[name], 0)
+            with self._base_sensitivity(masks, {name: lin.weight.shape for name, lin in linears.items()}):
+                dense = self.base.encode_model(model, linears, calibration)
+        return {name: _with_sparse(dense[name], masks[name].cpu(), kept[name].cpu()) for name in linears}
+
     def __repr__(self) -> str:
         return f"DenseAndSparse(base={self.base!r}, keep_ratio={self.keep_ratio}, name={self.name!r})"
+
+
+def _with_sparse(dense: dict[str, Tensor], mask: Tensor, kept: Tensor) -> dict[str, Tensor]:
+    """Add the kept entries (``mask`` True, values ``kept`` in row-major order) to a base quantizer's fields."""
+    clash = set(dense) & set(SPARSE_FIELDS)
+    if clash:
+        raise ValueError(f"the base quantizer already stores fields {sorted(clash)}; cannot wrap it in DenseAndSparse")
+    index = mask.flatten().nonzero().squeeze(1)  # row-major, the order of weight[mask]
+    return {**dense, "sparse_index": index, "sparse_value": kept.float()}
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Mapping
+
 from torch import Tensor
 
 from npft_lightning.quant.base import WeightQuantizer
-from npft_lightning.quant.rtn import rtn_quantize, rtn_step
+from npft_lightning.quant.rtn import rtn_decode, rtn_encode, rtn_step
 
 
 class RTN(WeightQuantizer):
@@ -21,8 +23,12 @@ class RTN(WeightQuantizer):
         self.sym = bool(sym)
         self.name = name or default_name("rtn", self.bits, self.group_size, self.sym)
 
-    def quantize_weight(self, weight: Tensor, *, name: str | None = None) -> Tensor:
-        return rtn_quantize(weight, self.bits, self.group_size, self.sym)
+    def encode_weight(self, weight: Tensor, *, name: str | None = None) -> dict[str, Tensor]:
+        """``codes`` [rows, cols] uint8, ``scale`` / ``zero`` [rows, n_groups] float32."""
+        return rtn_fields(weight, self.bits, self.group_size, self.sym)
+
+    def decode_weight(self, payload: Mapping[str, Tensor]) -> Tensor:
+        return decode_rtn_fields(payload, self.group_size)
 
     def step(self, weight: Tensor) -> Tensor:
         """Per-element quantization step Δ (used by the ``uniform_step`` noise)."""
@@ -37,3 +43,14 @@ def default_name(family: str, bits: int, group_size: int | None, sym: bool = Fal
     if group_size is not None:
         name += f"_g{group_size}"
     return name
+
+
+def rtn_fields(weight: Tensor, bits: int, group_size: int | None = None, sym: bool = False) -> dict[str, Tensor]:
+    """The stored form of an RTN-grid weight (RTN, cube-root, GPTQ)."""
+    codes, scale, zero = rtn_encode(weight, bits, group_size, sym)
+    return {"codes": codes, "scale": scale, "zero": zero}
+
+
+def decode_rtn_fields(payload: Mapping[str, Tensor], group_size: int | None) -> Tensor:
+    """Float32 weight ``scale · (codes - zero)`` (the same ops as :func:`~npft_lightning.quant.rtn.rtn_quantize`)."""
+    return rtn_decode(payload["codes"], payload["scale"], payload["zero"], group_size)
