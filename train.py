@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import hydra
@@ -27,4 +28,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from npft_lightning.cli import check_group_choices
+
+    check_group_choices(sys.argv[1:], os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf"))
     main()

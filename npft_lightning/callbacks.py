@@ -9,14 +9,22 @@ noise is drawn on them, and the curvature probe reads the same masks.
 from __future__ import annotations
 
 import logging
+import os
+import uuid
+from pathlib import Path
 from typing import Any, Mapping
 
 import lightning.pytorch as pl
 import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor
 
 from npft_lightning.curvature import hutchinson_trace, perturbation_trace_estimate
+from npft_lightning.io import atomic_write_json
 from npft_lightning.noise import apply_noise, noise_generator, restore_noise, scale_schedule
 from npft_lightning.perplexity import perplexity
 from npft_lightning.quant.base import WeightQuantizer, fake_quantized
@@ -303,8 +311,14 @@ class FakeQuantValidation(Callback):
         self._evaluated_step = trainer.global_step
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking and "val/ppl" in trainer.callback_metrics:
-            self.results.setdefault("after", {})["fp"] = float(trainer.callback_metrics["val/ppl"])
+        if trainer.sanity_checking:
+            return
+        # The module's own float64 value when it has one (the logged copy is float32).
+        ppl = getattr(pl_module, "val_ppl", None)
+        if ppl is None and "val/ppl" in trainer.callback_metrics:
+            ppl = float(trainer.callback_metrics["val/ppl"])
+        if ppl is not None:
+            self.results.setdefault("after", {})["fp"] = ppl
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A run stopped by max_steps in mid-epoch skips the epoch-end validation: "after" must still
@@ -319,3 +333,81 @@ class FakeQuantValidation(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.results = dict(state_dict.get("results", {}))
+
+
+# ------------------------------------------------------------------------------------------ run artifacts
+def collect_metrics(trainer: pl.Trainer) -> dict[str, Any]:
+    """``{"ppl": {"before": {...}, "after": {...}}, "curvature": {...}, "outliers": {...}, "train": {...}}``.
+
+    Read from the NPFT callbacks of ``trainer`` (those absent are left out).
+    """
+    found = {type(c): c for c in trainer.callbacks}
+    metrics: dict[str, Any] = {"ppl": found[FakeQuantValidation].results if FakeQuantValidation in found else {}}
+    if CurvatureProbe in found:
+        metrics["curvature"] = found[CurvatureProbe].results
+    if OutlierSelection in found:
+        masks = found[OutlierSelection].masks
+        metrics["outliers"] = {"count": sum(m.numel() for m in masks.values()), "matrices": len(masks)}
+    loss = trainer.callback_metrics.get("train/loss")
+    metrics["train"] = {
+        "global_step": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "last_loss": None if loss is None else float(loss),
+        "world_size": trainer.world_size,
+    }
+    return metrics
+
+
+class RunArtifacts(Callback):
+    """Writes ``metrics.json`` and the PEFT adapter at the end of fit, on global rank 0 of the training processes.
+
+    A callback rather than code after ``trainer.fit``: under ``ddp_spawn`` the trained adapters and
+    the callbacks' results live in the spawned workers, and the process that called ``fit`` gets
+    back only the weights and ``callback_metrics``, not the NPFT callbacks' before/after tables.
+    Written here, the files are right whichever strategy ran. The adapter is written first, so an
+    existing ``metrics.json`` marks a finished run. ``metrics`` is set on every rank (no collectives).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, config: dict[str, Any] | None = None, save_adapter: bool = True):
+        self.output_dir = Path(output_dir)
+        self.config = config
+        self.save_adapter = save_adapter
+        self.metrics: dict[str, Any] | None = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = collect_metrics(trainer)
+        if self.config is not None:
+            metrics["config"] = self.config
+        if trainer.is_global_zero:
+            if self.save_adapter:
+                pl_module.model.save_pretrained(str(self.output_dir / "adapter"))
+            atomic_write_json(self.output_dir / "metrics.json", metrics)
+        self.metrics = metrics
+
+
+# ------------------------------------------------------------------------------------------ checkpoint IO
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint IO, but a crash or SIGKILL mid-write never leaves a truncated checkpoint.
+
+    Lightning's own save writes through an fsspec transaction whose temporary file lives in the
+    system temp dir: on another file system (a tmpfs /tmp, a cluster's scratch) the final "move" is
+    a copy into the destination, which a kill can cut short, and nothing is fsynced. Here the bytes go
+    to a temporary file beside the checkpoint, are fsynced, and ``os.replace`` swaps it in.
+    Remote paths (s3://, ...) keep Lightning's behaviour.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(tmp, "xb") as f:  # "x": a fresh file, created with the user's umask
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise

@@ -78,3 +78,28 @@ def user_message(err: BaseException) -> str | None:
                 return str(cause).splitlines()[0]
         err = err.__cause__ or err.__context__
     return None
+
+
+def check_group_choices(argv: list[str], conf_dir: str) -> None:
+    """Unknown config-group options on the command line -> one line listing the valid ones, exit code 2.
+
+    Hydra's own message spans several lines; this check runs before Hydra composes anything.
+    Handles ``group=name``, sweeps ``group=a,b`` and lists ``group=[a,b]``.
+    """
+    from pathlib import Path
+
+    root = Path(conf_dir)
+    for arg in argv:
+        if "=" not in arg or arg.startswith("-"):
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        group_dir = root / key
+        if "." in key or not group_dir.is_dir():
+            continue
+        choices = sorted(p.stem for p in group_dir.glob("*.yaml"))
+        names = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+        for name in names:
+            if name not in choices and name != "null":
+                print(f"error: unknown {key} '{name}'; choose one of: {', '.join(choices)}", file=sys.stderr)
+                sys.exit(2)

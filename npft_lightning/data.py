@@ -13,11 +13,13 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -267,6 +269,11 @@ class EpochShuffleSampler(Sampler[int]):
     The order depends only on (seed, epoch), so runs and resumed runs see the same batches, and all
     ranks draw equally many windows (unequal counts would hang DDP's gradient all-reduce).
     Lightning calls ``set_epoch`` at the start of every epoch.
+
+    ``resume_from(epoch, items)`` makes the next pass over that epoch start after its first ``items``
+    indices: a run resumed from a mid-epoch checkpoint continues with the batch the interrupted run
+    would have drawn next (Lightning restarts a plain map-style loader from its first batch).
+    ``__len__`` stays the whole epoch, as Lightning counts the resumed batches from where it stopped.
     """
 
     def __init__(self, num_items: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
@@ -275,9 +282,13 @@ class EpochShuffleSampler(Sampler[int]):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, indices already consumed in it)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_from(self, epoch: int, items: int) -> None:
+        self._resume = (epoch, items) if items > 0 else None
 
     def __len__(self) -> int:
         return self.num_items // self.world_size
@@ -285,7 +296,11 @@ class EpochShuffleSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.num_items, generator=generator)[: len(self) * self.world_size]
-        return iter(order[self.rank :: self.world_size].tolist())
+        indices = order[self.rank :: self.world_size].tolist()
+        if self._resume is not None and self._resume[0] == self.epoch:
+            indices = indices[self._resume[1] :]
+            self._resume = None  # once: later passes over this epoch number are whole again
+        return iter(indices)
 
 
 class CausalLMDataModule(LightningDataModule):
@@ -322,6 +337,7 @@ class CausalLMDataModule(LightningDataModule):
         self.num_workers = num_workers
         self._tokens: dict[str, Tensor] = {}
         self.tokenizer = tokenizer
+        self._resume: dict[str, int] = {}  # from a checkpoint: {"epoch", "batches"} already trained
 
     @property
     def tokenizer(self) -> Any:
@@ -334,6 +350,9 @@ class CausalLMDataModule(LightningDataModule):
         self._tokens.clear()
 
     def setup(self, stage: str | None = None) -> None:
+        # The sampler resumes mid-epoch itself (state_dict below), which Lightning's "dataloader is not
+        # resumable" warning cannot know. Set here, as setup also runs in spawned DDP workers.
+        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
         needed = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",)}.get(stage, SPLITS)
         for split in needed:
             self.tokens(split)
@@ -401,7 +420,23 @@ class CausalLMDataModule(LightningDataModule):
         windows = self.train_windows()
         rank, world_size = self._rank_and_world_size()
         sampler = EpochShuffleSampler(windows.size(0), seed=self.seed, rank=rank, world_size=world_size)
+        if self._resume:
+            sampler.resume_from(self._resume["epoch"], self._resume["batches"] * self.batch_size)
         return DataLoader(WindowDataset(windows), batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+
+    # Checkpoint state: how far the train loader got in its epoch, so that a mid-epoch resume skips the
+    # batches already trained on instead of seeing them again (exact resume; see EpochShuffleSampler).
+    def state_dict(self) -> dict[str, int]:
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return {}
+        # `processed` counts the batches whose step finished: checkpoints are written after it, in
+        # on_train_batch_end (every_n_train_steps) or at validation / epoch end.
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "batches": int(batches)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume = dict(state_dict)
 
     def _eval_dataloader(self, split: str) -> DataLoader:
         windows = self.eval_windows(split, sharded=True)

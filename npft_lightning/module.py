@@ -8,7 +8,9 @@ helpers here (:meth:`NPFTModule.decoder_linears`, :meth:`NPFTModule.lora_deltas`
 
 from __future__ import annotations
 
+import hashlib
 import math
+import warnings
 from contextlib import contextmanager
 from functools import partial
 from typing import Any, Callable, Iterable, Iterator
@@ -39,6 +41,12 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, decay: str = "
     raise ValueError(f"lr decay={decay!r} is not one of linear, cosine, constant")
 
 
+def batch_seed(seed: int, epoch: int, batch_idx: int, rank: int = 0) -> int:
+    """A torch seed from (seed, epoch, batch in epoch, rank), hashed so nearby tuples give unrelated streams."""
+    digest = hashlib.sha256(f"npft-batch:{int(seed)}:{int(epoch)}:{int(batch_idx)}:{int(rank)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
 class NPFTModule(pl.LightningModule):
     """LoRA fine-tuning with full next-token loss and GPTQ-protocol validation perplexity.
 
@@ -47,6 +55,9 @@ class NPFTModule(pl.LightningModule):
         lora: the PEFT ``LoraConfig`` (``target_modules`` already resolved).
         optimizer: a partial optimizer (``params`` missing), e.g. ``AdamW(lr=5e-5, weight_decay=0.01)``.
         warmup_steps, lr_decay: the learning-rate schedule, stepped per optimizer step.
+        seed: seeds torch's global RNG at every training batch (dropout), see :meth:`on_train_batch_start`.
+        gradient_checkpointing: recompute each decoder layer's activations in the backward pass
+            (HF non-reentrant checkpointing): activation memory of one layer instead of all, ~30 % more compute.
     """
 
     def __init__(
@@ -56,9 +67,17 @@ class NPFTModule(pl.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] = partial(torch.optim.AdamW, lr=5e-5, weight_decay=0.01),
         warmup_steps: int = 0,
         lr_decay: str = "linear",
+        seed: int = 0,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
+        if gradient_checkpointing:
+            # Non-reentrant: gradients reach the adapters although the embeddings are frozen (no
+            # enable_input_require_grads needed), and DDP sees each adapter gradient once (PEFT #301).
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False  # a KV cache is useless in training and incompatible with recomputation
         self.model: PeftModel = get_peft_model(model, lora)
+        self.seed = seed
         # Loaders hand over models in eval mode; Lightning keeps each submodule's mode, so set it here
         # (LoRA dropout must be active in training; validation switches to eval and back).
         self.model.train()
@@ -69,6 +88,7 @@ class NPFTModule(pl.LightningModule):
         self.strict_loading = False
         self.val_nll = SumMetric().set_dtype(torch.float64)
         self.val_tokens = SumMetric().set_dtype(torch.float64)
+        self.val_ppl: float | None = None  # the last validation PPL, in float64
         # Filled by the OutlierSelection callback; read by the noise callback and curvature probes.
         self.outlier_masks: dict[str, Tensor] = {}
 
@@ -122,6 +142,12 @@ class NPFTModule(pl.LightningModule):
         return float(total), int(count)
 
     # ----------------------------------------------------------------------------- training
+    def on_train_batch_start(self, batch: Tensor, batch_idx: int) -> None:
+        # Dropout (LoRA's and the base model's) draws from torch's global RNG, whose state a Lightning
+        # checkpoint does not hold. Seeding it per batch from (seed, epoch, batch) makes a run resumed
+        # from any checkpoint draw the same masks as the uninterrupted run; ranks get distinct streams.
+        torch.manual_seed(batch_seed(self.seed, self.trainer.current_epoch, batch_idx, self.global_rank))
+
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         loss = self.model(input_ids=batch, labels=batch).loss
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch.size(0))
@@ -132,13 +158,20 @@ class NPFTModule(pl.LightningModule):
         self.val_nll.update(nll)
         self.val_tokens.update(count)
 
+    def setup(self, stage: str) -> None:
+        # The epoch-level values logged here and by the fake-quant callback are already global (summed
+        # across ranks before the division), so Lightning's "use sync_dist=True" advice does not apply.
+        warnings.filterwarnings("ignore", message=r".*self\.log\('val/.*sync_dist=True.*")
+
     def on_validation_epoch_end(self) -> None:
         # SumMetric.compute() all-reduces across ranks: PPL = exp(Σ NLL / Σ tokens), never a mean of means.
         nll, tokens = float(self.val_nll.compute()), int(self.val_tokens.compute())
         self.val_nll.reset()
         self.val_tokens.reset()
+        # Kept as a Python float: the logged copy is a float32 tensor.
+        self.val_ppl = perplexity(nll, tokens)
         self.log("val/loss", nll / max(tokens, 1), sync_dist=False)
-        self.log("val/ppl", perplexity(nll, tokens), prog_bar=True, sync_dist=False)
+        self.log("val/ppl", self.val_ppl, prog_bar=True, sync_dist=False)
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.model.parameters() if p.requires_grad]

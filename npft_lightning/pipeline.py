@@ -7,8 +7,8 @@ them, and the curvature probe and fake-quant validation read the same masks and 
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,16 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from npft_lightning.callbacks import CurvatureProbe, FakeQuantValidation, NoisePerturbation, OutlierSelection
-from npft_lightning.io import atomic_write_json
+from npft_lightning.callbacks import (
+    AtomicCheckpointIO,
+    CurvatureProbe,
+    FakeQuantValidation,
+    NoisePerturbation,
+    OutlierSelection,
+    RunArtifacts,
+)
+from npft_lightning.config import validate_against_model
+from npft_lightning.errors import UserError
 from npft_lightning.models import default_lora_targets
 from npft_lightning.module import NPFTModule
 from npft_lightning.report import print_summary
@@ -51,52 +59,93 @@ def build_callbacks(cfg: DictConfig, quantizers: dict[str, Any]) -> tuple[list[p
     return callbacks + list(npft.values()), npft
 
 
-def build(cfg: DictConfig) -> tuple[NPFTModule, pl.LightningDataModule, pl.Trainer, dict[str, pl.Callback]]:
-    """Model, data, callbacks and trainer from a composed config (shared by ``train`` and the benches)."""
-    model, tokenizer = instantiate(cfg.model).load()
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+def build_module(cfg: DictConfig, model: torch.nn.Module) -> NPFTModule:
+    """The LoRA-wrapped ``model`` with the optimizer and schedule of ``cfg`` (also used to export checkpoints)."""
     lora = instantiate(cfg.peft, _convert_="all")
     if not lora.target_modules:
         lora.target_modules = default_lora_targets(model)
-    module = NPFTModule(
+    return NPFTModule(
         model, lora, optimizer=instantiate(cfg.optimizer),
         warmup_steps=cfg.schedule.warmup_steps, lr_decay=cfg.schedule.lr_decay,
+        seed=cfg.seed, gradient_checkpointing=bool(cfg.get("gradient_checkpointing", False)),
     )
+
+
+def build(cfg: DictConfig) -> tuple[NPFTModule, pl.LightningDataModule, pl.Trainer, dict[str, pl.Callback]]:
+    """Model, data, callbacks and trainer from a composed config (shared by ``train`` and the benches)."""
+    model, tokenizer = instantiate(cfg.model).load()
+    validate_against_model(cfg, model)
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    module = build_module(cfg, model)
     callbacks, npft = build_callbacks(cfg, build_quantizers(cfg))
+    # Resolved here: under ddp_spawn the workers that write the artifacts have no Hydra context.
+    npft["artifacts"] = RunArtifacts(cfg.paths.output_dir, OmegaConf.to_container(cfg, resolve=True), cfg.get("save_adapter", True))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks + [npft["artifacts"]], logger=loggers or False, plugins=[AtomicCheckpointIO()]
+    )
+    _check_launcher(trainer)
     return module, datamodule, trainer, npft
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fine-tune, validate with fake quantization, write ``metrics.json`` and print the before/after table."""
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    output_dir = Path(cfg.paths.output_dir)
-    module, datamodule, trainer, npft = build(cfg)
+def _check_launcher(trainer: pl.Trainer) -> None:
+    """Refuse ``strategy=ddp`` with ranks started by Lightning inside a Hydra sweep (it would restart the sweep).
 
+    Lightning's ``ddp`` launcher starts ranks > 0 by re-running this command line; for ``-m`` that
+    line is the whole sweep (Lightning #11300, Hydra #2070). ``ddp_spawn`` and ranks started by
+    torchrun / SLURM (the submitit launcher) are fine.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from lightning.fabric.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if not isinstance(launcher, _SubprocessScriptLauncher) or trainer.world_size <= 1:
+        return
+    if trainer.strategy.cluster_environment.creates_processes_externally:
+        return
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise UserError(
+            "trainer.strategy=ddp starts its other ranks by re-running the command line, which would restart "
+            "the whole Hydra sweep; use trainer=ddp_spawn (or ddp_cpu) for -m sweeps, or launch the ranks with "
+            "torchrun / hydra/launcher=submitit_slurm"
+        )
+
+
+def completed_metrics(output_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``metrics.json`` of a finished run of exactly this config in ``output_dir``, else None."""
+    path = output_dir / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if metrics.get("config") == config else None
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fine-tune, validate with fake quantization, write ``metrics.json`` and print the before/after table.
+
+    With ``skip_completed=true`` a run whose output dir already holds the ``metrics.json`` of the
+    same config returns it without training: re-running a sweep with the same ``hydra.sweep.dir``
+    only runs the jobs that did not finish.
+    """
+    output_dir = Path(cfg.paths.output_dir)
+    if cfg.get("skip_completed", False):
+        done = completed_metrics(output_dir, OmegaConf.to_container(cfg, resolve=True))
+        if done is not None:
+            if rank_zero_only.rank == 0:
+                log.info("skipped: %s already holds the metrics of this config", output_dir)
+                print(f"Skipped: {output_dir / 'metrics.json'} already holds this config's results (skip_completed=true)")
+            return done
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    module, datamodule, trainer, npft = build(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
-    metrics = collect_metrics(trainer, npft)
-    metrics["config"] = OmegaConf.to_container(cfg, resolve=True)
+    # RunArtifacts wrote the files on rank 0 of the training processes. Under ddp_spawn those were
+    # workers, and this process reads their metrics.json back.
+    metrics = npft["artifacts"].metrics
+    if metrics is None and trainer.is_global_zero:
+        metrics = json.loads((output_dir / "metrics.json").read_text())
     if trainer.is_global_zero:
-        atomic_write_json(output_dir / "metrics.json", metrics)
-        if cfg.get("save_adapter", True):
-            module.model.save_pretrained(str(output_dir / "adapter"))
         print_summary(metrics, output_dir)
-    return metrics
-
-
-def collect_metrics(trainer: pl.Trainer, npft: dict[str, pl.Callback]) -> dict[str, Any]:
-    """``{"ppl": {"before": {...}, "after": {...}}, "curvature": {...}, "train": {...}}`` for metrics.json."""
-    metrics: dict[str, Any] = {"ppl": npft["fake_quant"].results}
-    if "curvature" in npft:
-        metrics["curvature"] = npft["curvature"].results
-    if "outliers" in npft:
-        masks = npft["outliers"].masks
-        metrics["outliers"] = {"count": sum(m.numel() for m in masks.values()), "matrices": len(masks)}
-    metrics["train"] = {
-        "global_step": trainer.global_step,
-        "epochs": trainer.current_epoch,
-        "last_loss": float(trainer.callback_metrics["train/loss"]) if "train/loss" in trainer.callback_metrics else None,
-    }
-    return metrics
+    return metrics or {}

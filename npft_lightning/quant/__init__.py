@@ -27,10 +27,19 @@ from npft_lightning.quant.nonuniform import (
     kmeans_encode,
     kmeans_quantize,
     nf4_quantize,
+    nf_decode,
+    nf_encode,
     nf_levels,
     nf_quantize,
 )
 from npft_lightning.quant.sparse import DenseAndSparse, top_fraction_mask
+from npft_lightning.quant.artefact import (
+    load_quantized,
+    pack_bits,
+    quantized_size_report,
+    save_quantized,
+    unpack_bits,
+)
 
 __all__ += [
     "GPTQ",
@@ -47,7 +56,14 @@ __all__ += [
     "kmeans_quantize",
     "nf4_quantize",
     "nf_levels",
+    "nf_decode",
+    "nf_encode",
     "nf_quantize",
     "DenseAndSparse",
     "top_fraction_mask",
+    "load_quantized",
+    "pack_bits",
+    "quantized_size_report",
+    "save_quantized",
+    "unpack_bits",
 ]
