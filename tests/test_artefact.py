@@ -175,6 +175,18 @@ def test_peft_model_with_deltas(tiny_llama: nn.Module, token_windows: Tensor, tm
         assert torch.equal(loaded(input_ids=batch).logits, logits)
 
 
+def test_subset_of_linears(tiny_llama: nn.Module, token_windows: Tensor, tmp_path: Path) -> None:
+    """Linears left out of ``linears`` are saved (and loaded) unquantized."""
+    mlp = {n: lin for n, lin in decoder_linears(tiny_llama).items() if ".mlp." in n}
+    reference = copy.deepcopy(tiny_llama)
+    with torch.no_grad(), fake_quantized(reference, {n: decoder_linears(reference)[n] for n in mlp}, RTN(3)):
+        weights = {n: lin.weight.clone() for n, lin in decoder_linears(reference).items()}
+    save_quantized(tiny_llama, mlp, RTN(3), tmp_path / "mlp")
+    loaded = load_quantized(tmp_path / "mlp")
+    assert all(torch.equal(lin.weight, weights[n]) for n, lin in decoder_linears(loaded).items())
+    assert quantized_size_report(tmp_path / "mlp")["linear_weights"] == sum(lin.weight.numel() for lin in mlp.values())
+
+
 def test_size_report(tiny_llama: nn.Module, tmp_path: Path) -> None:
     save_quantized(tiny_llama, decoder_linears(tiny_llama), RTN(4), tmp_path / "a")
     report = quantized_size_report(tmp_path / "a")

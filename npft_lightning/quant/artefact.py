@@ -228,7 +228,7 @@ def _rest_state_dict(model: nn.Module, linear_names: set[str]) -> dict[str, Tens
 
 def _replace_dir(src: Path, dst: Path) -> None:
     """Move the finished folder ``src`` to ``dst``; an existing ``dst`` is moved aside first and deleted last,
-    so a crash leaves either the old or the new artefact (plus a hidden leftover), never a mix."""
+    so a crash never leaves a half-written artefact at ``dst`` (at worst the old one in a hidden folder beside it)."""
     if dst.exists() and not dst.is_dir():
         raise ValueError(f"{dst} exists and is not a folder")
     old = None
@@ -252,8 +252,9 @@ def save_quantized(
     """Write the quantized artefact of ``model`` to the folder ``path`` (replaced atomically) and return it.
 
     The linears hold ``Q(W + delta)`` exactly as inside ``fake_quantized(model, linears, quantizer,
-    deltas, calibration)``; the model itself is left unchanged. ``model`` may be PEFT-wrapped (the
-    adapters are not saved: pass their merged updates as ``deltas``).
+    deltas, calibration)``; the model itself is left unchanged. ``model`` may be PEFT-wrapped: the
+    adapters are not saved, pass their merged updates as ``deltas`` and, as for ``fake_quantized``,
+    disable the adapters meanwhile (GPTQ calibrates on the model's forward pass).
     """
     path = Path(path)
     bits = _code_bits(quantizer)
@@ -334,14 +335,18 @@ def decode_fields(path: str | os.PathLike) -> tuple[WeightQuantizer, dict[str, T
     weights = {}
     for name, entry in config["linears"].items():
         payload = {}
-        for field, meta in entry["fields"].items():
-            key = f"{name}.{field}"
-            if key not in tensors:
-                raise ValueError(f"{path / QUANTIZED_FILE} lacks the tensor {key}")
-            payload[field] = _restore(tensors[key], meta, key)
+        try:
+            for field, meta in entry["fields"].items():
+                key = f"{name}.{field}"
+                if key not in tensors:
+                    raise ValueError(f"{path / QUANTIZED_FILE} lacks the tensor {key}")
+                payload[field] = _restore(tensors[key], meta, key)
+            shape = entry["shape"]
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path / CONFIG_FILE}: malformed entry for {name}: {e!r}") from e
         weight = quantizer.decode_weight(payload)
-        if list(weight.shape) != entry["shape"]:
-            raise ValueError(f"{path}: {name} decodes to shape {list(weight.shape)}, the config says {entry['shape']}")
+        if list(weight.shape) != shape:
+            raise ValueError(f"{path}: {name} decodes to shape {list(weight.shape)}, the config says {shape}")
         weights[name] = weight
     return quantizer, weights
 
@@ -370,17 +375,18 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
     with _quiet_transformers():
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[config["dtype"]], output_loading_info=True)
     linears = decoder_linears(model)
-    if set(linears) != set(weights):
-        raise ValueError(
-            f"{path}: the model's decoder linears {sorted(set(linears) ^ set(weights))} do not match {CONFIG_FILE}"
-        )
-    missing = set(info["missing_keys"]) - {f"{name}.weight" for name in linears}
+    unknown = set(weights) - set(linears)
+    if unknown:
+        raise ValueError(f"{path}: {CONFIG_FILE} lists {sorted(unknown)}, which are not decoder linears of the saved model")
+    # Only the quantized weights may be absent from the saved model (unquantized linears are saved whole).
+    missing = set(info["missing_keys"]) - {f"{name}.weight" for name in weights}
     if missing or info["mismatched_keys"]:
         raise ValueError(f"{path}: the saved model lacks {sorted(missing)} / mismatches {info['mismatched_keys']}")
-    for name, linear in linears.items():
-        if linear.weight.shape != weights[name].shape:
-            raise ValueError(f"{path}: {name} is {tuple(linear.weight.shape)} in the model, {tuple(weights[name].shape)} decoded")
-        linear.weight.copy_(weights[name].to(linear.weight.dtype))
+    for name, weight in weights.items():
+        linear = linears[name]
+        if linear.weight.shape != weight.shape:
+            raise ValueError(f"{path}: {name} is {tuple(linear.weight.shape)} in the model, {tuple(weight.shape)} decoded")
+        linear.weight.copy_(weight.to(linear.weight.dtype))
     return model.eval()
 
 
