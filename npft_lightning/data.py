@@ -298,7 +298,7 @@ class EpochShuffleSampler(Sampler[int]):
         order = torch.randperm(self.num_items, generator=generator)[: len(self) * self.world_size]
         indices = order[self.rank :: self.world_size].tolist()
         if self._resume is not None and self._resume[0] == self.epoch:
-            pass
+            indices = indices[self._resume[1] :]
             self._resume = None  # once: later passes over this epoch number are whole again
         return iter(indices)
 

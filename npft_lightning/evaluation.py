@@ -23,6 +23,7 @@ from npft_lightning.io import atomic_write_json
 from npft_lightning.layers import decoder_linears
 from npft_lightning.perplexity import dataset_nll, perplexity
 from npft_lightning.pipeline import build_quantizers
+from npft_lightning.quant.artefact import load_quantized, quantized_size_report, save_quantized
 from npft_lightning.quant.base import fake_quantized
 from npft_lightning.sensitivity import fisher_diagonal
 
@@ -52,6 +53,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     results: dict[str, dict[str, float]] = {}
     timings: dict[str, float] = {}
     fisher = None
+    exports: dict[str, dict[str, Any]] = {}
     for split in cfg.splits:
         windows = datamodule.eval_windows(split)
         results[split] = {}
@@ -73,12 +75,31 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                     nll, count = dataset_nll(model, batches, device)
             results[split][name] = perplexity(nll, count)
             timings[f"{split}/{name}"] = time.perf_counter() - start
+            if quantizer is not None and cfg.get("export_dir") and split == cfg.splits[0]:
+                exports[name] = export_and_check(model, linears, quantizer, Path(str(cfg.export_dir)) / name, calibration, windows, cfg, device)
         results[split]["_tokens"] = int(windows.numel())
         results[split]["_windows"] = int(windows.size(0))
-    metrics = {"ppl": results, "seconds": timings, "config": OmegaConf.to_container(cfg, resolve=True)}
+    metrics = {"ppl": results, "seconds": timings, "exports": exports, "config": OmegaConf.to_container(cfg, resolve=True)}
     atomic_write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
     print_eval_table(results)
     return metrics
+
+
+def export_and_check(model, linears, quantizer, path: Path, calibration, windows, cfg: DictConfig, device) -> dict[str, Any]:
+    """Write the real quantized artefact, load it back, and score it on the same windows.
+
+    The reloaded PPL must equal the fake-quant PPL exactly (same decoded weights).
+    """
+    save_quantized(model, linears, quantizer, path, calibration=calibration)
+    reloaded = load_quantized(path).to(device)
+    nll, count = dataset_nll(reloaded, tqdm(windows.split(cfg.data.eval_batch_size), desc=f"reloaded {quantizer.name}", leave=False), device)
+    del reloaded
+    report = quantized_size_report(path)
+    report["ppl_reloaded"] = perplexity(nll, count)
+    report["path"] = str(path)
+    print(f"exported {quantizer.name} to {path}: reloaded PPL {report['ppl_reloaded']:.4f}; " + ", ".join(
+        f"{k}={v:.4g}" for k, v in report.items() if isinstance(v, float) and "ratio" in k))
+    return report
 
 
 def print_eval_table(results: dict[str, dict[str, float]]) -> None:
