@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 VOCAB = 256
@@ -25,6 +28,23 @@ def make_tiny_opt(seed: int = 0) -> OPTForCausalLM:
         max_position_embeddings=256, word_embed_proj_dim=64,
     )
     return OPTForCausalLM(cfg).eval()
+
+
+class QuadraticModel(nn.Module):
+    """loss = ½ dᵀA d + bᵀd with d = vec(W) − w*; one Linear in ``layers`` so ``decoder_linears`` finds it."""
+
+    def __init__(self, A: torch.Tensor, b: torch.Tensor, w_star: torch.Tensor, w0: torch.Tensor):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(w0.shape[1], w0.shape[0], bias=False, dtype=w0.dtype)])
+        with torch.no_grad():
+            self.layers[0].weight.copy_(w0)
+        self.register_buffer("A", A)
+        self.register_buffer("b", b)
+        self.register_buffer("w_star", w_star)
+
+    def forward(self, input_ids=None, labels=None):
+        d = self.layers[0].weight.reshape(-1) - self.w_star
+        return SimpleNamespace(loss=0.5 * d @ (self.A @ d) + self.b @ d)
 
 
 @pytest.fixture

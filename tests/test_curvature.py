@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conftest import make_tiny_llama
+from conftest import QuadraticModel
 from npft_lightning.curvature import hutchinson_trace, outlier_sigma, perturbation_trace_estimate
 from npft_lightning.layers import decoder_linears
 
@@ -20,21 +20,6 @@ N = ROWS * COLS
 WINDOWS = torch.zeros(2, 4, dtype=torch.long)  # the quadratic ignores its input
 
 
-class QuadraticModel(nn.Module):
-    """loss = ½ dᵀA d + bᵀd with d = vec(W) − w*; one Linear in ``layers`` so ``decoder_linears`` finds it."""
-
-    def __init__(self, A: torch.Tensor, b: torch.Tensor, w_star: torch.Tensor, w0: torch.Tensor):
-        super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(w0.shape[1], w0.shape[0], bias=False, dtype=w0.dtype)])
-        with torch.no_grad():
-            self.layers[0].weight.copy_(w0)
-        self.register_buffer("A", A)
-        self.register_buffer("b", b)
-        self.register_buffer("w_star", w_star)
-
-    def forward(self, input_ids=None, labels=None):
-        d = self.layers[0].weight.reshape(-1) - self.w_star
-        return SimpleNamespace(loss=0.5 * d @ (self.A @ d) + self.b @ d)
 
 
 def _quadratic(diagonal: bool, seed: int = 0) -> QuadraticModel:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from npft_lightning.quant.base import WeightQuantizer
 from npft_lightning.quant.rtn import _grouped, rtn_quantize
-from npft_lightning.quant.uniform import decode_rtn_fields, default_name, rtn_fields
+from npft_lightning.quant.uniform import UniformGridQuantizer, decode_rtn_fields, rtn_fields
 
 # ---------------------------------------------------------------------------------------------
 # k-means (SqueezeLLM-style)
@@ -185,18 +185,10 @@ def decode_cuberoot_fields(payload: Mapping[str, Tensor], group_size: int | None
     return fq * fq * fq
 
 
-class CubeRoot(WeightQuantizer):
+class CubeRoot(UniformGridQuantizer):
     """The "lens of perturbation" non-uniform quantizer: uniform on the cube root, cubed back."""
 
-    def __init__(self, bits: int = 4, group_size: int | None = None, sym: bool = False, name: str | None = None):
-        if not 2 <= int(bits) <= 8:
-            raise ValueError(f"quant bits={bits} is outside 2..8; use a value from 2 to 8")
-        if group_size is not None and int(group_size) <= 0:
-            raise ValueError(f"quant group_size={group_size} must be a positive divisor of the input features, or null")
-        self.bits = int(bits)
-        self.group_size = None if group_size is None else int(group_size)
-        self.sym = bool(sym)
-        self.name = name or default_name("cuberoot", self.bits, self.group_size, self.sym)
+    family = "cuberoot"
 
     def encode_weight(self, weight: Tensor, *, name: str | None = None) -> dict[str, Tensor]:
         """RTN ``codes`` / ``scale`` / ``zero`` of the cube root of ``weight``."""

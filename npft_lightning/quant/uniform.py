@@ -10,8 +10,10 @@ from npft_lightning.quant.base import WeightQuantizer
 from npft_lightning.quant.rtn import rtn_decode, rtn_encode, rtn_step
 
 
-class RTN(WeightQuantizer):
-    """Round-to-nearest, per output channel (``group_size=None``) or per group of input columns."""
+class UniformGridQuantizer(WeightQuantizer):
+    """Shared set-up of quantizers on the RTN grid: ``bits``, ``group_size`` (None = per channel), ``sym``."""
+
+    family = "uniform"
 
     def __init__(self, bits: int = 4, group_size: int | None = None, sym: bool = False, name: str | None = None):
         if not 2 <= int(bits) <= 8:
@@ -21,7 +23,13 @@ class RTN(WeightQuantizer):
         self.bits = int(bits)
         self.group_size = None if group_size is None else int(group_size)
         self.sym = bool(sym)
-        self.name = name or default_name("rtn", self.bits, self.group_size, self.sym)
+        self.name = name or default_name(self.family, self.bits, self.group_size, self.sym)
+
+
+class RTN(UniformGridQuantizer):
+    """Round-to-nearest, per output channel (``group_size=None``) or per group of input columns."""
+
+    family = "rtn"
 
     def encode_weight(self, weight: Tensor, *, name: str | None = None) -> dict[str, Tensor]:
         """``codes`` [rows, cols] uint8, ``scale`` / ``zero`` [rows, n_groups] float32."""

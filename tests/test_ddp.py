@@ -1,0 +1,133 @@
+"""DDP through Lightning's strategies: two CPU ranks (gloo, ddp_spawn) through the real ``train.py -m``.
+
+The ranks must select the same outliers and add the same noise, each validation PPL must count
+every window exactly once (3 windows on 2 ranks: a padded or duplicated window would show), and
+the files must come from the spawned workers that hold the trained weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
+from omegaconf import OmegaConf
+from peft import LoraConfig, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from npft_lightning.callbacks import FakeQuantValidation
+from npft_lightning.module import NPFTModule
+from npft_lightning.pipeline import build_quantizers
+
+from conftest import make_tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# 8 training windows = 2 batches of 2 per rank, so the 2 steps end the epoch and its validation loop
+# (the SumMetric path) runs; 3 validation windows do not split evenly over 2 ranks.
+TINY = ["model=tiny-llama", "data.seq_len=64", "data.eval_seq_len=128", "data.max_eval_windows=3",
+        "data.max_train_windows=8", "outliers.calibration_windows=2", "outliers.calibration_length=64",
+        "curvature=null", "quant=[rtn4]", "callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false",
+        "trainer.max_steps=2"]
+
+
+class RankProbe(Callback):
+    """Test-only: each rank saves its outlier masks, first batch and the noise it added at the first step."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+        self.clean: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _outlier_values(pl_module: NPFTModule) -> dict[str, torch.Tensor]:
+        linears = pl_module.decoder_linears()
+        return {n: linears[n].weight.detach().reshape(-1)[idx].clone() for n, idx in pl_module.outlier_masks.items()}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: NPFTModule, batch, batch_idx: int) -> None:
+        if trainer.global_step == 0:  # runs before the noise callback perturbs the weights
+            self.clean = self._outlier_values(pl_module)
+            self.batch = batch.cpu()
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: NPFTModule, optimizer) -> None:
+        if trainer.global_step == 0:  # the step's noise is still in the weights
+            noisy = self._outlier_values(pl_module)
+            torch.save({"masks": {k: v.cpu() for k, v in pl_module.outlier_masks.items()},
+                        "noise": {k: noisy[k] - self.clean[k] for k in noisy}, "batch": self.batch,
+                        "world_size": trainer.world_size}, self.out_dir / f"rank{trainer.global_rank}.pt")
+
+
+def run_sweep(tmp_path: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    env.pop("HYDRA_FULL_ERROR", None)
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", *TINY, *overrides]
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def single_process_ppl(config: dict, adapter_dir: Path | None) -> dict[str, float]:
+    """The run's validation PPLs recomputed in this process, on all windows at once (no DDP)."""
+    cfg = OmegaConf.create(config)
+    model, tokenizer = instantiate(cfg.model).load()
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    datamodule.setup("validate")
+    assert datamodule.eval_windows().size(0) == 3
+    lora = LoraConfig.from_pretrained(str(adapter_dir)) if adapter_dir else LoraConfig(target_modules=["q_proj", "v_proj"])
+    module = NPFTModule(model, lora)
+    if adapter_dir is not None:
+        set_peft_model_state_dict(module.model, load_file(adapter_dir / "adapter_model.safetensors"))
+    trainer = types.SimpleNamespace(datamodule=datamodule)
+    return FakeQuantValidation(build_quantizers(cfg))._evaluate_all(trainer, module)
+
+
+def test_two_cpu_ranks_agree_and_match_a_single_process(tmp_path):
+    proc = run_sweep(tmp_path, "trainer=ddp_cpu", "+callbacks.probe._target_=test_ddp.RankProbe", f"+callbacks.probe.out_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job = tmp_path / "sweep" / "0"
+    metrics = json.loads((job / "metrics.json").read_text())
+    assert metrics["train"]["world_size"] == 2 and metrics["train"]["global_step"] == 2
+    assert "Validation perplexity" in proc.stdout  # the launching process printed what the workers wrote
+
+    # Both ranks: the same outliers and the same noise on them, but different training windows.
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["masks"].keys() == r1["masks"].keys() and r0["masks"]
+    assert all(torch.equal(r0["masks"][k], r1["masks"][k]) for k in r0["masks"])
+    assert all(torch.equal(r0["noise"][k], r1["noise"][k]) for k in r0["noise"])
+    assert any(float(v.abs().max()) > 0 for v in r0["noise"].values())
+    assert not torch.equal(r0["batch"], r1["batch"])
+
+    # PPL before (base model) and after (the adapter rank 0 saved) equal one process over the 3 windows.
+    before = single_process_ppl(metrics["config"], None)
+    after = single_process_ppl(metrics["config"], job / "adapter")
+    assert before.keys() == after.keys() == {"fp", "rtn4"}
+    for name in before:
+        assert metrics["ppl"]["before"][name] == pytest.approx(before[name], rel=1e-6)
+        assert metrics["ppl"]["after"][name] == pytest.approx(after[name], rel=1e-6)
+    assert after["fp"] != before["fp"]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """``gradient_checkpointing=true`` trades compute for memory; the LoRA gradients must not change."""
+    batch = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same LoRA init in both modules
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
+        module = NPFTModule(make_tiny_llama(), lora, gradient_checkpointing=checkpointing)
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        module.model.train()
+        assert module.model.base_model.model.model.gradient_checkpointing == checkpointing
+        module.model(input_ids=batch, labels=batch).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
