@@ -21,6 +21,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from npft_lightning.curvature import hutchinson_trace, perturbation_trace_estimate
@@ -184,6 +185,17 @@ class NoisePerturbation(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._remove(pl_module)
+
+    # The draws need no state (they follow from seed, epoch and step); the checkpoint keeps what
+    # they follow from, so a resume with other noise settings says so instead of silently mixing.
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "scale": self.base_scale, "schedule": self.schedule}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = {k: state_dict.get(k) for k in ("seed", "scale", "schedule")}
+        current = self.state_dict()
+        if saved != current:
+            rank_zero_warn(f"resuming with noise settings {current}; the checkpoint was trained with {saved}")
 
 
 # ------------------------------------------------------------------------------------------ curvature

@@ -440,6 +440,12 @@ class CausalLMDataModule(LightningDataModule):
 
     def _eval_dataloader(self, split: str) -> DataLoader:
         windows = self.eval_windows(split, sharded=True)
+        if windows.size(0) == 0:  # Lightning would stop with "DataLoader within local rank has zero length"
+            rank, world_size = self._rank_and_world_size()
+            raise UserError(
+                f"the {split} split has fewer {self.eval_seq_len}-token windows than the {world_size} DDP ranks "
+                f"(rank {rank} got none); raise data.max_eval_windows to at least {world_size} or lower data.eval_seq_len"
+            )
         return DataLoader(WindowDataset(windows), batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:

@@ -97,7 +97,7 @@ def _check_launcher(trainer: pl.Trainer) -> None:
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-    from lightning.fabric.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
     launcher = getattr(trainer.strategy, "launcher", None)
     if not isinstance(launcher, _SubprocessScriptLauncher) or trainer.world_size <= 1:
@@ -113,13 +113,16 @@ def _check_launcher(trainer: pl.Trainer) -> None:
 
 
 def completed_metrics(output_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
-    """The ``metrics.json`` of a finished run of exactly this config in ``output_dir``, else None."""
-    path = output_dir / "metrics.json"
+    """The ``metrics.json`` of a finished run of this config in ``output_dir``, else None.
+
+    ``skip_completed`` itself is left out of the comparison: it is typically added only for the rerun.
+    """
     try:
-        metrics = json.loads(path.read_text())
+        metrics = json.loads((output_dir / "metrics.json").read_text())
     except (OSError, ValueError):
         return None
-    return metrics if metrics.get("config") == config else None
+    saved = {k: v for k, v in (metrics.get("config") or {}).items() if k != "skip_completed"}
+    return metrics if saved == {k: v for k, v in config.items() if k != "skip_completed"} else None
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

@@ -13,15 +13,18 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
+from npft_lightning.callbacks import AtomicCheckpointIO
+from npft_lightning.export import adapter_from_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 
-# A tiny model, 10 training windows = 5 batches per epoch, 7 steps: the run crosses an epoch boundary
+# A tiny model, 10 training windows = 5 batches per epoch, 6 steps: the run crosses an epoch boundary
 # (with its validation) and the kill at step 4 falls mid-epoch. LoRA dropout (0.05) and per-step noise
 # are on, so the RNG and the data order both have to be restored for the weights to match.
 TINY = ["model=tiny-llama", "data.seq_len=64", "data.eval_seq_len=128", "data.max_eval_windows=1",
         "data.max_train_windows=10", "outliers.calibration_windows=2", "outliers.calibration_length=64",
         "curvature=null", "quant=[rtn4]", "callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false",
-        "trainer.max_epochs=2", "trainer.max_steps=7", "callbacks.model_checkpoint.every_n_train_steps=2",
+        "trainer.max_epochs=2", "trainer.max_steps=6", "callbacks.model_checkpoint.every_n_train_steps=2",
         "callbacks.model_checkpoint.save_top_k=-1"]
 
 
@@ -67,3 +70,39 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tmp_path):
         assert torch.allclose(resumed[name], expected[name], atol=1e-6, rtol=0), name
     # The run trained: the adapters moved away from LoRA's B = 0 start.
     assert any(float(t.abs().max()) > 0 for name, t in expected.items() if "lora_B" in name)
+
+    # Any checkpoint exports to an adapter folder: the last one (step 6) is the run's adapter/, an earlier
+    # one holds exactly the checkpoint's adapter tensors.
+    exported = adapter_from_checkpoint(full / "checkpoints" / "last.ckpt")
+    assert exported == full / "checkpoints" / "last_adapter"
+    weights = load_file(exported / "adapter_model.safetensors")
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
+    step2 = killed / "checkpoints" / "step_000002.ckpt"
+    earlier = load_file(adapter_from_checkpoint(step2) / "adapter_model.safetensors")
+    state = torch.load(step2, weights_only=True)["state_dict"]
+    assert len(state) == len(earlier)  # the checkpoint holds the adapters only, no frozen base weights
+    for name, tensor in earlier.items():
+        assert torch.equal(tensor, state["model." + name.replace(".weight", ".default.weight")]), name
+    assert not all(torch.equal(earlier[k], expected[k]) for k in expected)
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("killed mid-write")
+
+
+def test_checkpoint_write_is_atomic(tmp_path):
+    """A write that dies half-way leaves the previous checkpoint intact and no temporary file behind."""
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(1000)}, path)
+    before = path.read_bytes()
+    try:
+        io.save_checkpoint({"step": 2, "w": torch.zeros(1000), "bad": Unpicklable()}, path)
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("the failing write did not raise")
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+    assert io.load_checkpoint(path)["step"] == 1
