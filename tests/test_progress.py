@@ -1,0 +1,38 @@
+"""The training progress bar counts the steps the run will take, not the whole epoch."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+from npft_lightning.progress import StepLimitedRichProgressBar
+
+
+class RecordingBar(StepLimitedRichProgressBar):
+    def __init__(self):
+        super().__init__()
+        self.totals: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.totals.append(self.total_train_batches)
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+
+def fit(tmp_path, **trainer_kwargs) -> RecordingBar:
+    bar = RecordingBar()
+    trainer = pl.Trainer(default_root_dir=tmp_path, callbacks=[bar], logger=False, enable_checkpointing=False,
+                         limit_val_batches=0, enable_model_summary=False, **trainer_kwargs)
+    trainer.fit(BoringModel())  # 64 training batches per epoch
+    return bar
+
+
+def test_total_is_max_steps_not_the_epoch(tmp_path):
+    assert set(fit(tmp_path, max_epochs=1, max_steps=5).totals) == {5}
+
+
+def test_total_counts_micro_batches_under_accumulation(tmp_path):
+    assert set(fit(tmp_path, max_epochs=1, max_steps=3, accumulate_grad_batches=2).totals) == {6}
+
+
+def test_without_max_steps_the_epoch_is_the_total(tmp_path):
+    assert set(fit(tmp_path, max_epochs=1, limit_train_batches=7).totals) == {7}
