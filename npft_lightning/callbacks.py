@@ -25,10 +25,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from npft_lightning.curvature import hutchinson_trace, perturbation_trace_estimate
-from npft_lightning.io import atomic_write_json
-from npft_lightning.noise import apply_noise, noise_generator, restore_noise, scale_schedule
+from npft_lightning.io import atomic_dir, atomic_write_json
+from npft_lightning.noise import RAMPS, apply_noise, noise_generator, restore_noise, scale_schedule
 from npft_lightning.perplexity import perplexity
-from npft_lightning.quant.base import WeightQuantizer, fake_quantized
+from npft_lightning.quant.base import NonFiniteQuantization, WeightQuantizer, fake_quantized
 from npft_lightning.sensitivity import OutlierSelector, fisher_diagonal, mask_bytes, select_outliers
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,10 @@ class NoisePerturbation(Callback):
                  warmup_steps: int = 0, ramp: str = "constant"):
         if schedule not in ("per_step", "per_epoch"):
             raise ValueError(f"noise.schedule={schedule!r} is not one of per_step, per_epoch")
+        if ramp not in RAMPS:
+            raise ValueError(f"noise.ramp={ramp!r} is not one of {', '.join(RAMPS)}")
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"noise.warmup_steps={warmup_steps!r} must be an integer >= 0 (steps without noise at the start)")
         self.distribution = distribution
         # `noise.scale` lives here only; the schedule writes the current value into the distribution.
         self.base_scale = float(distribution.scale if scale is None else scale)
@@ -266,6 +270,7 @@ class FakeQuantValidation(Callback):
         self.calibration = (calibration_windows, calibration_length, calibration_seed)
         self.sensitivity_windows = sensitivity_windows
         self.results: dict[str, dict[str, float]] = {}
+        self.errors: dict[str, str] = {}  # quantizer -> why its PPL is NaN (non-finite quantized weights)
 
     def _fisher(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         """Fisher scores of the current (adapter-merged) model, for sensitivity-weighted quantizers (k-means)."""
@@ -293,6 +298,12 @@ class FakeQuantValidation(Callback):
             try:
                 with pl_module.adapters_disabled(), fake_quantized(pl_module.model, linears, quantizer, deltas, calibration):
                     out[name] = perplexity(*pl_module.dataset_nll(loader, desc=f"ppl {name}"))
+            except NonFiniteQuantization as err:
+                # One broken quantizer must not cost the run: report the layer, record NaN, go on.
+                # All ranks hold the same weights, so all of them skip this quantizer's PPL pass.
+                rank_zero_warn(str(err))
+                self.errors[name] = str(err)
+                out[name] = float("nan")
             finally:
                 if borrowed:
                     quantizer.sensitivity = None
@@ -355,6 +366,8 @@ def collect_metrics(trainer: pl.Trainer) -> dict[str, Any]:
     """
     found = {type(c): c for c in trainer.callbacks}
     metrics: dict[str, Any] = {"ppl": found[FakeQuantValidation].results if FakeQuantValidation in found else {}}
+    if FakeQuantValidation in found and found[FakeQuantValidation].errors:
+        metrics["quant_errors"] = found[FakeQuantValidation].errors
     if CurvatureProbe in found:
         metrics["curvature"] = found[CurvatureProbe].results
     if OutlierSelection in found:
@@ -392,7 +405,8 @@ class RunArtifacts(Callback):
             metrics["config"] = self.config
         if trainer.is_global_zero:
             if self.save_adapter:
-                pl_module.model.save_pretrained(str(self.output_dir / "adapter"))
+                with atomic_dir(self.output_dir / "adapter") as tmp:  # a crash never leaves half an adapter
+                    pl_module.model.save_pretrained(str(tmp))
             atomic_write_json(self.output_dir / "metrics.json", metrics)
         self.metrics = metrics
 

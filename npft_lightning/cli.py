@@ -32,14 +32,26 @@ def print_config_tree(cfg: DictConfig, console: Console | None = None) -> None:
     console.print(tree)
 
 
+def set_offline_defaults() -> None:
+    """Offline by default for every Hugging Face library, set before they are imported (a value the user exported stands)."""
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(key, "1")
+
+
 def run(cfg: DictConfig, task: str) -> Any:
-    """Validate, print the config, run ``task``; a :class:`UserError` becomes one line and exit code 2."""
-    from lightning.pytorch.utilities import rank_zero_only
+    """Validate, print the config, run ``task``; a :class:`UserError` becomes one line and exit code 2.
+
+    A run stopped by Ctrl-C after saving its checkpoint exits with 130 (the resume line is already
+    printed); Ctrl-C before training started (or during eval) exits with 130 and one line.
+    """
+    from npft_lightning.errors import RunInterrupted
 
     try:
         from npft_lightning.config import validate_config
 
         validate_config(cfg)
+        from lightning.pytorch.utilities import rank_zero_only
+
         if rank_zero_only.rank == 0 and cfg.get("print_config", True):
             print_config_tree(cfg)
         if task == "train":
@@ -51,6 +63,11 @@ def run(cfg: DictConfig, task: str) -> Any:
 
             return evaluate(cfg)
         raise ValueError(f"unknown task {task!r}")
+    except RunInterrupted:
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print(f"interrupted by Ctrl-C{' before training started' if task == 'train' else ''}: nothing was saved, run the same command again", file=sys.stderr)
+        sys.exit(130)
     except Exception as err:  # noqa: BLE001 - only user errors are shortened, everything else re-raises
         message = user_message(err)
         if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -103,3 +120,95 @@ def check_group_choices(argv: list[str], conf_dir: str) -> None:
             if name not in choices and name != "null":
                 print(f"error: unknown {key} '{name}'; choose one of: {', '.join(choices)}", file=sys.stderr)
                 sys.exit(2)
+
+
+def check_overrides(argv: list[str], conf_dir: str, config_name: str) -> None:
+    """Overrides of keys the config lacks, and a run folder that cannot be created -> one line, exit code 2.
+
+    Hydra reports the first with a multi-line message and the second with a traceback, both before
+    the task function runs; so the config is composed once here (Hydra's compose API, about 0.2 s)
+    and checked. Sweeps are composed with their first value. Anything else Hydra reports itself.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import ConfigCompositionException
+
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+    except Exception:  # noqa: BLE001 - Hydra's own parser message is clear enough
+        return
+    overrides = [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override() else o.input_line
+                 for o in parsed]
+
+    def composed(items: list[str]) -> DictConfig:
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=conf_dir, version_base="1.3", job_name=config_name):
+                return compose(config_name, overrides=items, return_hydra_config=True)
+        finally:
+            GlobalHydra.instance().clear()
+
+    try:
+        cfg = composed(overrides)
+    except ConfigCompositionException as err:
+        message = _override_message(str(err), overrides, composed)
+        if message is None:
+            return
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except Exception:  # noqa: BLE001 - not ours to report
+        return
+
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    try:
+        run_dir = OmegaConf.select(cfg, key)
+    except Exception:  # noqa: BLE001 - an interpolation only Hydra's run can resolve
+        return
+    if run_dir:
+        from npft_lightning.config import check_writable_dir
+        from npft_lightning.errors import UserError
+
+        try:
+            check_writable_dir(key, run_dir, f"point {key} (or paths.log_dir) to a writable folder", create=False)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+
+def _override_message(text: str, overrides: list[str], composed) -> str | None:
+    """One line for Hydra's "Could not override / append / delete" errors, naming the nearest existing key."""
+    import difflib
+
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    if not lines or not lines[0].startswith("Could not"):
+        return None
+    bad = next((o for o in overrides if f"'{o.lstrip('+~').split('=', 1)[0]}'" in lines[0]), None)
+    if bad is None:
+        return " ".join(line.strip() for line in lines if not line.startswith(" "))
+    key = bad.lstrip("+~").split("=", 1)[0]
+    if bad.startswith("~"):
+        return f"cannot delete {key}: the config has no such key ({bad}); check the spelling"
+    if bad.startswith("+"):
+        return f"{key} is already in the config ({bad}); set it without the +: {bad.lstrip('+')}"
+    try:
+        known = _dotted_keys(composed([o for o in overrides if o is not bad]))
+    except Exception:  # noqa: BLE001 - no suggestion then
+        known = []
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"{key} is not a config key ({bad}); {hint}to add a new key write +{bad}"
+
+
+def _dotted_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for key in cfg.keys():
+        if prefix == "" and key == "hydra":
+            continue
+        path = f"{prefix}{key}"
+        keys.append(path)
+        value = cfg._get_node(key)
+        if isinstance(value, DictConfig):
+            keys.extend(_dotted_keys(value, path + "."))
+    return keys

@@ -1,66 +1,262 @@
 """Checks on the composed config that run before anything heavy is loaded, so errors come in seconds.
 
-Each problem raises :class:`UserError` with one line naming the bad value and the fix.
+Each problem raises :class:`UserError` with one line naming the bad value and the fix. The checks
+that need the model's shapes are in :func:`validate_against_model` (run right after loading).
 """
 
 from __future__ import annotations
 
+import glob
 import math
+import pickle
+import tempfile
+import zipfile
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
 from npft_lightning.errors import UserError
 
+# Lightning's precision names (lightning.fabric.connector._PRECISION_INPUT_STR), the ones that make sense here first.
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32", "16", "bf16", "64")
+ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "tpu", "auto")
+LR_DECAYS = ("linear", "cosine", "constant")
+# ``ckpt_path`` values Lightning resolves itself instead of reading a file.
+CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive_int(key: str, value: Any, fix: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not _is_int(value) or value < 1:
+        raise UserError(f"{key}={value} must be an integer >= 1{' or null' if allow_none else ''}; {fix}")
+
+
+# ------------------------------------------------------------------------------------------ groups
 def _check_quant(name: str, q: DictConfig) -> None:
     bits = q.get("bits")
-    if bits is not None and not (isinstance(bits, int) and 2 <= bits <= 8):
+    if bits is not None and not (_is_int(bits) and 2 <= bits <= 8):
         raise UserError(f"quant.{name}.bits={bits} is outside 2..8; use an integer from 2 to 8")
     group = q.get("group_size")
-    if group is not None and not (isinstance(group, int) and group > 0):
+    if group is not None and not (_is_int(group) and group > 0):
         raise UserError(f"quant.{name}.group_size={group} must be a positive integer (a divisor of the input features) or null")
+    if isinstance(q.get("base"), DictConfig):  # dense-and-sparse wraps another quantizer
+        _check_quant(f"{name}.base", q.base)
 
 
-def validate_config(cfg: DictConfig) -> None:
-    for name, q in (cfg.get("quant") or {}).items():
-        if not isinstance(q, DictConfig) or "_target_" not in q:
-            raise UserError(f"quant.{name} is not a quantizer config (no _target_); pick one from conf/quant/")
-        _check_quant(name, q)
+def _check_noise_and_outliers(cfg: DictConfig) -> None:
+    from hydra.utils import instantiate
+
+    from npft_lightning.noise import RAMPS
 
     noise = cfg.get("noise")
     if noise is not None:
         scale = noise.get("scale")
-        if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0):
+        if scale is not None and (not _is_number(scale) or scale < 0):
             raise UserError(f"noise.scale={scale} must be a finite number >= 0 (0 = no noise; noise=none is the control)")
         if noise.get("schedule") not in (None, "per_step", "per_epoch"):
             raise UserError(f"noise.schedule={noise.get('schedule')} is not one of per_step, per_epoch")
-
+        if noise.get("ramp") not in (None, *RAMPS):
+            raise UserError(f"noise.ramp={noise.get('ramp')} is not one of {', '.join(RAMPS)}")
+        warmup = noise.get("warmup_steps")
+        if warmup is not None and (not _is_int(warmup) or warmup < 0):
+            raise UserError(f"noise.warmup_steps={warmup} must be an integer >= 0 (steps without noise at the start)")
     outliers = cfg.get("outliers")
     if outliers is not None:
         ratio = outliers.get("ratio")
-        if not isinstance(ratio, (int, float)) or not (0 < ratio <= 100):
+        if not _is_number(ratio) or not (0 < ratio <= 100):
             raise UserError(f"outliers.ratio={ratio} must be a percentage in (0, 100]; 0.05 means 0.05 % of each matrix")
+        if "_target_" in outliers:
+            # The selector's constructor checks method, budget, refresh and calibration sizes; it is
+            # cheap to build (no model), so build it now rather than after the model has loaded.
+            instantiate(outliers)
 
-    corpus = (cfg.get("data") or {}).get("corpus") or {}
-    if str(corpus.get("_target_", "")).endswith("TextFiles"):
-        import glob
 
-        for split in ("train", "validation", "test"):
-            patterns = corpus.get(split) or []
-            for pattern in [patterns] if isinstance(patterns, str) else patterns:
-                path = Path(str(pattern)).expanduser()
-                matches = glob.glob(str(path)) if glob.has_magic(str(path)) else [str(path)] if path.is_file() else []
-                if not matches:
-                    raise UserError(f"data.corpus.{split}: {pattern} matches no readable file; give .txt or .jsonl paths or globs")
+def _check_data(data: DictConfig) -> None:
+    fix = "see conf/data/wiki_vital.yaml"
+    for key in ("seq_len", "eval_seq_len", "batch_size", "eval_batch_size"):
+        if key in data:
+            _positive_int(f"data.{key}", data.get(key), fix)
+    for key in ("max_train_windows", "max_eval_windows"):
+        if key in data:
+            _positive_int(f"data.{key}", data.get(key), "null uses every window", allow_none=True)
 
-    model = cfg.get("model")
-    if model is not None and model.get("path"):
+    corpus = data.get("corpus") or {}
+    if not str(corpus.get("_target_", "")).endswith("TextFiles"):
+        return
+    for split in ("train", "validation", "test"):
+        patterns = corpus.get(split) or []
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            path = Path(str(pattern)).expanduser()
+            matches = glob.glob(str(path)) if glob.has_magic(str(path)) else [str(path)]
+            files = [Path(m) for m in matches if Path(m).is_file()]
+            if not files:
+                raise UserError(f"data.corpus.{split}: {pattern} matches no readable file; give .txt or .jsonl paths or globs")
+            if all(f.stat().st_size == 0 for f in files):
+                raise UserError(f"data.corpus.{split}: {pattern} is empty (0 bytes); give files that hold text")
+
+
+def _check_model(model: DictConfig) -> None:
+    from npft_lightning.models import DTYPES
+
+    dtype = model.get("dtype")
+    if dtype is not None and dtype not in (*DTYPES, "auto"):
+        raise UserError(f"model.dtype={dtype} is not one of {', '.join([*DTYPES, 'auto'])}")
+    if model.get("path"):
         path = Path(str(model.path)).expanduser()
         if not path.is_dir():
             raise UserError(f"model.path={model.path} does not exist; give a folder with config.json and the weights")
         if not (path / "config.json").is_file():
-            raise UserError(f"model.path={model.path} has no config.json, so it is not a Hugging Face model folder")
+            raise UserError(f"model.path={model.path} has no config.json, so it is not a Hugging Face model folder "
+                            "(save one with save_pretrained)")
+
+
+def _check_peft(peft: DictConfig) -> None:
+    _positive_int("peft.r", peft.get("r"), "the LoRA rank, e.g. peft.r=8")
+    alpha = peft.get("lora_alpha")
+    if alpha is not None and (not _is_number(alpha) or alpha <= 0):
+        raise UserError(f"peft.lora_alpha={alpha} must be a positive number, e.g. 32 (the update is scaled by alpha / r)")
+    dropout = peft.get("lora_dropout")
+    if dropout is not None and (not _is_number(dropout) or not 0 <= dropout < 1):
+        raise UserError(f"peft.lora_dropout={dropout} must be a probability in [0, 1), e.g. 0.05")
+
+
+def _check_training(cfg: DictConfig) -> None:
+    lr = (cfg.get("optimizer") or {}).get("lr")
+    if lr is not None and (not _is_number(lr) or lr <= 0):
+        raise UserError(f"optimizer.lr={lr} must be a positive finite number, e.g. 5e-5")
+    decay = (cfg.get("schedule") or {}).get("lr_decay")
+    if decay is not None and decay not in LR_DECAYS:
+        raise UserError(f"schedule.lr_decay={decay} is not one of {', '.join(LR_DECAYS)}")
+    warmup = (cfg.get("schedule") or {}).get("warmup_steps")
+    if warmup is not None and (not _is_int(warmup) or warmup < 0):
+        raise UserError(f"schedule.warmup_steps={warmup} must be an integer >= 0")
+    limit = cfg.get("max_nonfinite_steps")
+    if limit is not None and (not _is_int(limit) or limit < 0):
+        raise UserError(f"max_nonfinite_steps={limit} must be an integer >= 0 (0 = never stop on NaN losses)")
+
+
+def _check_trainer(trainer: DictConfig) -> None:
+    import torch
+
+    steps = trainer.get("max_steps")
+    if steps is not None and (not _is_int(steps) or steps < -1):
+        raise UserError(f"trainer.max_steps={steps} must be -1 (no limit, use trainer.max_epochs) or a number of steps >= 0")
+    epochs = trainer.get("max_epochs")
+    if epochs is not None and (not _is_int(epochs) or epochs < -1):
+        raise UserError(f"trainer.max_epochs={epochs} must be -1 (no limit) or a number of epochs >= 0")
+    if "accumulate_grad_batches" in trainer:
+        _positive_int("trainer.accumulate_grad_batches", trainer.get("accumulate_grad_batches"), "1 = no accumulation")
+
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator not in ACCELERATORS:
+        raise UserError(f"trainer.accelerator={accelerator} is not one of {', '.join(ACCELERATORS)}")
+    strategy = str(trainer.get("strategy", "auto"))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if accelerator in ("gpu", "cuda") and gpus == 0:
+        fix = ("use trainer=ddp_cpu to try DDP with CPU processes, or trainer=cpu" if "ddp" in strategy
+               else "use trainer=cpu (the default)")
+        raise UserError(f"trainer.accelerator={accelerator} (strategy {strategy}) needs a CUDA GPU, but none is visible "
+                        f"(torch.cuda.is_available() is False); {fix}")
+    devices = trainer.get("devices")
+    if accelerator in ("gpu", "cuda") and _is_int(devices) and devices > gpus:
+        raise UserError(f"trainer.devices={devices} but only {gpus} GPU(s) are visible; use trainer.devices={gpus} or -1 (all)")
+
+    precision = trainer.get("precision")
+    if precision is not None and str(precision) not in PRECISIONS:
+        raise UserError(f"trainer.precision={precision} is not one of {', '.join(PRECISIONS[:6])}")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and gpus == 0)
+    if on_cpu and str(precision) in ("16-mixed", "16", "16-true"):
+        raise UserError(f"trainer.precision={precision} (float16) is for CUDA GPUs; on the CPU use "
+                        "trainer.precision=32-true (the default) or bf16-mixed")
+
+
+def _check_ckpt(ckpt: Any) -> None:
+    """``ckpt_path`` must be an intact Lightning checkpoint: checked here in a second instead of after the model loads."""
+    if not ckpt or str(ckpt) in CKPT_KEYWORDS:
+        return
+    import torch
+
+    path = Path(str(ckpt)).expanduser()
+    if not path.is_file():
+        near = sorted(p.name for p in path.parent.glob("*.ckpt")) if path.parent.is_dir() else []
+        where = f"checkpoints in {path.parent}: {', '.join(near)}" if near else "give <run dir>/checkpoints/last.ckpt of an earlier run"
+        raise UserError(f"ckpt_path={ckpt} does not exist; {where}")
+    problem = None
+    if not zipfile.is_zipfile(path):
+        problem = "it is truncated or not a file torch.save wrote"
+    else:
+        try:  # mmap: the tensors stay on disk, only the structure is read
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if not isinstance(state, dict) or "state_dict" not in state:
+                problem = "it holds no state_dict, so it is not a Lightning training checkpoint"
+        except pickle.UnpicklingError as err:
+            if "Weights only load failed" not in str(err):  # foreign objects inside: let Lightning decide
+                problem = f"it cannot be read ({err.__class__.__name__})"
+        except Exception as err:  # noqa: BLE001 - any failure to read it means the same to the user
+            problem = f"it cannot be read ({err.__class__.__name__})"
+    if problem:
+        raise UserError(f"ckpt_path={ckpt} is not a usable checkpoint: {problem}; resume from another one "
+                        f"(the step_*.ckpt beside it, with callbacks.model_checkpoint.save_top_k=-1) or start afresh")
+
+
+def check_writable_dir(key: str, path: str | Path, fix: str, create: bool = True) -> None:
+    """One line naming ``key`` unless ``path`` is a folder we can write to.
+
+    Tested by writing, since permission bits say nothing for root: with ``create`` the folder is made
+    and a temporary file created in it; without, only a temporary file in its nearest existing ancestor
+    (nothing is left behind).
+    """
+    path = Path(path).expanduser()
+    reason = None
+    try:
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        target = path if create else next(p for p in (path, *path.parents) if p.exists())
+        with tempfile.TemporaryFile(dir=target):
+            pass
+    except OSError as err:
+        reason = err.strerror or err.__class__.__name__
+    if reason is None:
+        return
+    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        reason = f"{blocker} is a file, not a folder"
+    raise UserError(f"{key}={path} cannot be created or written ({reason}); {fix}")
+
+
+# ------------------------------------------------------------------------------------------ entry
+def validate_config(cfg: DictConfig) -> None:
+    """Every check that needs only the config (and the file system): before the model is loaded."""
+    for name, q in (cfg.get("quant") or {}).items():
+        if not isinstance(q, DictConfig) or "_target_" not in q:
+            raise UserError(f"quant.{name} is not a quantizer config (no _target_); pick one from conf/quant/")
+        _check_quant(name, q)
+    _check_noise_and_outliers(cfg)
+    if cfg.get("data") is not None:
+        _check_data(cfg.data)
+    if cfg.get("model") is not None:
+        _check_model(cfg.model)
+    if cfg.get("peft") is not None:
+        _check_peft(cfg.peft)
+    _check_training(cfg)
+    if cfg.get("trainer") is not None:
+        _check_trainer(cfg.trainer)
+    _check_ckpt(cfg.get("ckpt_path"))
+    paths = cfg.get("paths") or {}
+    if paths.get("output_dir"):
+        check_writable_dir("paths.output_dir", paths.output_dir, "point hydra.run.dir (or paths.output_dir) to a writable folder")
+    if paths.get("cache_dir"):
+        check_writable_dir("paths.cache_dir", paths.cache_dir, "set NPFT_CACHE (or paths.cache_dir) to a writable folder")
 
 
 def validate_against_model(cfg: DictConfig, model) -> None:

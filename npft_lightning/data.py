@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from npft_lightning.errors import UserError
+from npft_lightning.io import atomic_file
 from npft_lightning.models import ByteTokenizer, default_cache_dir, package_dir
 from npft_lightning.perplexity import cut_windows
 
@@ -237,11 +238,9 @@ def tokenize_split(corpus: Any, tokenizer: Any, split: str, cache_dir: str | os.
         except Exception:  # a truncated or foreign file: tokenize again and overwrite it
             pass
     ids = _encode(tokenizer, corpus.text(split))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     storage = ids.int() if ids.numel() == 0 or int(ids.max()) < 2**31 else ids
-    torch.save(storage, tmp)
-    os.replace(tmp, path)  # atomic: DDP ranks tokenizing at once never read a half-written file
+    with atomic_file(path) as tmp:  # DDP ranks tokenizing at once never read a half-written file
+        torch.save(storage, tmp)
     return ids
 
 

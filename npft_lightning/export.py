@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from npft_lightning.errors import UserError
+from npft_lightning.io import atomic_dir
 
 
 def run_config(ckpt_path: str | Path) -> DictConfig:
@@ -46,7 +47,8 @@ def adapter_from_checkpoint(ckpt_path: str | Path, cfg: DictConfig | None = None
             f"{ckpt_path} does not match the model and LoRA config of the run ({len(missing)} adapter tensors missing, "
             f"{len(result.unexpected_keys)} unexpected); pass the run's --config"
         )
-    module.model.save_pretrained(str(out))
+    with atomic_dir(out) as tmp:  # a crash never leaves half an adapter folder
+        module.model.save_pretrained(str(tmp))
     return out
 
 

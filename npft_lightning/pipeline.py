@@ -28,8 +28,11 @@ from npft_lightning.callbacks import (
 )
 from npft_lightning.config import validate_against_model
 from npft_lightning.errors import UserError
+from npft_lightning.interrupt import GracefulInterrupt, resume_args
+from npft_lightning.loggers import AlignLogOnResume
 from npft_lightning.models import default_lora_targets
 from npft_lightning.module import NPFTModule
+from npft_lightning.nonfinite import NonFiniteGuard
 from npft_lightning.report import print_summary
 
 log = logging.getLogger(__name__)
@@ -77,12 +80,18 @@ def build(cfg: DictConfig) -> tuple[NPFTModule, pl.LightningDataModule, pl.Train
     validate_against_model(cfg, model)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     module = build_module(cfg, model)
+    # Tokenize now (cached): a corpus shorter than one window fails here, before the Trainer starts.
+    datamodule.train_windows()
+    datamodule.eval_windows("validation")
     callbacks, npft = build_callbacks(cfg, build_quantizers(cfg))
     # Resolved here: under ddp_spawn the workers that write the artifacts have no Hydra context.
     npft["artifacts"] = RunArtifacts(cfg.paths.output_dir, OmegaConf.to_container(cfg, resolve=True), cfg.get("save_adapter", True))
+    # Run safety: skip non-finite steps, Ctrl-C saves a checkpoint, a resumed run continues its CSV log.
+    safety = [NonFiniteGuard(cfg.get("max_nonfinite_steps", 5)),
+              GracefulInterrupt(resume_args(), str(cfg.paths.output_dir)), AlignLogOnResume()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks + [npft["artifacts"]], logger=loggers or False, plugins=[AtomicCheckpointIO()]
+        cfg.trainer, callbacks=callbacks + [npft["artifacts"], *safety], logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
     _check_launcher(trainer)
     return module, datamodule, trainer, npft

@@ -1,14 +1,17 @@
-"""Checkpoints and exact resume through the real ``train.py``: SIGKILL a run, resume it, get the same adapter."""
+"""Checkpoints and exact resume through the real ``train.py``: SIGKILL or Ctrl-C a run, resume it, get the same adapter and one log."""
 
 from __future__ import annotations
 
+import csv
 import os
+import shlex
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
@@ -39,22 +42,59 @@ class KillAt(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class CtrlCAt(Callback):
+    """Test-only: send this process SIGINT (what Ctrl-C does) as the batch of global step ``step`` begins."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
 def run_train(run_dir: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *TINY, *overrides]
+    return run(cmd, run_dir.parent, timeout)
+
+
+def run(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
     env.pop("HYDRA_FULL_ERROR", None)
-    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *TINY, *overrides]
-    return subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def adapter_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
-def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tmp_path):
-    full, killed = tmp_path / "full", tmp_path / "killed"
+def assert_same_adapter(run_dir: Path, reference: Path) -> None:
+    expected, resumed = adapter_weights(reference), adapter_weights(run_dir)
+    assert expected.keys() == resumed.keys() and expected
+    for name in expected:
+        assert torch.allclose(resumed[name], expected[name], atol=1e-6, rtol=0), name
+    # The run trained: the adapters moved away from LoRA's B = 0 start.
+    assert any(float(t.abs().max()) > 0 for name, t in expected.items() if "lora_B" in name)
+
+
+def logged(run_dir: Path, column: str) -> list[tuple[int, str]]:
+    """(step, value) of every row of ``<run>/csv/metrics.csv`` that has ``column``."""
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        return [(int(row["step"]), row[column]) for row in csv.DictReader(f) if row.get(column)]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    """The uninterrupted run every interrupted one is compared with."""
+    full = tmp_path_factory.mktemp("resume") / "full"
+    full.mkdir()
     proc = run_train(full)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return full
 
+
+def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tmp_path, full_run):
+    full, killed = full_run, tmp_path / "killed"
     proc = run_train(killed, "+callbacks.kill._target_=test_resume.KillAt", "+callbacks.kill.step=4")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     ckpts = sorted(p.name for p in (killed / "checkpoints").iterdir())
@@ -63,13 +103,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tmp_path):
 
     proc = run_train(killed, f"ckpt_path={killed / 'checkpoints' / 'step_000004.ckpt'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-
-    expected, resumed = adapter_weights(full), adapter_weights(killed)
-    assert expected.keys() == resumed.keys() and expected
-    for name in expected:
-        assert torch.allclose(resumed[name], expected[name], atol=1e-6, rtol=0), name
-    # The run trained: the adapters moved away from LoRA's B = 0 start.
-    assert any(float(t.abs().max()) > 0 for name, t in expected.items() if "lora_B" in name)
+    assert_same_adapter(killed, full)
+    expected = adapter_weights(full)
 
     # Any checkpoint exports to an adapter folder: the last one (step 6) is the run's adapter/, an earlier
     # one holds exactly the checkpoint's adapter tensors.
@@ -84,6 +119,49 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tmp_path):
     for name, tensor in earlier.items():
         assert torch.equal(tensor, state["model." + name.replace(".weight", ".default.weight")]), name
     assert not all(torch.equal(earlier[k], expected[k]) for k in expected)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_printed_command_resumes_it(tmp_path, full_run):
+    """SIGINT mid-epoch: the step finishes, last.ckpt is written, one line gives the command; running it
+    finishes the run with the uninterrupted run's adapter, and the CSV log continues without gaps or repeats."""
+    stopped = tmp_path / "stopped"
+    proc = run_train(stopped, "+callbacks.ctrl_c._target_=test_resume.CtrlCAt", "+callbacks.ctrl_c.step=3")
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    checkpoint = stopped / "checkpoints" / "last.ckpt"
+    assert lines[0].startswith(f"interrupted after step 4; checkpoint saved to {checkpoint}; resume with: python ")
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 4
+    assert not (stopped / "metrics.json").exists()  # an interrupted run is not a finished one
+    assert [step for step, _ in logged(stopped, "train/loss")] == [0, 1, 2, 3]  # flushed on the way out
+
+    command = shlex.split(lines[0].split("resume with: ", 1)[1])
+    assert command[-2:] == [f"ckpt_path={checkpoint}", f"hydra.run.dir={stopped}"]
+    proc = run([sys.executable, *command[1:]], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_adapter(stopped, full_run)
+    # One log, continued: the same (step, loss) rows as the uninterrupted run, each step once.
+    assert logged(stopped, "train/loss") == logged(full_run, "train/loss")
+    assert [p.name for p in (stopped / "csv").iterdir()] == ["metrics.csv"]
+
+
+def test_resumed_csv_log_keeps_the_rows_before_the_checkpoint(tmp_path):
+    """Rows the interrupted run logged after its checkpoint are dropped; the resumed run logs them again."""
+    from npft_lightning.loggers import ResumableCSVLogger
+
+    first = ResumableCSVLogger(tmp_path, name="csv", version="")
+    for step in range(6):
+        first.log_metrics({"train/loss": float(step)}, step=step)
+    first.save()
+
+    resumed = ResumableCSVLogger(tmp_path, name="csv", version="")
+    resumed.experiment.resume_at(4)  # the checkpoint was at global step 4
+    resumed.log_metrics({"train/loss": 40.0, "val/ppl": 9.0}, step=4)
+    resumed.save()
+    rows = logged(tmp_path, "train/loss")
+    assert rows == [(0, "0.0"), (1, "1.0"), (2, "2.0"), (3, "3.0"), (4, "40.0")]
+    assert logged(tmp_path, "val/ppl") == [(4, "9.0")]
 
 
 class Unpicklable:

@@ -43,16 +43,6 @@ def test_short_training_run_writes_before_and_after(tmp_path):
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_hub_model_not_cached_gives_one_clear_line(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    proc = run_train(tmp_path, "model=opt-1.3b", "quant=rtn4", timeout=120)
-    assert proc.returncode == 2
-    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert "not in the local Hugging Face cache" in lines[0] and "model.path=" in lines[0]
-    assert "Traceback" not in proc.stderr
-
-
 @pytest.mark.slow
 def test_real_smollm2_end_to_end(tmp_path):
     """The bundled SmolLM2-135M on Wikipedia: a few steps, before/after table, plausible numbers."""

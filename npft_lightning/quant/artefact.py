@@ -27,8 +27,6 @@ import inspect
 import json
 import math
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -38,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from npft_lightning.io import atomic_dir
 from npft_lightning.layers import canonical_name, decoder_linears
 from npft_lightning.quant.base import WeightQuantizer, weights_restored
 
@@ -226,20 +225,6 @@ def _rest_state_dict(model: nn.Module, linear_names: set[str]) -> dict[str, Tens
     return rest
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished folder ``src`` to ``dst``; an existing ``dst`` is moved aside first and deleted last,
-    so a crash never leaves a half-written artefact at ``dst`` (at worst the old one in a hidden folder beside it)."""
-    if dst.exists() and not dst.is_dir():
-        raise ValueError(f"{dst} exists and is not a folder")
-    old = None
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
-        os.replace(dst, old / dst.name)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 @torch.no_grad()
 def save_quantized(
     model: nn.Module,
@@ -281,19 +266,10 @@ def save_quantized(
         "linears": layout,
     }
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp.", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:  # fsynced, then swapped in: a crash never leaves a half-written artefact
         _hf_model(model).save_pretrained(tmp, state_dict=_rest_state_dict(model, set(linears)))
         save_file(tensors, tmp / QUANTIZED_FILE, metadata={"format": FORMAT, "version": str(VERSION)})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        for file in tmp.iterdir():  # on disk before the rename makes them visible
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

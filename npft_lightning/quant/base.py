@@ -8,6 +8,8 @@ from typing import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from npft_lightning.errors import UserError
+
 
 class WeightQuantizer:
     """A weight-only fake quantizer.
@@ -102,5 +104,29 @@ def fake_quantized(
         with torch.no_grad():
             for name, delta in (deltas or {}).items():
                 linears[name].weight.add_(delta.to(linears[name].weight.dtype))
+        _check_finite(linears, quantizer, before=True)
         quantizer.quantize_model(model, linears, calibration)
+        _check_finite(linears, quantizer, before=False)
         yield
+
+
+class NonFiniteQuantization(UserError):
+    """NaN or inf in a weight matrix around quantization (degenerate scales, a bad table, a diverged adapter)."""
+
+
+def _check_finite(linears: Mapping[str, nn.Linear], quantizer: WeightQuantizer, before: bool) -> None:
+    """Raise :class:`NonFiniteQuantization` naming the first of ``linears`` whose weight is not all finite."""
+    for name, linear in linears.items():
+        finite = torch.isfinite(linear.weight)
+        if bool(finite.all()):
+            continue
+        bad = int(finite.numel() - finite.sum())
+        if before:
+            raise NonFiniteQuantization(
+                f"{name} holds {bad} non-finite weights (NaN/inf) before quantizer {quantizer.name} runs; "
+                f"the model or its merged adapter diverged: resume from an earlier checkpoint or lower optimizer.lr"
+            )
+        raise NonFiniteQuantization(
+            f"quantizer {quantizer.name} produced {bad} non-finite weights (NaN/inf) of {finite.numel()} in {name}; "
+            f"its settings are degenerate for this layer: try another group_size or quantizer"
+        )
