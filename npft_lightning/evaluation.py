@@ -7,6 +7,8 @@ callback, so numbers from the two agree.
 
 from __future__ import annotations
 
+import logging
+
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ from npft_lightning.pipeline import build_quantizers
 from npft_lightning.quant.artefact import load_quantized, quantized_size_report, save_quantized
 from npft_lightning.quant.base import fake_quantized
 from npft_lightning.sensitivity import fisher_diagonal
+
+log = logging.getLogger(__name__)
 
 
 def load_for_eval(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
@@ -54,9 +58,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     timings: dict[str, float] = {}
     fisher = None
     exports: dict[str, dict[str, Any]] = {}
+    config = OmegaConf.to_container(cfg, resolve=True)
+    path = Path(cfg.paths.output_dir) / "metrics.json"
     for split in cfg.splits:
         windows = datamodule.eval_windows(split)
-        results[split] = {}
+        results[split] = {"_tokens": int(windows.numel()), "_windows": int(windows.size(0))}
         for name, quantizer in quantizers.items():
             start = time.perf_counter()
             batches = tqdm(windows.split(cfg.data.eval_batch_size), desc=f"{split} {name}", leave=False)
@@ -77,10 +83,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             timings[f"{split}/{name}"] = time.perf_counter() - start
             if quantizer is not None and cfg.get("export_dir") and split == cfg.splits[0]:
                 exports[name] = export_and_check(model, linears, quantizer, Path(str(cfg.export_dir)) / name, calibration, windows, cfg, device)
-        results[split]["_tokens"] = int(windows.numel())
-        results[split]["_windows"] = int(windows.size(0))
-    metrics = {"ppl": results, "seconds": timings, "exports": exports, "config": OmegaConf.to_container(cfg, resolve=True)}
-    atomic_write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
+            # Each result is on disk as soon as it exists: a long GPTQ sweep stopped half-way keeps what it measured.
+            line = f"{split} {name}: PPL {results[split][name]:.4f} ({timings[f'{split}/{name}']:.0f} s)"
+            log.info(line)
+            tqdm.write(line)
+            atomic_write_json(path, {"ppl": results, "seconds": timings, "exports": exports, "complete": False, "config": config})
+    metrics = {"ppl": results, "seconds": timings, "exports": exports, "complete": True, "config": config}
+    atomic_write_json(path, metrics)
     print_eval_table(results)
     return metrics
 

@@ -423,7 +423,7 @@ class GPTQ(WeightQuantizer):
         try:
             with no_tf32():
                 inputs = capture_block_inputs(model, blocks[0], calibration, self.batch_size)
-                for b in tqdm(range(last + 1), desc=f"{self.name} blocks", leave=False, disable=None):
+                for b in tqdm(range(last + 1), desc=f"{self.name} blocks", leave=False):
                     block, block_linears = blocks[b], per_block.get(b, {})
                     stages = sequential_stages(list(block_linears)) if self.true_sequential else [list(block_linears)]
                     stages = [stage for stage in stages if stage]
