@@ -259,7 +259,7 @@ def main() -> None:
 
     report: dict[str, Any] = {
         "bench": "sensitivity_accuracy",
-        "command": "python bench/sensitivity_accuracy.py " + shlex.join(sys.argv[1:]),
+        "command": " ".join(["python bench/sensitivity_accuracy.py", shlex.join(sys.argv[1:])]).strip(),
         "config": {"model": args.model, "matrices": names, "calibration_windows": args.calibration_windows,
                    "calibration_length": args.calibration_length, "heldout_windows": int(heldout.size(0)),
                    "heldout_length": int(heldout.size(1)), "intervals": args.intervals, "seed": args.seed,
