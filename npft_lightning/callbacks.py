@@ -229,10 +229,12 @@ class CurvatureProbe(Callback):
         was_training = pl_module.model.training
         pl_module.model.eval()
         with torch.inference_mode(False), torch.enable_grad():
-            est = perturbation_trace_estimate(pl_module.model, linears, masks, windows, self.sigma, draws=self.draws, seed=self.seed)
+            est = perturbation_trace_estimate(pl_module.model, linears, masks, windows, self.sigma, draws=self.draws, seed=self.seed,
+                                              progress=trainer.is_global_zero)
             result = {"curvature_outliers": est["trace"], "clean_loss": est["clean_loss"], "sigma": self.sigma}
             if self.hutchinson_probes > 0:
-                result["hutchinson_outliers"] = hutchinson_trace(pl_module.model, linears, masks, windows, probes=self.hutchinson_probes, seed=self.seed)["trace"]
+                result["hutchinson_outliers"] = hutchinson_trace(pl_module.model, linears, masks, windows, probes=self.hutchinson_probes,
+                                                                  seed=self.seed, progress=trainer.is_global_zero)["trace"]
         pl_module.model.train(was_training)
         self.results[stage] = result
         for logger in trainer.loggers:

@@ -178,3 +178,38 @@ def hutchinson_trace(
         "stderr": float(est.std() / math.sqrt(probes)) if probes > 1 else math.nan,
         "probes": probes,
     }
+
+
+def hessian_quadratic_form(
+    model: nn.Module,
+    linears: Mapping[str, nn.Linear],
+    directions: Mapping[str, Tensor],
+    windows: Tensor,
+    batch_size: int = 1,
+    loss_fn: LossFn | None = None,
+    progress: bool = False,
+) -> float:
+    """vᵀ H̄ v, H̄ the Hessian of the mean loss over the window batches, v = ``directions`` (shaped like each weight).
+
+    Weights not named in ``directions`` are held fixed; cross terms between the named weights
+    count. With v = Q(W) − W, g·v + ½ vᵀH̄v is the exact second-order Taylor prediction of the
+    quantization loss change, of which ``taylor_loss_change`` with a diagonal Fisher is an
+    approximation. One double backprop per batch (math SDPA kernel, as in ``hutchinson_trace``).
+    """
+    loss_fn = loss_fn or causal_lm_loss
+    batches = window_batches(windows, batch_size)
+    names = sorted(directions)
+    if not names:
+        raise ValueError("no directions given; there is no quadratic form to evaluate")
+    weights = {name: linears[name].weight for name in names}
+    params = [weights[n] for n in names]
+    v = [directions[n].to(weights[n].device, weights[n].dtype) for n in names]
+    device = model_device(model)
+    total = 0.0
+    with eval_mode(model), grads_only_on(model, weights), torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
+        for batch in tqdm(batches, desc="hvp", leave=False, disable=not progress):
+            grads = torch.autograd.grad(loss_fn(model, batch.to(device)), params, create_graph=True)
+            gv = sum((g * d).sum() for g, d in zip(grads, v))
+            hvs = torch.autograd.grad(gv, params, allow_unused=True)
+            total += sum(float((hv.double() * d.double()).sum()) for hv, d in zip(hvs, v) if hv is not None)
+    return total / len(batches)

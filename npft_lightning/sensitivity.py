@@ -98,14 +98,17 @@ def _accumulate_gradients(
     linears: Mapping[str, nn.Linear],
     batches: list[Tensor],
     loss_fn: LossFn,
-    acc: dict[str, Tensor],
-    squared: bool,
+    sums: dict[str, Tensor] | None = None,
+    squares: dict[str, Tensor] | None = None,
     progress: bool = False,
     desc: str = "",
+    bar: tqdm | None = None,
 ) -> None:
-    """Add Σ_batches g (or g²) of each linear weight into ``acc`` (float32), g = ∂loss_batch/∂W.
+    """Add Σ_batches g into ``sums`` and/or Σ_batches g² into ``squares`` (float32), g = ∂loss_batch/∂W.
 
-    A post-accumulate-grad hook folds each gradient into its accumulator the moment autograd
+    ``bar``: an outer progress bar to advance once per batch instead of drawing a bar here.
+
+    A post-accumulate-grad hook folds each gradient into its accumulators the moment autograd
     has finished it and drops ``.grad`` at once, so at most one dense gradient per weight is
     alive at a time and no copy of all gradients is ever held.
     """
@@ -114,7 +117,10 @@ def _accumulate_gradients(
     def make_hook(name: str) -> Callable[[Tensor], None]:
         def hook(param: Tensor) -> None:
             g = param.grad.float()
-            acc[name].add_(g.square() if squared else g)
+            if sums is not None:
+                sums[name].add_(g)
+            if squares is not None:
+                squares[name].add_(g.square())
             param.grad = None
 
         return hook
@@ -123,11 +129,17 @@ def _accumulate_gradients(
     with eval_mode(model), grads_only_on(model, weights), torch.enable_grad():
         handles = [w.register_post_accumulate_grad_hook(make_hook(name)) for name, w in weights.items()]
         try:
-            for batch in tqdm(batches, desc=desc, leave=False, disable=not progress):
+            for batch in tqdm(batches, desc=desc, leave=False, disable=not progress or bar is not None):
                 loss_fn(model, batch.to(device)).backward()
+                if bar is not None:
+                    bar.update(1)
         finally:
             for h in handles:
                 h.remove()
+
+
+def _zeros_like_weights(linears: Mapping[str, nn.Linear]) -> dict[str, Tensor]:
+    return {name: torch.zeros(lin.weight.shape, dtype=torch.float32, device=lin.weight.device) for name, lin in linears.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,10 +168,50 @@ def fisher_diagonal(
     are frozen during the pass, so their ``requires_grad`` and ``.grad`` are left as they were.
     """
     loss_fn = loss_fn or causal_lm_loss
-    acc = {name: torch.zeros(lin.weight.shape, dtype=torch.float32, device=lin.weight.device) for name, lin in linears.items()}
+    acc = _zeros_like_weights(linears)
     batches = window_batches(windows, batch_size)
-    _accumulate_gradients(model, linears, batches, loss_fn, acc, squared=True, progress=progress, desc="fisher")
+    _accumulate_gradients(model, linears, batches, loss_fn, squares=acc, progress=progress, desc="fisher")
     return acc
+
+
+def gradient_moments(
+    model: nn.Module,
+    linears: Mapping[str, nn.Linear],
+    windows: Tensor,
+    batch_size: int = 1,
+    progress: bool = True,
+    loss_fn: LossFn | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Mean gradient ḡ = (1/B) Σ_b ∂L_b/∂W and mean squared gradient F̄ = (1/B) Σ_b (∂L_b/∂W)², one pass.
+
+    B is the number of window batches and L_b the mean next-token NLL of batch b, so ḡ is the
+    gradient of the mean calibration loss and F̄ = ``fisher_diagonal`` / B: both are on the scale
+    of a change of the mean per-token loss, which is what ``taylor_loss_change`` predicts.
+    """
+    loss_fn = loss_fn or causal_lm_loss
+    sums, squares = _zeros_like_weights(linears), _zeros_like_weights(linears)
+    batches = window_batches(windows, batch_size)
+    _accumulate_gradients(model, linears, batches, loss_fn, sums=sums, squares=squares, progress=progress, desc="gradients")
+    for acc in (sums, squares):
+        for t in acc.values():
+            t.div_(len(batches))
+    return sums, squares
+
+
+def taylor_loss_change(delta: Tensor, fisher: Tensor, grad: Tensor | None = None) -> float:
+    """Predicted L(W + Δ) − L(W) from a diagonal second-order expansion: Σ g·Δ + ½ Σ F·Δ².
+
+    Without ``grad`` it is the curvature term ½ Σ F·Δ² alone (the Fisher sensitivity of
+    SqueezeLLM / NPFT, which assumes a minimum). Exact for a quadratic loss whose Hessian is the
+    diagonal ``fisher``. With F̄ from ``gradient_moments`` (per-window gradients of a mean loss)
+    the curvature term is biased low: the mean over T tokens shrinks the per-token gradient
+    variance by up to T, while the Hessian of the mean loss is not shrunk.
+    """
+    d = delta.double()
+    change = 0.5 * float((fisher.double() * d.square()).sum())
+    if grad is not None:
+        change += float((grad.double() * d).sum())
+    return change
 
 
 @torch.no_grad()
@@ -214,14 +266,18 @@ def pqi_scores(
         error[name] = quantized.pop(name) - start.float()
 
     acc = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
+    # One bar over all intervals × batches: a single interval is already a full calibration pass.
+    bar = tqdm(total=intervals * len(batches), desc="pqi", unit="pass", leave=False, disable=not progress)
     try:
-        for k in tqdm(range(intervals), desc="pqi", leave=False, disable=not progress):
+        for k in range(intervals):
             t = (k + 0.5) / intervals
+            bar.set_postfix_str(f"interval {k + 1}/{intervals}, t={t:.3f}")
             with torch.no_grad():
                 for name, w in weights.items():
                     w.copy_((originals[name].float() + t * error[name]).to(w.dtype))
-            _accumulate_gradients(model, linears, batches, loss_fn, acc, squared=False)
+            _accumulate_gradients(model, linears, batches, loss_fn, sums=acc, bar=bar)
     finally:
+        bar.close()
         with torch.no_grad():
             for name, w in weights.items():
                 w.copy_(originals[name])

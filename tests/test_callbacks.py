@@ -151,3 +151,59 @@ def test_per_epoch_noise_is_held_for_the_epoch():
     _, clean, spy = fit_with_noise(UniformStepNoise(scale=1.0, bits=4), steps=3, schedule="per_epoch")
     assert all(torch.equal(spy.seen[0][n], spy.seen[2][n]) for n in clean)
     assert any(not torch.equal(spy.seen[0][n], clean[n]) for n in clean)
+
+
+class RecordingLogger(pl.loggers.Logger):
+    """Keeps every logged metric dict in memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.logged: dict[str, float] = {}
+
+    @property
+    def name(self):
+        return "recording"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.logged.update(metrics)
+
+
+def test_curvature_probe_logs_both_estimators_before_and_after():
+    from npft_lightning.callbacks import CurvatureProbe
+    from npft_lightning.curvature import hutchinson_trace, perturbation_trace_estimate
+
+    module, dm = make_module(), make_datamodule()
+    selector = OutlierSelector(method="magnitude", ratio=5.0)
+    probe = CurvatureProbe(windows=2, length=32, draws=2, hutchinson_probes=2)
+    logger = RecordingLogger()
+    # what the "before" probe must see: the masks and windows it will use, on the untrained module
+    selection = OutlierSelection(selector)
+    masks_expected = selector.select(module.model, module.decoder_linears(), None)
+    windows = dm.calibration_windows(2, 32, seed=probe.seed)
+    expected_hutchinson = hutchinson_trace(module.model, module.decoder_linears(), masks_expected, windows, probes=2, seed=probe.seed)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=2, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        callbacks=[selection, probe, NoisePerturbation(UniformStepNoise(scale=1.0, bits=4), seed=3)],
+    )
+    trainer.fit(module, datamodule=dm)
+
+    for stage in ("before", "after"):
+        result = probe.results[stage]
+        assert {"curvature_outliers", "hutchinson_outliers", "clean_loss", "sigma"} <= set(result)
+        assert all(torch.isfinite(torch.tensor(v)) for v in result.values())
+        for key in ("curvature_outliers", "hutchinson_outliers"):
+            assert logger.logged[f"{stage}/{key}"] == pytest.approx(result[key])
+    assert probe.results["before"]["hutchinson_outliers"] == pytest.approx(expected_hutchinson["trace"], rel=1e-5)
+    perturbation = perturbation_trace_estimate(module.model, module.decoder_linears(), module.outlier_masks, windows,
+                                               probe.sigma, draws=2, seed=probe.seed)
+    assert probe.results["after"]["curvature_outliers"] == pytest.approx(perturbation["trace"], rel=1e-5)
+    # training moved the model: the after-probe is a new measurement, not a copy of the before one
+    assert probe.results["after"]["hutchinson_outliers"] != probe.results["before"]["hutchinson_outliers"]

@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conftest import make_tiny_llama
 from conftest import QuadraticModel
-from npft_lightning.curvature import hutchinson_trace, outlier_sigma, perturbation_trace_estimate
+from npft_lightning.curvature import hessian_quadratic_form, hutchinson_trace, outlier_sigma, perturbation_trace_estimate
 from npft_lightning.layers import decoder_linears
 
 ROWS, COLS = 4, 8
@@ -150,3 +150,49 @@ def test_outlier_sigma_and_validation():
         hutchinson_trace(model, linears, {"layers.0": MASK}, WINDOWS, probes=0)
     with pytest.raises(ValueError, match="no weights"):
         hutchinson_trace(model, linears, {"layers.0": torch.empty(0, dtype=torch.long)}, WINDOWS)
+
+
+# ------------------------------------------------------------------ quadratic form along a direction
+
+
+def test_hessian_quadratic_form_exact_for_dense_quadratic():
+    model = _quadratic(diagonal=False)
+    linears = decoder_linears(model)
+    v = torch.randn(ROWS, COLS, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    got = hessian_quadratic_form(model, linears, {"layers.0": v}, WINDOWS)
+    flat = v.reshape(-1)
+    assert got == pytest.approx((flat @ model.A @ flat).item(), rel=1e-9)
+    # off-diagonal terms count: the diagonal alone gives a different number
+    assert abs(got - (model.A.diagonal() * flat.square()).sum().item()) > 1e-3 * abs(got)
+    assert linears["layers.0"].weight.requires_grad and linears["layers.0"].weight.grad is None
+    with pytest.raises(ValueError, match="no directions"):
+        hessian_quadratic_form(model, linears, {}, WINDOWS)
+
+
+def test_hessian_quadratic_form_on_tiny_llama_matches_gradient_difference():
+    model = make_tiny_llama().double()
+    linears = decoder_linears(model)
+    windows = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    names = ["model.layers.0.self_attn.v_proj", "model.layers.1.mlp.up_proj"]  # two weights: cross terms too
+    gen = torch.Generator().manual_seed(1)
+    v = {n: torch.randn(linears[n].weight.shape, generator=gen, dtype=torch.float64) * 1e-2 for n in names}
+    got = hessian_quadratic_form(model, linears, v, windows, loss_fn=_float64_lm_loss)
+
+    def directional_gradient(shift: float) -> float:  # d/ds L(W + s v) at s = shift, mean over windows
+        with torch.no_grad():
+            for n in names:
+                linears[n].weight.add_(shift * v[n])
+        params = [linears[n].weight for n in names]
+        with sdpa_kernel([SDPBackend.MATH]):
+            total = 0.0
+            for x in windows:
+                grads = torch.autograd.grad(_float64_lm_loss(model, x[None]), params)
+                total += sum(float((g * v[n]).sum()) for g, n in zip(grads, names))
+        with torch.no_grad():
+            for n in names:
+                linears[n].weight.sub_(shift * v[n])
+        return total / len(windows)
+
+    h = 1e-3
+    assert got == pytest.approx((directional_gradient(h) - directional_gradient(-h)) / (2 * h), rel=1e-3)
+    assert all(p.grad is None for p in model.parameters())

@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from types import SimpleNamespace
+
 from torch import nn
 
 from conftest import make_tiny_llama
@@ -16,11 +18,14 @@ from npft_lightning.layers import canonical_name, decoder_linears
 from npft_lightning.quant import RTN
 from npft_lightning.sensitivity import (
     OutlierSelector,
+    causal_lm_loss,
     fisher_diagonal,
+    gradient_moments,
     magnitude_scores,
     mask_bytes,
     pqi_scores,
     select_outliers,
+    taylor_loss_change,
 )
 
 
@@ -191,6 +196,103 @@ def test_pqi_lora_deltas_equal_merged_model(token_windows):
     ref = pqi_scores(merged, decoder_linears(merged), RTN(4), token_windows[:2], intervals=2, progress=False)
     for name in ref:
         torch.testing.assert_close(pqi[name], ref[name], rtol=1e-4, atol=1e-9)
+
+
+# ------------------------------------------------------------------ predicted loss change
+
+
+def test_gradient_moments_are_mean_gradient_and_mean_fisher(tiny_llama, token_windows):
+    linears = decoder_linears(tiny_llama)
+    grad, fisher = gradient_moments(tiny_llama, linears, token_windows, progress=False)
+    summed = fisher_diagonal(tiny_llama, linears, token_windows, progress=False)
+    name = "model.layers.1.self_attn.o_proj"
+    w = linears[name].weight
+    per_window = [torch.autograd.grad(causal_lm_loss(tiny_llama, x[None]), w)[0] for x in token_windows]
+    torch.testing.assert_close(grad[name], sum(per_window) / len(per_window), rtol=1e-5, atol=1e-10)
+    torch.testing.assert_close(fisher[name], summed[name] / len(token_windows), rtol=1e-5, atol=1e-12)
+    # the mean-loss gradient is not zero at a random init, and F̄ ≥ ḡ² (Jensen), strictly somewhere
+    assert grad[name].abs().max() > 0 and torch.all(fisher[name] >= grad[name].square() * (1 - 1e-5))
+    assert (fisher[name] > grad[name].square() * 1.01).any()
+    assert all(p.grad is None for p in tiny_llama.parameters())
+
+
+def test_taylor_loss_change_hand_checked():
+    delta = torch.tensor([[1.0, -2.0], [0.5, 0.0]])
+    fisher = torch.tensor([[2.0, 1.0], [4.0, 9.0]])
+    grad = torch.tensor([[0.1, 0.3], [-1.0, 5.0]])
+    curvature = 0.5 * (2 * 1 + 1 * 4 + 4 * 0.25)  # 3.5
+    assert taylor_loss_change(delta, fisher) == pytest.approx(curvature)
+    assert taylor_loss_change(delta, fisher, grad) == pytest.approx(curvature + 0.1 - 0.6 - 0.5)
+
+
+def test_taylor_is_exact_for_diagonal_quadratic():
+    model = _quadratic(diagonal=True)
+    linears = decoder_linears(model)
+    weight = linears["layers.0"].weight
+    w0 = weight.detach().clone()
+    grad, _ = gradient_moments(model, linears, torch.zeros(3, 4, dtype=torch.long), progress=False)
+    delta = RTN(bits=3).quantize_weight(w0) - w0
+    with torch.no_grad():
+        clean = model().loss.item()
+        weight.add_(delta)
+        quantized = model().loss.item()
+        weight.copy_(w0)
+    hessian = model.A.diagonal().reshape(w0.shape)
+    predicted = taylor_loss_change(delta, hessian, grad["layers.0"])
+    assert predicted == pytest.approx(quantized - clean, rel=1e-6)
+    # the gradient term matters away from a minimum: the curvature term alone misses it
+    assert abs(taylor_loss_change(delta, hessian) - (quantized - clean)) > 1e-3
+
+
+class _CoshModel(nn.Module):
+    """loss = Σ cosh(a ⊙ W) / n: smooth, not quadratic; the exact loss change is known in closed form."""
+
+    def __init__(self, w0: torch.Tensor, a: torch.Tensor):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(w0.shape[1], w0.shape[0], bias=False, dtype=w0.dtype)])
+        with torch.no_grad():
+            self.layers[0].weight.copy_(w0)
+        self.register_buffer("a", a)
+
+    def forward(self, input_ids=None, labels=None):
+        return SimpleNamespace(loss=torch.cosh(self.a * self.layers[0].weight).sum() / self.a.numel())
+
+
+def test_pqi_integral_is_exact_up_to_second_order_quadrature():
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    model = _CoshModel(w0, torch.rand(4, 8, generator=g, dtype=torch.float64) * 3 + 1)
+    linears = decoder_linears(model)
+    quant = RTN(bits=2)
+    delta = quant.quantize_weight(w0) - w0
+    exact = float((torch.cosh(model.a * (w0 + delta)) - torch.cosh(model.a * w0)).sum() / w0.numel())
+    windows = torch.zeros(2, 4, dtype=torch.long)  # two batches: the signed sum is over both
+    errors = {}
+    for n in (2, 4, 8, 16):
+        signed = pqi_scores(model, linears, quant, windows, intervals=n, signed=True, progress=False)["layers.0"]
+        errors[n] = abs(signed.sum().item() / len(windows) - exact)
+    assert errors[2] > 1e-4 * abs(exact)  # not quadratic: quadrature error is visible at first
+    for n in (2, 4, 8):  # midpoint rule: error / 4 per halving of the step (O(1/N²))
+        assert 3.5 < errors[n] / errors[2 * n] < 4.5
+    assert errors[16] < 2e-3 * abs(exact)
+
+
+def test_pqi_integral_of_one_matrix_matches_measured_change(tiny_llama, token_windows):
+    # the quantity the sensitivity bench reports: quantize one matrix alone, predict by the path integral
+    name = "model.layers.1.mlp.down_proj"
+    lin = decoder_linears(tiny_llama)[name]
+    quant = RTN(bits=3)
+    signed = pqi_scores(tiny_llama, {name: lin}, quant, token_windows, intervals=8, signed=True, progress=False)[name]
+    predicted = signed.sum().item() / len(token_windows)
+    w0 = lin.weight.detach().clone()
+    with torch.no_grad():
+        clean = sum(causal_lm_loss(tiny_llama, x[None]).item() for x in token_windows) / len(token_windows)
+        lin.weight.copy_(quant.quantize_weight(w0))
+        quantized = sum(causal_lm_loss(tiny_llama, x[None]).item() for x in token_windows) / len(token_windows)
+        lin.weight.copy_(w0)
+    actual = quantized - clean
+    assert abs(actual) > 1e-4
+    assert predicted == pytest.approx(actual, rel=0.02, abs=2e-6)
 
 
 # ------------------------------------------------------------------ selection
