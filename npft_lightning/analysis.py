@@ -6,7 +6,8 @@ validation perplexity at every magnitude of the kind, next to the variant's unpe
 then, optionally, the fake-quantized perplexity of each quantizer of ``cfg.quant`` (W8A8, W4A8, ...).
 No training. Results go to the run dir: ``perturbation.csv`` / ``quantization.csv`` (one row per
 point), ``analysis.json`` (everything plus the config), ``perturbation.png`` (PPL vs magnitude, one
-panel per kind, one line per variant) and ``report.md``; the files are rewritten atomically after
+panel per kind, one line per variant), with several variants ``perturbation_vs_<first>.png`` (each
+variant's PPL over the first one's at the same point), and ``report.md``; the files are rewritten atomically after
 every point, so an interrupted run keeps what it measured.
 
 Each point is seeded by (seed, kind name, magnitude index): every variant sees the same unit-noise
@@ -203,7 +204,11 @@ class Analysis:
         atomic_write_text(self.out_dir / "report.md", markdown_report(self.rows, self.quant_rows, self.baselines,
                                                                     {p.name: p.describe() for p in self.perturbations}))
         if plot and self.rows:
-            plot_curves(self.rows, {p.name: p.describe() for p in self.perturbations}, self.out_dir / "perturbation.png")
+            descriptions = {p.name: p.describe() for p in self.perturbations}
+            plot_curves(self.rows, descriptions, self.out_dir / "perturbation.png")
+            if len(self.baselines) > 1:
+                reference = next(iter(self.baselines))
+                plot_relative(self.rows, self.baselines, reference, descriptions, self.out_dir / f"perturbation_vs_{reference}.png")
 
 
 def analyze(cfg: DictConfig) -> dict[str, Any]:
@@ -287,6 +292,7 @@ def plot_curves(rows: list[dict[str, Any]], descriptions: dict[str, str], path: 
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     kinds = list(dict.fromkeys(r["perturbation"] for r in rows))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
@@ -302,20 +308,64 @@ def plot_curves(rows: list[dict[str, Any]], descriptions: dict[str, str], path: 
             ax.plot([m for m, _ in points], [p for _, p in points], marker="o", color=colors[variant], label=variant)
             base = next(r["ppl_unperturbed"] for r in rows if r["variant"] == variant)
             ax.axhline(base, color=colors[variant], linestyle=":", linewidth=1)
-        positive = [r["magnitude"] for r in rows if r["perturbation"] == kind and r["magnitude"] > 0]
-        if positive and max(positive) / min(positive) >= 10:
+        magnitudes = sorted({r["magnitude"] for r in rows if r["perturbation"] == kind})
+        if magnitudes[0] > 0 and magnitudes[-1] / magnitudes[0] >= 10:
             ax.set_xscale("log")
+        ax.set_xticks(magnitudes, [f"{m:g}" for m in magnitudes], fontsize=7)  # the swept values, not log decades
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_yscale("log")
         ax.set_title(f"{kind}\n{descriptions.get(kind, '')}", fontsize=8)
         ax.set_xlabel("magnitude ε")
         ax.set_ylabel("validation PPL")
-        ax.grid(alpha=0.3, which="both")
+        ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(kinds):]:
         ax.set_visible(False)
     axes.flat[0].legend(fontsize=8, title="dotted: unperturbed", title_fontsize=7)
     fig.suptitle("Perplexity vs perturbation magnitude")
+    return _save(fig, path)
+
+
+def plot_relative(rows: list[dict[str, Any]], baselines: dict[str, float], reference: str,
+                  descriptions: dict[str, str], path: Path) -> Path:
+    """Each variant's PPL divided by the ``reference`` variant's PPL at the same point (same noise draws),
+    against magnitude (0 = unperturbed): below 1 where the variant is the more robust."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(r["perturbation"] for r in rows))
+    variants = [v for v in dict.fromkeys(r["variant"] for r in rows) if v != reference]
+    ref = {(r["perturbation"], r["magnitude"]): r["ppl"] for r in rows if r["variant"] == reference}
+    cols = min(len(kinds), 3)
+    nrows = math.ceil(len(kinds) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.4 * nrows), squeeze=False)
+    for ax, kind in zip(axes.flat, kinds):
+        magnitudes = sorted({r["magnitude"] for r in rows if r["perturbation"] == kind})
+        xs = list(range(len(magnitudes) + 1))  # evenly spaced: 0 (unperturbed), then the swept values
+        for i, variant in enumerate(variants, start=1):
+            ppl = {r["magnitude"]: r["ppl"] for r in rows if r["perturbation"] == kind and r["variant"] == variant}
+            ys = [baselines[variant] / baselines[reference]] + [
+                ppl[m] / ref[(kind, m)] if m in ppl and (kind, m) in ref else float("nan") for m in magnitudes]
+            ax.plot(xs, ys, marker="o", color=f"C{i}", label=variant)
+        ax.axhline(1.0, color="C0", linestyle=":", linewidth=1)
+        ax.set_xticks(xs, ["0"] + [f"{m:g}" for m in magnitudes], fontsize=7)
+        ax.set_title(f"{kind}\n{descriptions.get(kind, '')}", fontsize=8)
+        ax.set_xlabel("magnitude ε")
+        ax.set_ylabel(f"PPL / PPL of {reference}")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(kinds):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"Perplexity relative to {reference} at the same perturbation")
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    """Render to a temporary file beside ``path``, then rename it over (an atomic write)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    # Atomic: render to a temporary file beside the target, then rename it over.
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)

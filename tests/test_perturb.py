@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from npft_lightning.layers import decoder_linears
 from npft_lightning.perturb import (
