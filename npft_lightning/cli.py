@@ -17,7 +17,7 @@ from npft_lightning.errors import UserError
 log = logging.getLogger("npft_lightning")
 
 # The groups shown first in the printed config tree.
-_TREE_ORDER = ("model", "data", "peft", "quant", "outliers", "noise", "trainer")
+_TREE_ORDER = ("model", "data", "peft", "quant", "perturb", "outliers", "noise", "trainer")
 
 
 def print_config_tree(cfg: DictConfig, console: Console | None = None) -> None:
@@ -62,6 +62,10 @@ def run(cfg: DictConfig, task: str) -> Any:
             from npft_lightning.evaluation import evaluate
 
             return evaluate(cfg)
+        if task == "analyze":
+            from npft_lightning.analysis import analyze
+
+            return analyze(cfg)
         raise ValueError(f"unknown task {task!r}")
     except RunInterrupted:
         sys.exit(130)

@@ -43,6 +43,13 @@ def _positive_int(key: str, value: Any, fix: str, allow_none: bool = False) -> N
 
 # ------------------------------------------------------------------------------------------ groups
 def _check_quant(name: str, q: DictConfig) -> None:
+    # Nested parts: the base of dense-and-sparse, the weight and activation parts of W/A quantizers.
+    for part in ("base", "weight", "activation"):
+        if isinstance(q.get(part), DictConfig):
+            _check_quant(f"{name}.{part}", q[part])
+    clip = q.get("clip_ratio")
+    if clip is not None and not (isinstance(clip, (int, float)) and 0 < clip <= 1):
+        raise UserError(f"quant.{name}.clip_ratio={clip} must be in (0, 1]; 1 = no clipping")
     bits = q.get("bits")
     if bits is not None and not (_is_int(bits) and 2 <= bits <= 8):
         raise UserError(f"quant.{name}.bits={bits} is outside 2..8; use an integer from 2 to 8")
@@ -272,7 +279,7 @@ def validate_against_model(cfg: DictConfig, model) -> None:
             raise UserError(f"data.{key}={length} is longer than the model's context of {context} tokens; use data.{key}<={context}")
     linears = decoder_linears(model)
     for qname, q in (cfg.get("quant") or {}).items():
-        groups = [q.get("group_size"), (q.get("base") or {}).get("group_size")]
+        groups = [q.get("group_size"), (q.get("base") or {}).get("group_size"), (q.get("weight") or {}).get("group_size")]
         for group in (g for g in groups if g):
             for lname, linear in linears.items():
                 if linear.in_features % group:

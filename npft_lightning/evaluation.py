@@ -53,6 +53,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     datamodule.setup("validate")
     quantizers = {"fp": None, **build_quantizers(cfg)}
+    if cfg.get("export_dir"):
+        runtime = [name for name, q in quantizers.items() if getattr(q, "activation", None) is not None]
+        if runtime:
+            raise UserError(f"export_dir cannot hold {', '.join(runtime)}: activation quantization happens at run time; "
+                            f"export the weight-only quantizers (e.g. quant=rtn4) or drop export_dir")
     linears = decoder_linears(model)
     results: dict[str, dict[str, float]] = {}
     timings: dict[str, float] = {}
@@ -69,14 +74,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             if quantizer is None:
                 nll, count = dataset_nll(model, batches, device)
             else:
-                calibration = None
-                if quantizer.needs_calibration:
-                    calibration = datamodule.calibration_windows(cfg.calibration.windows, cfg.calibration.length, seed=cfg.calibration.seed).to(device)
-                if getattr(quantizer, "sensitivity", False) is None:  # Fisher-weighted quantizers (k-means)
-                    fisher = fisher if fisher is not None else fisher_diagonal(
-                        model, linears, datamodule.calibration_windows(cfg.calibration.sensitivity_windows, cfg.calibration.length,
-                                                                        seed=cfg.calibration.seed).to(device))
-                    quantizer.sensitivity = fisher
+                calibration, fisher = quantizer_inputs(quantizer, model, linears, datamodule, cfg, device, fisher)
                 with torch.no_grad(), fake_quantized(model, linears, quantizer, calibration=calibration):
                     nll, count = dataset_nll(model, batches, device)
             results[split][name] = perplexity(nll, count)
@@ -92,6 +90,23 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     atomic_write_json(path, metrics)
     print_eval_table(results)
     return metrics
+
+
+def quantizer_inputs(quantizer, model, linears, datamodule, cfg: DictConfig, device, fisher=None) -> tuple[Any, Any]:
+    """The calibration windows a quantizer needs (GPTQ: ``cfg.calibration``), and for Fisher-weighted
+    quantizers (k-means) left without scores, the model's Fisher, computed once and handed over.
+
+    Returns ``(calibration or None, fisher or None)``; pass the returned Fisher back in for the next quantizer.
+    """
+    calibration = None
+    if quantizer.needs_calibration:
+        calibration = datamodule.calibration_windows(cfg.calibration.windows, cfg.calibration.length, seed=cfg.calibration.seed).to(device)
+    if getattr(quantizer, "sensitivity", False) is None:
+        fisher = fisher if fisher is not None else fisher_diagonal(
+            model, linears, datamodule.calibration_windows(cfg.calibration.sensitivity_windows, cfg.calibration.length,
+                                                            seed=cfg.calibration.seed).to(device))
+        quantizer.sensitivity = fisher
+    return calibration, fisher
 
 
 def export_and_check(model, linears, quantizer, path: Path, calibration, windows, cfg: DictConfig, device) -> dict[str, Any]:

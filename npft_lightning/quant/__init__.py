@@ -33,6 +33,7 @@ from npft_lightning.quant.nonuniform import (
     nf_quantize,
 )
 from npft_lightning.quant.sparse import DenseAndSparse, top_fraction_mask
+from npft_lightning.quant.activation import ActivationQuantizer, WeightActivationQuantizer, per_token_cuberoot, per_token_rtn
 from npft_lightning.quant.artefact import (
     load_quantized,
     pack_bits,
@@ -60,6 +61,10 @@ __all__ += [
     "nf_encode",
     "nf_quantize",
     "DenseAndSparse",
+    "ActivationQuantizer",
+    "WeightActivationQuantizer",
+    "per_token_cuberoot",
+    "per_token_rtn",
     "top_fraction_mask",
     "load_quantized",
     "pack_bits",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Iterator, Mapping
 
 import torch
@@ -70,6 +70,12 @@ class WeightQuantizer:
             for name, linear in linears.items()
         }
 
+    def activation_hooks(self, linears: Mapping[str, nn.Linear]) -> AbstractContextManager:
+        """What the quantized model needs at run time while it is evaluated: a context that installs it
+        on ``linears`` and removes it on exit. Nothing for weight-only quantizers; activation
+        quantizers (:mod:`~npft_lightning.quant.activation`) quantize each linear's input there."""
+        return nullcontext()
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
@@ -98,7 +104,9 @@ def fake_quantized(
     """Within the block, ``linears`` hold ``Q(W + delta)``; on exit the exact original ``W``.
 
     ``deltas`` are the merged adapter updates (LoRA ``B @ A * scaling``), so the quantizer sees
-    the weights a user would export; the caller disables the adapters meanwhile.
+    the weights a user would export; the caller disables the adapters meanwhile. The quantizer's
+    run-time hooks (activation quantization) are installed after the weights are quantized (GPTQ
+    calibrates on unquantized inputs) and removed before the weights are restored.
     """
     with weights_restored(linears):
         with torch.no_grad():
@@ -107,7 +115,8 @@ def fake_quantized(
         _check_finite(linears, quantizer, before=True)
         quantizer.quantize_model(model, linears, calibration)
         _check_finite(linears, quantizer, before=False)
-        yield
+        with quantizer.activation_hooks(linears):
+            yield
 
 
 class NonFiniteQuantization(UserError):

@@ -1,0 +1,101 @@
+"""analyze.py through the real Hydra entry (subprocess) on the tiny model: files, rows, variants, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from peft import LoraConfig, get_peft_model
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL_TINY = ["model=tiny-llama", "data.eval_seq_len=128", "data.max_eval_windows=2"]
+TINY = [*EVAL_TINY, "outliers.calibration_windows=2", "outliers.calibration_length=64"]
+
+
+def run_entry(script: str, tmp_path: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("HYDRA_FULL_ERROR", None)
+    cmd = [sys.executable, str(ROOT / script), f"hydra.run.dir={tmp_path}", *overrides]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_adapter(path: Path) -> Path:
+    """A LoRA adapter for the tiny-llama config with non-zero B, so merging it changes the model."""
+    cfg = OmegaConf.load(ROOT / "conf" / "model" / "tiny-llama.yaml")
+    cfg.cache_dir = str(path.parent / "cache")
+    model, _ = instantiate(cfg).load()
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
+    peft_model.save_pretrained(str(path))
+    return path
+
+
+def test_analysis_of_two_variants_writes_curves_and_tables(tmp_path):
+    adapter = tiny_adapter(tmp_path / "adapter")
+    out = tmp_path / "run"
+    proc = run_entry(
+        "analyze.py", out, *TINY, "perturb=[w_uniform_range_outliers,a_uniform_range]",
+        "perturb.w_uniform_range_outliers.magnitudes=[0.5,2.0]", "perturb.a_uniform_range.magnitudes=[0.01,0.1,0.5]",
+        "quant=[w8a8,w4a8]", f"adapters={{pretrained:null,lora:{adapter}}}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader((out / "perturbation.csv").open()))
+    assert len(rows) == 2 * (2 + 3)
+    assert {r["variant"] for r in rows} == {"pretrained", "lora"}
+    result = json.loads((out / "analysis.json").read_text())
+    base = result["unperturbed"]
+    assert base["pretrained"] != base["lora"]
+    # outliers_on=pretrained: both variants perturb the same (pretrained) outliers, 0.5 % of each matrix
+    weight_rows = [r for r in result["perturbation"] if r["target"] == "weight"]
+    assert len({r["perturbed"] for r in weight_rows}) == 1 and weight_rows[0]["perturbed"] > 0
+    # every point was perturbed: no PPL equals its variant's unperturbed one (the tiny model is random,
+    # so the direction of the change is not asserted)
+    assert all(r["ppl"] != base[r["variant"]] for r in result["perturbation"])
+    assert all(r["ppl_unperturbed"] == base[r["variant"]] for r in result["perturbation"])
+    assert len(result["quantization"]) == 4
+    assert {r["quantizer"] for r in result["quantization"]} == {"w8a8", "w4a8"}
+    assert (out / "perturbation.png").stat().st_size > 0
+    assert (out / "perturbation_vs_pretrained.png").stat().st_size > 0
+    report = (out / "report.md").read_text()
+    assert "| pretrained | lora |" in report and "w4a8" in report
+    assert "Validation perplexity under perturbation" in proc.stdout
+
+
+CASES = {
+    "unknown perturbation": (["perturb=[w_uniform_range,w_loud]"], "unknown perturb 'w_loud'"),
+    "bad reference": (["perturb=w_uniform_range", "perturb.w_uniform_range.relative=row"], "relative='row' is not one of element, range"),
+    "outliers on activations": (["perturb=a_uniform_range", "perturb.a_uniform_range.mask=outliers"], "mask=outliers marks weights"),
+    "adapter without config": (["adapters={x:/nonexistent/adapter}"], "adapters.x=/nonexistent/adapter has no adapter_config.json"),
+    "nothing to do": (["perturb=none"], "nothing to analyze"),
+    "bad clip ratio": (["perturb=none", "quant=w4a8", "quant.w4a8.activation.clip_ratio=2"], "quant.w4a8.activation.clip_ratio=2 must be in (0, 1]"),
+}
+
+
+@pytest.mark.parametrize("overrides,expected", CASES.values(), ids=CASES.keys())
+def test_bad_input_gives_one_clear_line(tmp_path, overrides, expected):
+    proc = run_entry("analyze.py", tmp_path, *TINY, *overrides, timeout=120)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr[-2000:]
+
+
+def test_eval_scores_w_a_quantizers_and_refuses_to_export_them(tmp_path):
+    proc = run_entry("eval.py", tmp_path / "ok", *EVAL_TINY, "quant=[w8a8,w4a16_cuberoot]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ppl = json.loads((tmp_path / "ok" / "metrics.json").read_text())["ppl"]["validation"]
+    assert {"fp", "w8a8", "w4a16_cuberoot"} <= set(ppl)
+    proc = run_entry("eval.py", tmp_path / "bad", *EVAL_TINY, "quant=w4a8", f"export_dir={tmp_path / 'export'}")
+    assert proc.returncode == 2
+    assert "export_dir cannot hold w4a8" in proc.stderr
