@@ -14,7 +14,8 @@ model and windows, interleaved (A B, B A, A B, ...), each the median over ``--ro
 A missed timing target gets the top operators of both arms (torch.profiler, self CPU time).
 
     python bench/cost.py                                   # SmolLM2-135M, writes docs/bench/cost.json
-    python bench/cost.py --model tiny-llama --seq-len 128 --eval-seq-len 256 --skip-train-memory
+    python bench/cost.py --only npft_step                  # re-measure one section, merged into the file
+    python bench/cost.py --model tiny-llama --seq-len 128 --eval-seq-len 256 --out /tmp/cost_tiny.json
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 
 from common import ROOT, load_config, machine, median, write_json
 
+SECTIONS = ["sensitivity", "mask_memory", "fake_quant", "eval_speed", "train_memory", "npft_step"]
 TARGETS = {"sensitivity": 1.10, "mask_memory_pct": 0.2, "fake_quant": 1.10, "eval_speed": 0.95, "npft_step": 1.03}
 
 
@@ -221,7 +223,7 @@ def train_memory(model_name: str, steps: int, extra: list[str]) -> dict[str, Any
 
 def npft_step_ratio(args: argparse.Namespace) -> dict[str, Any]:
     """NPFT step / control step: the lead's noise_overhead.json if present, else a small run of that bench."""
-    path = ROOT / "docs" / "bench" / "noise_overhead.json"
+    path = out_path(args.noise_overhead)
     source = "reused"
     if not path.is_file():
         source = "run here (small settings)"
@@ -253,37 +255,52 @@ def main() -> None:
     parser.add_argument("--mask-ratios", type=float, nargs="+", default=[0.05, 0.5, 1.0],
                         help="outlier ratios in percent (0.05: conf/outliers default; 0.5: the npft_smollm2 recipe)")
     parser.add_argument("--train-steps", type=int, default=2, help="steps of the training run whose peak RSS is measured")
-    parser.add_argument("--skip-train-memory", action="store_true")
-    parser.add_argument("--skip-npft-step", action="store_true")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=SECTIONS,
+                        help="measure only these sections and merge them into an existing --out file")
+    parser.add_argument("--noise-overhead", default="docs/bench/noise_overhead.json",
+                        help="result of bench/noise_overhead.py to reuse for npft_step (run small here if missing)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra Hydra override for the model/data config and the training run (repeatable)")
     parser.add_argument("--out", default="docs/bench/cost.json")
     args = parser.parse_args()
 
+    out = out_path(args.out)
+    result: dict[str, Any] = json.loads(out.read_text()) if set(args.only) != set(SECTIONS) and out.is_file() else {}
+    if result.get("model", args.model) != args.model:
+        raise SystemExit(f"error: {out} holds results of model {result['model']!r}; use another --out for {args.model!r}")
+    result.update({"bench": "cost", "model": args.model, "targets": TARGETS})
+    commands = result.setdefault("commands", {})
+    command = "python bench/cost.py " + " ".join(sys.argv[1:])
+
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as out:
-        cfg = load_config([f"model={args.model}", *args.overrides], out)
-    model, tokenizer = instantiate(cfg.model).load()
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer, eval_seq_len=args.eval_seq_len, max_eval_windows=args.eval_windows)
-    from npft_lightning.layers import decoder_linears
+    if set(args.only) - {"npft_step"}:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = load_config([f"model={args.model}", *args.overrides], tmp)
+        model, tokenizer = instantiate(cfg.model).load()
+        datamodule = instantiate(cfg.data, tokenizer=tokenizer, eval_seq_len=args.eval_seq_len, max_eval_windows=args.eval_windows)
+        from npft_lightning.layers import decoder_linears
 
-    linears = decoder_linears(model)
-    calib = datamodule.calibration_windows(args.calib_windows, args.seq_len, seed=0)
-    eval_windows = datamodule.eval_windows("validation")
+        linears = decoder_linears(model)
+        calib = datamodule.calibration_windows(args.calib_windows, args.seq_len, seed=0)
+        eval_windows = datamodule.eval_windows("validation")
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
-    result: dict[str, Any] = {"bench": "cost", "model": args.model, "machine": machine(), "command": " ".join(sys.argv),
-                              "targets": TARGETS}
-    result["sensitivity"] = sensitivity_cost(model, linears, calib, args.rounds)
-    result["mask_memory"] = mask_memory(model, linears, args.mask_ratios)
-    result["fake_quant"] = fake_quant_cost(model, linears, eval_windows, args.rounds)
-    result["eval_speed"] = eval_speed(model, eval_windows, args.rounds)
-    del model
-    if not args.skip_train_memory:
-        result["train_memory"] = train_memory(args.model, args.train_steps, args.overrides)
-        result["train_memory"]["model_weight_bytes"] = result["mask_memory"]["model_weight_bytes"]
-    if not args.skip_npft_step:
-        result["npft_step"] = npft_step_ratio(args)
-    write_json(out_path(args.out), result)
+    for section in args.only:
+        if section == "sensitivity":
+            result[section] = sensitivity_cost(model, linears, calib, args.rounds)
+        elif section == "mask_memory":
+            result[section] = mask_memory(model, linears, args.mask_ratios)
+        elif section == "fake_quant":
+            result[section] = fake_quant_cost(model, linears, eval_windows, args.rounds)
+        elif section == "eval_speed":
+            result[section] = eval_speed(model, eval_windows, args.rounds)
+        elif section == "train_memory":
+            result[section] = {**train_memory(args.model, args.train_steps, args.overrides), "model_weight_bytes": weight_bytes}
+        elif section == "npft_step":
+            result[section] = npft_step_ratio(args)
+        result[section]["machine"] = machine()
+        commands[section] = command
+    write_json(out, result)
     print_summary(result)
 
 
@@ -292,9 +309,11 @@ def print_summary(result: dict[str, Any]) -> None:
         return "met" if row["met"] else f"MISSED by {row.get('missed_by_pct', 0):.1f} %"
 
     for key in ("sensitivity", "fake_quant", "eval_speed"):
+        if key not in result:
+            continue
         row = result[key]
         print(f"{key:12s} ratio {row['ratio']:.3f} (target {'>=' if key == 'eval_speed' else '<='} {row['target']}): {mark(row)}")
-    for row in result["mask_memory"]["rows"]:
+    for row in result.get("mask_memory", {}).get("rows", []):
         print(f"mask memory at {row['ratio_pct']} %: {row['mask_bytes'] / 2**20:.2f} MiB = "
               f"{row['pct_of_model_weight_bytes']:.3f} % of weights (target <= 0.2 %): {'met' if row['met'] else 'MISSED'}")
     if "train_memory" in result:
