@@ -1,0 +1,126 @@
+"""The benchmark drivers: the quality study's aggregation and resume, the cost bench's helpers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import cost  # noqa: E402
+import quality  # noqa: E402
+
+
+def test_gap_closed_by_hand():
+    # control: fp 10, rtn4 14 (gap 4); the row quantizes to 12 -> half the gap closed
+    assert quality.gap_closed(10.0, 14.0, 12.0) == pytest.approx(0.5)
+    assert quality.gap_closed(10.0, 14.0, 14.0) == pytest.approx(0.0)
+    assert quality.gap_closed(10.0, 14.0, 15.0) == pytest.approx(-0.25)
+    assert math.isnan(quality.gap_closed(10.0, 9.0, 9.5))  # no gap to close
+
+
+def test_aggregate_pairs_seeds_with_the_control():
+    cells = {
+        "pretrained": {"-": {"wiki": {"fp": 13.0, "rtn4": 22.0, "gptq4": 21.0}}},
+        "control": {"0": {"wiki": {"fp": 10.0, "rtn4": 14.0, "gptq4": 13.0}},
+                    "1": {"wiki": {"fp": 12.0, "rtn4": 20.0, "gptq4": 15.0}}},
+        "npft_fisher": {"0": {"wiki": {"fp": 10.0, "rtn4": 12.0, "gptq4": 13.0}},
+                        "1": {"wiki": {"fp": 12.0, "rtn4": 18.0, "gptq4": 15.0}}},
+    }
+    agg = quality.aggregate(cells, ["rtn4", "gptq4"])
+    rtn4 = agg["table"]["wiki"]["npft_fisher"]["rtn4"]
+    assert rtn4["mean"] == pytest.approx(15.0) and rtn4["std"] == pytest.approx(math.sqrt(18)) and rtn4["n"] == 2
+    assert agg["table"]["wiki"]["pretrained"]["fp"]["n"] == 1
+    derived = agg["derived"]["wiki"]["npft_fisher"]
+    # gap closed per seed: (14-12)/4 = 0.5 and (20-18)/8 = 0.25
+    assert derived["rtn4"]["gap_closed"]["mean"] == pytest.approx(0.375)
+    # PPL change per seed: 12/14-1 and 18/20-1
+    assert derived["rtn4"]["vs_control_pct"]["mean"] == pytest.approx(100 * ((12 / 14 - 1) + (18 / 20 - 1)) / 2)
+    assert derived["fp"]["vs_control_pct"]["mean"] == pytest.approx(0.0)
+    reach = agg["derived"]["wiki"]["rtn4_vs_pretrained_gptq4"]
+    assert reach["npft_fisher"]["reaches"] is True and reach["pretrained"]["reaches"] is False
+    assert "control" not in agg["derived"]["wiki"]
+
+
+def test_config_difference_names_the_first_differing_key():
+    a = {"noise": {"scale": 1.0, "distribution": {"_target_": "A"}}, "seed": 0}
+    assert quality.config_difference(a, json.loads(json.dumps(a))) is None
+    b = {"noise": {"scale": 1.0, "distribution": {"_target_": "B"}}, "seed": 0}
+    assert quality.config_difference(a, b) == "noise.distribution._target_: 'A' vs 'B'"
+    # the run folder and cache paths do not decide the adapter
+    signature = quality.train_signature({"trainer": {"max_steps": 2, "default_root_dir": "/x"}, "data": {"cache_dir": "/c", "seq_len": 4}})
+    assert signature["trainer"] == {"max_steps": 2} and signature["data"] == {"seq_len": 4}
+
+
+def test_info_nodes_drop_headers_menus_and_indexes():
+    text = ("preamble\n\x1f\nFile: py.info,  Node: Intro,  Next: B,  Up: Top\n\nIntro\n*****\n\nSome text.\n\n* Menu:\n\n* B::\n"
+            "\x1f\nFile: py.info,  Node: Index,  Up: Top\n\n* a: 1.\n\x1f\nTag Table:\nNode: Intro\x7f1\n\x1f\nEnd Tag Table\n")
+    assert list(quality.info_nodes(text)) == [("Intro", "Intro\n*****\n\nSome text.")]
+
+
+def test_results_block_is_replaced_in_place(tmp_path):
+    path = tmp_path / "results.md"
+    path.write_text("# Results\n\nintro\n\n" + quality.BLOCK_BEGIN + "\nold\n" + quality.BLOCK_END + "\n\n## Cost\nkept\n")
+    quality.write_results_block(path, quality.BLOCK_BEGIN + "\nnew\n" + quality.BLOCK_END)
+    text = path.read_text()
+    assert "new" in text and "old" not in text and text.startswith("# Results\n\nintro") and text.endswith("## Cost\nkept\n")
+
+
+def test_ratio_row_and_missed_target():
+    row = cost.ratio_row({"a": [1.2, 1.1, 5.0], "b": [1.0, 1.0, 1.0]}, "a", "b", 1.10)
+    assert row["ratio"] == pytest.approx(1.2) and not row["met"] and row["missed_by_pct"] == pytest.approx(100 * 0.1 / 1.1)
+    assert cost.ratio_row({"a": [0.96], "b": [1.0]}, "a", "b", 0.95, higher_is_better=True)["met"]
+
+
+def test_mask_memory_counts_index_bytes(tiny_llama):
+    from npft_lightning.layers import decoder_linears
+
+    linears = decoder_linears(tiny_llama)
+    result = cost.mask_memory(tiny_llama, linears, [1.0])
+    row = result["rows"][0]
+    expected = sum(max(1, round(lin.weight.numel() / 100)) for lin in linears.values())
+    assert row["outliers"] == expected
+    assert row["mask_bytes"] == expected * 8  # int64 indices
+    assert row["pct_of_model_weight_bytes"] == pytest.approx(100 * expected * 8 / result["model_weight_bytes"])
+
+
+@pytest.mark.slow
+def test_quality_study_end_to_end_on_tiny_llama(tmp_path):
+    """Train control + NPFT, evaluate them and the pretrained model on two corpora, aggregate; a rerun runs nothing."""
+    ood = tmp_path / "ood.txt"
+    ood.write_text("def f(x):\n    return x + 1\n\nThe quick brown fox jumps over the lazy dog.\n\n" * 40)
+    study = tmp_path / "study"
+    args = ["--model", "tiny-llama", "--rows", "pretrained", "control", "npft_fisher", "--seeds", "0",
+            "--quantizers", "rtn4", "gptq4", "--steps", "2", "--max-eval-windows", "1", "--calib-windows", "2",
+            "--eval-seq-len", "256", "--ood-text", str(ood), "--set", "data.seq_len=128",
+            "--train-set", "outliers.calibration_windows=2", "--train-set", "outliers.calibration_length=128",
+            "--eval-set", "calibration.length=128", "--study-dir", str(study),
+            "--out-json", str(tmp_path / "q.json"), "--results-md", str(tmp_path / "results.md")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([sys.executable, "bench/quality.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "cells: 8 run, 0 reused" in first.stdout
+    result = json.loads((tmp_path / "q.json").read_text())
+    assert set(result["cells"]) == {"pretrained", "control", "npft_fisher"}
+    for row in ("control", "npft_fisher"):
+        for corpus in ("wiki", "pydoc"):
+            assert set(result["cells"][row]["0"][corpus]) == {"fp", "rtn4", "gptq4"}
+    assert result["settings"]["reduced"] is True
+    text = (tmp_path / "results.md").read_text()
+    assert "Reduced study" in text and "Python 3.11 manual" in text and "NPFT, Fisher outliers (default)" in text
+
+    second = subprocess.run([sys.executable, "bench/quality.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert second.returncode == 0 and "cells: 0 run, 8 reused" in second.stdout
+    assert json.loads((tmp_path / "q.json").read_text())["cells"] == result["cells"]
+
+    # a trained run of another config cannot stand in for the control
+    bad = subprocess.run([sys.executable, "bench/quality.py", *args, "--reuse", f"control:0={study / 'npft_fisher' / 'seed0' / 'train'}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "noise.distribution._target_" in bad.stderr
