@@ -15,6 +15,10 @@ import warnings
 import hydra
 from omegaconf import DictConfig
 
+from npft_lightning.cli import set_offline_defaults
+
+set_offline_defaults()  # before any Hugging Face library is imported: this tool never downloads
+
 os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__)))
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -27,7 +31,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from npft_lightning.cli import check_group_choices
+    from npft_lightning.cli import check_group_choices, check_overrides
 
-    check_group_choices(sys.argv[1:], os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf"))
+    conf_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
+    check_group_choices(sys.argv[1:], conf_dir)
+    check_overrides(sys.argv[1:], conf_dir, "analyze")
     main()
