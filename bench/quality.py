@@ -5,7 +5,7 @@ Rows (each training row once per seed, same data / steps / seed as the control):
   pretrained       the model as loaded (no training)
   control          LoRA without noise (noise=none)
   npft_fisher      NPFT, the default recipe (Fisher outliers, step-matched uniform noise, per step)
-  npft_pqi         NPFT with PQI outlier targeting (outliers=pqi)
+  npft_pqi         NPFT with PQI outlier targeting (outliers=pqi, 4 intervals)
   npft_paper_0.1   NPFT with the reference code's noise at scale 0.1 (noise=npft_paper noise.scale=0.1)
   npft_per_epoch   NPFT with one noise draw per epoch (noise.schedule=per_epoch)
 
@@ -53,7 +53,8 @@ ROWS: dict[str, list[str] | None] = {
     "pretrained": None,
     "control": ["noise=none"],
     "npft_fisher": [],
-    "npft_pqi": ["outliers=pqi"],
+    # 4 midpoint intervals (the default 8 doubles the scoring cost; docs/npft_pqi.md ran with 4 too)
+    "npft_pqi": ["outliers=pqi", "outliers.pqi_intervals=4"],
     "npft_paper_0.1": ["noise=npft_paper", "noise.scale=0.1"],
     "npft_per_epoch": ["noise.schedule=per_epoch"],
 }
@@ -61,7 +62,7 @@ ROW_LABELS = {
     "pretrained": "pretrained",
     "control": "LoRA control (`noise=none`)",
     "npft_fisher": "NPFT, Fisher outliers (default)",
-    "npft_pqi": "NPFT, PQI outliers (`outliers=pqi`)",
+    "npft_pqi": "NPFT, PQI outliers (`outliers=pqi outliers.pqi_intervals=4`)",
     "npft_paper_0.1": "NPFT, reference-code noise ×0.1 (`noise=npft_paper noise.scale=0.1`)",
     "npft_per_epoch": "NPFT, one draw per epoch (`noise.schedule=per_epoch`)",
 }
@@ -144,8 +145,9 @@ def prepare_python_doc(cache: Path, max_chars: int) -> tuple[Path, dict[str, Any
     return out, meta
 
 
-def prepare_wiki_train(cache: Path, corpus_overrides: list[str]) -> Path:
-    """The Wikipedia train split as .jsonl, so the out-of-domain eval calibrates GPTQ / k-means on the same text."""
+def prepare_wiki_split(cache: Path, corpus_overrides: list[str], split: str) -> Path:
+    """One split of the Wikipedia corpus as .jsonl, so one ``data=text_files`` eval can score both corpora
+    (the train split calibrates GPTQ / k-means, the test split is the in-domain column)."""
     from hydra.utils import instantiate
 
     from npft_lightning.data import TextFiles
@@ -153,14 +155,14 @@ def prepare_wiki_train(cache: Path, corpus_overrides: list[str]) -> Path:
 
     with tempfile.TemporaryDirectory() as tmp:
         corpus = instantiate(load_config(corpus_overrides, tmp).data.corpus)
-    out = cache / "corpora" / f"{corpus.name}-train-{corpus.fingerprint().replace('|', '_')[-16:]}.jsonl"
+    out = cache / "corpora" / f"{corpus.name}-{split}-{corpus.fingerprint().replace('|', '_')[-16:]}.jsonl"
     if not out.is_file():
-        docs = corpus.documents("train")
+        docs = corpus.documents(split)
         atomic_write_text(out, "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
-        if TextFiles(train=str(out), test=str(out)).text("train") != corpus.text("train"):
+        if TextFiles(train=str(out), test=str(out)).text("train") != corpus.text(split):
             out.unlink()
-            raise StudyError(f"the train split of {corpus.name} does not survive the .jsonl round trip; "
-                             "cannot calibrate the out-of-domain eval on it")
+            raise StudyError(f"the {split} split of {corpus.name} does not survive the .jsonl round trip; "
+                             "cannot score it next to the out-of-domain text")
     return out
 
 
@@ -435,27 +437,34 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
 
     corpora: dict[str, dict[str, Any]] = {}
     if "wiki" in args.corpora:
-        corpora["wiki"] = {"overrides": [], "source": "wiki_vital test split"}
+        corpora["wiki"] = {"source": "wiki_vital test split"}
+    # Both corpora are scored by one eval.py process (each quantizer, GPTQ's calibration included, runs once
+    # per model): its `validation` split is the Wikipedia test split, its `test` split the out-of-domain text.
+    split_of_corpus = {"wiki": "test"}
+    corpus_overrides: list[str] = []
     if "pydoc" in args.corpora:
         if args.ood_text:
             ood, meta = Path(args.ood_text).expanduser().resolve(), {"source": args.ood_text}
         else:
             ood, meta = prepare_python_doc(cache, args.ood_chars)
-        wiki_train = prepare_wiki_train(cache, common)
-        corpora["pydoc"] = {**meta, "overrides": ["data=text_files", f"data.corpus.train={wiki_train}",
-                                                  f"data.corpus.validation={ood}", f"data.corpus.test={ood}"]}
+        corpora["pydoc"] = meta
+        wiki_test = prepare_wiki_split(cache, common, "test") if "wiki" in corpora else ood
+        corpus_overrides = ["data=text_files", f"data.corpus.train={prepare_wiki_split(cache, common, 'train')}",
+                            f"data.corpus.validation={wiki_test}", f"data.corpus.test={ood}"]
+        split_of_corpus = {"wiki": "validation", "pydoc": "test"}
+    split_of_corpus = {c: s for c, s in split_of_corpus.items() if c in corpora}
+    splits = sorted(split_of_corpus.values(), key=["validation", "test"].index)
 
-    eval_common = [*common, f"quant=[{','.join(args.quantizers)}]", "splits=[test]", *args.eval_overrides]
+    eval_common = [*common, f"quant=[{','.join(args.quantizers)}]", f"splits=[{','.join(splits)}]", *args.eval_overrides,
+                   *corpus_overrides]
     if args.max_eval_windows is not None:
         eval_common.append(f"data.max_eval_windows={args.max_eval_windows}")
     if args.calib_windows is not None:
         eval_common.append(f"calibration.windows={args.calib_windows}")
 
     # Plan: the pretrained evals first, then seed by seed so a partial study has whole seeds.
-    plan: list[dict[str, Any]] = []
-    for corpus, spec in corpora.items():
-        plan.append({"row": "pretrained", "seed": None, "kind": "eval", "corpus": corpus, "dir": study_dir / "pretrained" / f"eval_{corpus}",
-                     "command": [sys.executable, "eval.py", *eval_common, *spec["overrides"]]})
+    plan: list[dict[str, Any]] = [{"row": "pretrained", "seed": None, "kind": "eval", "dir": study_dir / "pretrained" / "eval",
+                                   "command": [sys.executable, "eval.py", *eval_common]}]
     for seed in args.seeds:
         for row in train_rows:
             train_overrides = [*common, *ROWS[row], *args.train_overrides, f"seed={seed}",
@@ -464,10 +473,10 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
             plan.append({"row": row, "seed": seed, "kind": "train", "dir": run_dir, "overrides": train_overrides,
                          "reused": (row, seed) in reuse,
                          "command": [sys.executable, "train.py", *train_overrides, *TRAIN_FIXED, f"hydra.run.dir={run_dir}"]})
-            for corpus, spec in corpora.items():
-                plan.append({"row": row, "seed": seed, "kind": "eval", "corpus": corpus,
-                             "dir": study_dir / row / f"seed{seed}" / f"eval_{corpus}",
-                             "command": [sys.executable, "eval.py", *eval_common, *spec["overrides"], f"adapter={run_dir / 'adapter'}"]})
+            plan.append({"row": row, "seed": seed, "kind": "eval", "dir": study_dir / row / f"seed{seed}" / "eval",
+                         "command": [sys.executable, "eval.py", *eval_common, f"adapter={run_dir / 'adapter'}"]})
+    if "pretrained" not in args.rows:
+        plan = plan[1:]
 
     cells: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     failures, ran, skipped = [], 0, 0
@@ -511,11 +520,11 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
                 continue
         else:
             skipped += 1
-        ppl = metrics["ppl"]["test"]
-        corpora[step["corpus"]]["tokens"] = ppl.get("_tokens")
         seed_key = "-" if step["seed"] is None else str(step["seed"])
-        cells.setdefault(step["row"], {}).setdefault(seed_key, {})[step["corpus"]] = {
-            q: v for q, v in ppl.items() if not q.startswith("_")}
+        for corpus, split in split_of_corpus.items():
+            ppl = metrics["ppl"][split]
+            corpora[corpus]["tokens"] = ppl.get("_tokens")
+            cells.setdefault(step["row"], {}).setdefault(seed_key, {})[corpus] = {q: v for q, v in ppl.items() if not q.startswith("_")}
 
     if args.dry_run:
         return 0
@@ -532,7 +541,7 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
                      "eval_seq_len": args.eval_seq_len, "overrides": args.overrides, "train_overrides": args.train_overrides,
                      "eval_overrides": args.eval_overrides,
                      "reused_runs": {f"{r}:{s}": str(p) for (r, s), p in reuse.items()}, "reduced": reduced},
-        "corpora": {c: {k: v for k, v in spec.items() if k != "overrides"} for c, spec in corpora.items()},
+        "corpora": corpora, "eval_split_of_corpus": split_of_corpus,
         "cells": cells,
         "aggregate": aggregate({r: cells[r] for r in args.rows if r in cells}, args.quantizers),
         "failures": failures,

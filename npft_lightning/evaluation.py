@@ -8,8 +8,8 @@ callback, so numbers from the two agree.
 from __future__ import annotations
 
 import logging
-
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -65,27 +65,33 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     exports: dict[str, dict[str, Any]] = {}
     config = OmegaConf.to_container(cfg, resolve=True)
     path = Path(cfg.paths.output_dir) / "metrics.json"
-    for split in cfg.splits:
-        windows = datamodule.eval_windows(split)
-        results[split] = {"_tokens": int(windows.numel()), "_windows": int(windows.size(0))}
-        for name, quantizer in quantizers.items():
-            start = time.perf_counter()
-            batches = tqdm(windows.split(cfg.data.eval_batch_size), desc=f"{split} {name}", leave=False)
-            if quantizer is None:
-                nll, count = dataset_nll(model, batches, device)
-            else:
+    windows = {split: datamodule.eval_windows(split) for split in cfg.splits}
+    for split, split_windows in windows.items():
+        results[split] = {"_tokens": int(split_windows.numel()), "_windows": int(split_windows.size(0))}
+    # Quantizer by quantizer, each scored on every split: a calibrated quantizer (GPTQ) runs once per model.
+    for name, quantizer in quantizers.items():
+        with ExitStack() as quantized:
+            calibration = None
+            if quantizer is not None:
+                start = time.perf_counter()
                 calibration, fisher = quantizer_inputs(quantizer, model, linears, datamodule, cfg, device, fisher)
-                with torch.no_grad(), fake_quantized(model, linears, quantizer, calibration=calibration):
-                    nll, count = dataset_nll(model, batches, device)
-            results[split][name] = perplexity(nll, count)
-            timings[f"{split}/{name}"] = time.perf_counter() - start
-            if quantizer is not None and cfg.get("export_dir") and split == cfg.splits[0]:
-                exports[name] = export_and_check(model, linears, quantizer, Path(str(cfg.export_dir)) / name, calibration, windows, cfg, device)
-            # Each result is on disk as soon as it exists: a long GPTQ sweep stopped half-way keeps what it measured.
-            line = f"{split} {name}: PPL {results[split][name]:.4f} ({timings[f'{split}/{name}']:.0f} s)"
-            log.info(line)
-            tqdm.write(line)
-            atomic_write_json(path, {"ppl": results, "seconds": timings, "exports": exports, "complete": False, "config": config})
+                quantized.enter_context(fake_quantized(model, linears, quantizer, calibration=calibration))
+                timings[f"quantize/{name}"] = time.perf_counter() - start
+                tqdm.write(f"quantized with {name} ({timings[f'quantize/{name}']:.0f} s)")
+            for split, split_windows in windows.items():
+                start = time.perf_counter()
+                batches = tqdm(split_windows.split(cfg.data.eval_batch_size), desc=f"{split} {name}", leave=False)
+                nll, count = dataset_nll(model, batches, device)
+                results[split][name] = perplexity(nll, count)
+                timings[f"{split}/{name}"] = time.perf_counter() - start
+                # Each result is on disk as soon as it exists: a long GPTQ sweep stopped half-way keeps what it measured.
+                line = f"{split} {name}: PPL {results[split][name]:.4f} ({timings[f'{split}/{name}']:.0f} s)"
+                log.info(line)
+                tqdm.write(line)
+                atomic_write_json(path, {"ppl": results, "seconds": timings, "exports": exports, "complete": False, "config": config})
+        if quantizer is not None and cfg.get("export_dir"):
+            first = cfg.splits[0]
+            exports[name] = export_and_check(model, linears, quantizer, Path(str(cfg.export_dir)) / name, calibration, windows[first], cfg, device)
     metrics = {"ppl": results, "seconds": timings, "exports": exports, "complete": True, "config": config}
     atomic_write_json(path, metrics)
     print_eval_table(results)

@@ -106,18 +106,29 @@ def test_quality_study_end_to_end_on_tiny_llama(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     first = subprocess.run([sys.executable, "bench/quality.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
-    assert "cells: 8 run, 0 reused" in first.stdout
+    # one eval process per model scores both corpora: pretrained eval + 2 × (train + eval)
+    assert "cells: 5 run, 0 reused" in first.stdout
     result = json.loads((tmp_path / "q.json").read_text())
     assert set(result["cells"]) == {"pretrained", "control", "npft_fisher"}
     for row in ("control", "npft_fisher"):
         for corpus in ("wiki", "pydoc"):
             assert set(result["cells"][row]["0"][corpus]) == {"fp", "rtn4", "gptq4"}
     assert result["settings"]["reduced"] is True
+    assert result["eval_split_of_corpus"] == {"wiki": "validation", "pydoc": "test"}
+    # The in-domain column (the combined eval's `validation` split) is the Wikipedia test split as a plain
+    # eval.py scores it through the wiki_vital data group: same text, same windows, same PPL.
+    plain = subprocess.run([sys.executable, "eval.py", "model=tiny-llama", "quant=[rtn4]", "splits=[test]", "data.seq_len=128",
+                            "data.eval_seq_len=256", "data.max_eval_windows=1", "print_config=false", f"hydra.run.dir={tmp_path / 'plain'}"],
+                           cwd=ROOT, env=env, capture_output=True, text=True)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    plain_ppl = json.loads((tmp_path / "plain" / "metrics.json").read_text())["ppl"]["test"]
+    assert result["cells"]["pretrained"]["-"]["wiki"]["fp"] == plain_ppl["fp"]
+    assert result["cells"]["pretrained"]["-"]["wiki"]["rtn4"] == plain_ppl["rtn4"]
     text = (tmp_path / "results.md").read_text()
     assert "Reduced study" in text and "Python 3.11 manual" in text and "NPFT, Fisher outliers (default)" in text
 
     second = subprocess.run([sys.executable, "bench/quality.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert second.returncode == 0 and "cells: 0 run, 8 reused" in second.stdout
+    assert second.returncode == 0 and "cells: 0 run, 5 reused" in second.stdout
     assert json.loads((tmp_path / "q.json").read_text())["cells"] == result["cells"]
 
     # a trained run of another config cannot stand in for the control

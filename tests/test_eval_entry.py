@@ -33,4 +33,8 @@ def test_eval_scores_every_quantizer_and_the_export_reproduces_it(tmp_path):
     # The packed artefact, reloaded, scores exactly the fake-quant PPL of the first split.
     for name in ("rtn4", "gptq4", "kmeans3"):
         assert metrics["exports"][name]["ppl_reloaded"] == metrics["ppl"]["validation"][name], name
-    assert "validation gptq4: PPL" in proc.stderr + proc.stdout  # each result is reported as it comes
+    output = proc.stderr + proc.stdout
+    assert "validation gptq4: PPL" in output  # each result is reported as it comes
+    # Each quantizer (GPTQ's calibration included) runs once per model, whatever the number of splits.
+    assert output.count("quantized with gptq4 (") == 1 and output.count("quantized with rtn4 (") == 1
+    assert {"quantize/gptq4", "validation/gptq4", "test/gptq4"} <= metrics["seconds"].keys()
