@@ -309,16 +309,19 @@ def _top_k_flat(scores: Tensor, k: int, threshold: Tensor | None = None) -> Tens
     ``torch.topk`` alone does not promise which of several equal values it keeps, so the cut
     value v is found first, then everything strictly above v is kept and the remainder is
     filled from the entries equal to v in index order: deterministic on every backend.
+    The indices are int32 whenever the matrix has fewer than 2³¹ entries (half the memory of int64,
+    and every matrix of a 7B model qualifies); torch indexes with them directly.
     """
     flat = scores.reshape(-1)
+    dtype = torch.int32 if flat.numel() < 2**31 else torch.int64
     if k <= 0:
-        return torch.empty(0, dtype=torch.long, device=flat.device)
+        return torch.empty(0, dtype=dtype, device=flat.device)
     if k >= flat.numel():
-        return torch.arange(flat.numel(), device=flat.device)
+        return torch.arange(flat.numel(), dtype=dtype, device=flat.device)
     v = torch.topk(flat, k, sorted=False).values.min() if threshold is None else threshold
     above = (flat > v).nonzero().squeeze(1)
     ties = (flat == v).nonzero().squeeze(1)[: max(k - above.numel(), 0)]
-    return torch.cat([above, ties]).sort().values
+    return torch.cat([above, ties]).sort().values.to(dtype)
 
 
 def _largest_remainder(mass: list[float], caps: list[int], total: int) -> list[int]:
@@ -378,7 +381,7 @@ def _global_threshold(scores: Mapping[str, Tensor], total: int) -> Tensor:
 
 
 def select_outliers(scores: Mapping[str, Tensor], ratio: float, budget: str = "per_matrix") -> dict[str, Tensor]:
-    """Masks (sorted flat LongTensor indices) of the most sensitive entries of each matrix.
+    """Masks (sorted flat int32 indices, int64 for matrices of 2³¹ entries or more) of the most sensitive entries of each matrix.
 
     ``ratio`` is in PERCENT: 0.05 means 0.05 % of the weights.
 

@@ -87,8 +87,8 @@ def test_mask_memory_counts_index_bytes(tiny_llama):
     row = result["rows"][0]
     expected = sum(max(1, round(lin.weight.numel() / 100)) for lin in linears.values())
     assert row["outliers"] == expected
-    assert row["mask_bytes"] == expected * 8  # int64 indices
-    assert row["pct_of_model_weight_bytes"] == pytest.approx(100 * expected * 8 / result["model_weight_bytes"])
+    assert row["mask_bytes"] == expected * 4  # int32 indices
+    assert row["pct_of_model_weight_bytes"] == pytest.approx(100 * expected * 4 / result["model_weight_bytes"])
 
 
 @pytest.mark.slow
