@@ -8,7 +8,7 @@ Three scores, each a float32 tensor shaped like the weight it scores:
 * ``pqi``: the post-quantization integral of Hu et al. (2025), |ΔW ⊙ ∫₀¹ ∇L(W + tΔW) dt| with
   ΔW = Q(W) − W, which is how much each weight's quantization error moves the loss.
 
-A *mask* is a sorted 1-D LongTensor of flat indices into ``weight.view(-1)``; ``masks`` maps the
+A *mask* is a sorted 1-D int32 (int64 past 2³¹ entries) tensor of flat indices into ``weight.view(-1)``; ``masks`` maps the
 canonical linear name to its mask. ``select_outliers`` turns scores into masks, per matrix (the
 reference), under one global threshold, or with a global budget spread by sensitivity mass.
 """
