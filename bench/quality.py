@@ -358,6 +358,43 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot_quality(result: dict[str, Any], path: Path) -> Path | None:
+    """PPL change against the control per column (mean ± std over seeds, paired), one panel per corpus, a bar per NPFT row.
+
+    Below zero the row beats the no-noise control; the unquantized column shows what the noise costs.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    from npft_lightning.io import save_figure
+
+    quantizers = result["settings"]["quantizers"]
+    columns = ["fp", *quantizers]
+    derived = {c: {r: v for r, v in rows.items() if r != "rtn4_vs_pretrained_gptq4"} for c, rows in result["aggregate"]["derived"].items()}
+    derived = {c: rows for c, rows in derived.items() if rows}
+    if not derived:
+        return None
+    fig, axes = plt.subplots(len(derived), 1, figsize=(1.1 * len(columns) + 3, 3.4 * len(derived)), squeeze=False)
+    for ax, (corpus, rows) in zip(axes.flat, derived.items()):
+        width = 0.8 / len(rows)
+        for i, (row, per_q) in enumerate(rows.items()):
+            stats = [per_q[q]["vs_control_pct"] for q in columns]
+            xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(columns))]
+            ax.bar(xs, [st["mean"] for st in stats], width, yerr=[st["std"] if st["n"] > 1 else 0 for st in stats],
+                   capsize=2, label=ROW_LABELS.get(row, row), color=f"C{i}")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(columns)), ["unquantized" if q == "fp" else q for q in columns])
+        ax.set_ylabel("PPL vs control (%)")
+        ax.set_title(CORPORA.get(corpus, corpus))
+        ax.grid(axis="y", alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    seeds = result["settings"]["seeds"]
+    fig.suptitle(f"PPL change against the no-noise LoRA control, paired by seed (mean ± std, seeds {seeds}); below 0 = better")
+    return save_figure(fig, path)
+
+
 def write_results_block(path: Path, block: str) -> None:
     """Replace the generated block of ``path`` (or append it), keeping the hand-written text around it."""
     from npft_lightning.io import atomic_write_text
@@ -411,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--study-dir", default="logs/bench/quality")
     parser.add_argument("--out-json", default="docs/bench/quality.json")
     parser.add_argument("--results-md", default="docs/results.md")
+    parser.add_argument("--plot", default="docs/bench/quality.png", help="the PPL-vs-control bar chart")
     parser.add_argument("--lock", default=None, help="hold this flock file around each train/eval subprocess")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     return parser
@@ -547,6 +585,8 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
         "failures": failures,
     }
     write_json(root(args.out_json), result)
+    if plot_quality(result, root(args.plot)):
+        print(f"wrote {root(args.plot)}")
     write_results_block(root(args.results_md), render_markdown(result))
     return 1 if failures else 0
 

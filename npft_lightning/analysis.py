@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from npft_lightning.errors import UserError
 from npft_lightning.evaluation import load_for_eval, quantizer_inputs
-from npft_lightning.io import atomic_write_json, atomic_write_text
+from npft_lightning.io import atomic_write_json, atomic_write_text, save_figure
 from npft_lightning.layers import decoder_linears
 from npft_lightning.noise import noise_generator
 from npft_lightning.perplexity import dataset_nll, perplexity
@@ -322,7 +322,7 @@ def plot_curves(rows: list[dict[str, Any]], descriptions: dict[str, str], path: 
         ax.set_visible(False)
     axes.flat[0].legend(fontsize=8, title="dotted: unperturbed", title_fontsize=7)
     fig.suptitle("Perplexity vs perturbation magnitude")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_relative(rows: list[dict[str, Any]], baselines: dict[str, float], reference: str,
@@ -358,17 +358,4 @@ def plot_relative(rows: list[dict[str, Any]], baselines: dict[str, float], refer
         ax.set_visible(False)
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"Perplexity relative to {reference} at the same perturbation")
-    return _save(fig, path)
-
-
-def _save(fig, path: Path) -> Path:
-    """Render to a temporary file beside ``path``, then rename it over (an atomic write)."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

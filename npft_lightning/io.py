@@ -43,6 +43,18 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Lay out a matplotlib figure, write it to ``path`` atomically (format from the suffix) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
+    return path
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_file(path) as tmp:

@@ -23,7 +23,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from npft_lightning.io import atomic_file, atomic_write_text
+from npft_lightning.io import atomic_write_text, save_figure
 
 
 def ppl_rows(metrics: dict[str, Any]) -> list[tuple[str, float | None, float | None]]:
@@ -240,12 +240,7 @@ def plot_sweep(jobs: list[Job], key: str, keys: list[str], path: Path) -> Path:
         ax.set_visible(False)
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"Perplexity after NPFT fine-tuning vs {key}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_sweep_report(root: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:

@@ -102,7 +102,7 @@ def test_quality_study_end_to_end_on_tiny_llama(tmp_path):
             "--eval-seq-len", "256", "--ood-text", str(ood), "--set", "data.seq_len=128",
             "--train-set", "outliers.calibration_windows=2", "--train-set", "outliers.calibration_length=128",
             "--eval-set", "calibration.length=128", "--study-dir", str(study),
-            "--out-json", str(tmp_path / "q.json"), "--results-md", str(tmp_path / "results.md")]
+            "--out-json", str(tmp_path / "q.json"), "--results-md", str(tmp_path / "results.md"), "--plot", str(tmp_path / "q.png")]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     first = subprocess.run([sys.executable, "bench/quality.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
@@ -126,6 +126,7 @@ def test_quality_study_end_to_end_on_tiny_llama(tmp_path):
     assert result["cells"]["pretrained"]["-"]["wiki"]["rtn4"] == plain_ppl["rtn4"]
     text = (tmp_path / "results.md").read_text()
     assert "Reduced study" in text and "Python 3.11 manual" in text and "NPFT, Fisher outliers (default)" in text
+    assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     second = subprocess.run([sys.executable, "bench/quality.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
     assert second.returncode == 0 and "cells: 0 run, 5 reused" in second.stdout
@@ -135,3 +136,30 @@ def test_quality_study_end_to_end_on_tiny_llama(tmp_path):
     bad = subprocess.run([sys.executable, "bench/quality.py", *args, "--reuse", f"control:0={study / 'npft_fisher' / 'seed0' / 'train'}"],
                          cwd=ROOT, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "noise.distribution._target_" in bad.stderr
+
+
+def test_quality_plot_draws_a_bar_per_row_and_column(tmp_path, monkeypatch):
+    cells = {
+        "control": {"0": {"wiki": {"fp": 10.0, "rtn4": 14.0}}, "1": {"wiki": {"fp": 12.0, "rtn4": 20.0}}},
+        "npft_fisher": {"0": {"wiki": {"fp": 10.5, "rtn4": 12.0}}, "1": {"wiki": {"fp": 12.2, "rtn4": 18.0}}},
+        "npft_pqi": {"0": {"wiki": {"fp": 10.1, "rtn4": 13.0}}, "1": {"wiki": {"fp": 12.1, "rtn4": 19.0}}},
+    }
+    result = {"settings": {"quantizers": ["rtn4"], "seeds": [0, 1]}, "aggregate": quality.aggregate(cells, ["rtn4"])}
+    from npft_lightning import io as project_io
+
+    heights, save = [], project_io.save_figure
+
+    def spy(fig, path, dpi=120):
+        heights.extend(patch.get_height() for ax in fig.axes for patch in ax.patches)
+        return save(fig, path, dpi)
+
+    monkeypatch.setattr(project_io, "save_figure", spy)
+    path = quality.plot_quality(result, tmp_path / "q.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    # 2 NPFT rows × 2 columns; each height is the row's paired mean PPL change against the control, in %
+    expected = [100 * ((10.5 / 10 - 1) + (12.2 / 12 - 1)) / 2, 100 * ((12 / 14 - 1) + (18 / 20 - 1)) / 2,
+                100 * ((10.1 / 10 - 1) + (12.1 / 12 - 1)) / 2, 100 * ((13 / 14 - 1) + (19 / 20 - 1)) / 2]
+    assert heights == pytest.approx(expected)
+    # nothing to compare without an NPFT row
+    only_control = {"settings": {"quantizers": ["rtn4"], "seeds": [0]}, "aggregate": quality.aggregate({"control": cells["control"]}, ["rtn4"])}
+    assert quality.plot_quality(only_control, tmp_path / "none.png") is None
