@@ -48,7 +48,7 @@ def test_analysis_of_two_variants_writes_curves_and_tables(tmp_path):
     proc = run_entry(
         "analyze.py", out, *TINY, "perturb=[w_uniform_range_outliers,a_uniform_range]",
         "perturb.w_uniform_range_outliers.magnitudes=[0.5,2.0]", "perturb.a_uniform_range.magnitudes=[0.01,0.1,0.5]",
-        "quant=[w8a8,w4a8]", f"adapters={{pretrained:null,lora:{adapter}}}",
+        "quant=[w8a8,w4a8]", f"adapters={{pretrained:null,lora:{adapter}}}", "print_config=false",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader((out / "perturbation.csv").open()))
