@@ -501,8 +501,10 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
         eval_common.append(f"calibration.windows={args.calib_windows}")
 
     # Plan: the pretrained evals first, then seed by seed so a partial study has whole seeds.
-    plan: list[dict[str, Any]] = [{"row": "pretrained", "seed": None, "kind": "eval", "dir": study_dir / "pretrained" / "eval",
-                                   "command": [sys.executable, "eval.py", *eval_common]}]
+    plan: list[dict[str, Any]] = []
+    if "pretrained" in args.rows:
+        plan.append({"row": "pretrained", "seed": None, "kind": "eval", "dir": study_dir / "pretrained" / "eval",
+                     "command": [sys.executable, "eval.py", *eval_common]})
     for seed in args.seeds:
         for row in train_rows:
             train_overrides = [*common, *ROWS[row], *args.train_overrides, f"seed={seed}",
@@ -513,8 +515,6 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
                          "command": [sys.executable, "train.py", *train_overrides, *TRAIN_FIXED, f"hydra.run.dir={run_dir}"]})
             plan.append({"row": row, "seed": seed, "kind": "eval", "dir": study_dir / row / f"seed{seed}" / "eval",
                          "command": [sys.executable, "eval.py", *eval_common, f"adapter={run_dir / 'adapter'}"]})
-    if "pretrained" not in args.rows:
-        plan = plan[1:]
 
     cells: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     failures, ran, skipped = [], 0, 0
