@@ -57,6 +57,23 @@ ROWS: dict[str, list[str] | None] = {
     "npft_pqi": ["outliers=pqi", "outliers.pqi_intervals=4"],
     "npft_paper_0.1": ["noise=npft_paper", "noise.scale=0.1"],
     "npft_per_epoch": ["noise.schedule=per_epoch"],
+    # --- noise up to the exact quantization error (the "NPFT that pays off" screening)
+    "step_2": ["outliers.ratio=2"],
+    "step_10": ["outliers.ratio=10"],
+    "step_all": ["outliers=all"],
+    "qerr_0.5": ["noise=quant_error"],
+    "qerr_2": ["noise=quant_error", "outliers.ratio=2"],
+    "qerr_10": ["noise=quant_error", "outliers.ratio=10"],
+    "qerr_damage_2": ["noise=quant_error", "outliers=damage", "outliers.ratio=2"],
+    "qerr_all": ["noise=quant_error", "outliers=all"],                                   # low-rank QAT
+    "qerr_all_p0.5": ["noise=quant_error", "outliers=all", "noise.distribution.probability=0.5"],
+    "qerr_all_p0.25": ["noise=quant_error", "outliers=all", "noise.distribution.probability=0.25"],
+    "qerr_all_mix0.5": ["noise=quant_error", "outliers=all", "noise.step_probability=0.5"],
+    "qerr_all_mix0.25": ["noise=quant_error", "outliers=all", "noise.step_probability=0.25"],
+    "qerr_all_s0.5": ["noise=quant_error", "outliers=all", "noise.scale=0.5"],
+    "qerr_all_ramp": ["noise=quant_error", "outliers=all", "noise.ramp=linear"],
+    "qerr_2_mix0.5": ["noise=quant_error", "outliers.ratio=2", "noise.step_probability=0.5"],
+    "npft_paper": ["noise=npft_paper"],
 }
 ROW_LABELS = {
     "pretrained": "pretrained",
@@ -65,9 +82,11 @@ ROW_LABELS = {
     "npft_pqi": "NPFT, PQI outliers (`outliers=pqi outliers.pqi_intervals=4`)",
     "npft_paper_0.1": "NPFT, reference-code noise ×0.1 (`noise=npft_paper noise.scale=0.1`)",
     "npft_per_epoch": "NPFT, one draw per epoch (`noise.schedule=per_epoch`)",
+    "npft_paper": "the paper's noise (`noise=npft_paper`)",
 }
 QUANTIZERS = ["rtn4", "rtn3_g32", "gptq4", "gptq3_g32", "kmeans3", "cuberoot4", "nf4"]
-CORPORA = {"wiki": "Wikipedia test split", "pydoc": "Python 3.11 manual (out of domain)"}
+CORPORA = {"wiki": "Wikipedia test split", "pydoc": "Python 3.11 manual (out of domain)",
+           "wiki_val": "Wikipedia validation split (screening)"}
 # Training is done once per row and seed; validation during training is redundant with eval.py.
 TRAIN_FIXED = ["quant=none", "curvature=null"]
 # The parts of a training config that determine the adapter (what a reused run must match).
@@ -274,6 +293,20 @@ def gap_closed(ctrl_fp: float, ctrl_q: float, row_q: float) -> float:
     return (ctrl_q - row_q) / gap if gap > 0 else float("nan")
 
 
+def base_row(key: str) -> str:
+    """``qerr_all@64`` -> ``qerr_all`` (cells of a study over several training lengths are keyed ``row@steps``)."""
+    return key.split("@", 1)[0]
+
+
+def steps_of(key: str) -> int | None:
+    return int(key.split("@", 1)[1]) if "@" in key else None
+
+
+def control_of(key: str) -> str:
+    """The control a row is paired with: the one trained for the same number of steps."""
+    return "control" + (key[key.index("@"):] if "@" in key else "")
+
+
 def aggregate(cells: dict[str, dict[str, dict[str, dict[str, float]]]], quantizers: list[str]) -> dict[str, Any]:
     """``cells[row][seed][corpus][quantizer or 'fp']`` -> per-row mean ± std and the derived comparisons.
 
@@ -288,12 +321,12 @@ def aggregate(cells: dict[str, dict[str, dict[str, dict[str, float]]]], quantize
             table[corpus][row] = {q: dict(zip(("mean", "std", "n"), mean_std([s.get(corpus, {}).get(q) for s in seeds.values()])))
                                   for q in columns}
     derived: dict[str, Any] = {}
-    control = cells.get("control", {})
     for corpus in corpora:
         derived[corpus] = {}
         for row, seeds in cells.items():
-            if row in ("pretrained", "control"):
+            if row == "pretrained" or base_row(row) == "control":
                 continue
+            control = cells.get(control_of(row), {})
             per_q = {}
             for q in columns:
                 paired = [(control[s][corpus], seeds[s][corpus]) for s in seeds if s in control and corpus in control[s] and corpus in seeds[s]]
@@ -309,6 +342,11 @@ def aggregate(cells: dict[str, dict[str, dict[str, dict[str, float]]]], quantize
                 row: {"rtn4": stats["rtn4"]["mean"], "pretrained_gptq4": gptq_pre, "reaches": stats["rtn4"]["mean"] <= gptq_pre}
                 for row, stats in table[corpus].items() if math.isfinite(stats["rtn4"]["mean"])}
     return {"table": table, "derived": derived}
+
+
+def row_label(key: str) -> str:
+    label = ROW_LABELS.get(base_row(key), "`" + " ".join(ROWS.get(base_row(key)) or []) + "`" if ROWS.get(base_row(key)) else base_row(key))
+    return label + (f", {steps_of(key)} steps" if steps_of(key) else "")
 
 
 def _cell(stat: dict[str, Any], digits: int = 2) -> str:
@@ -334,7 +372,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines += ["", f"#### {CORPORA.get(corpus, corpus)}" + (f" ({meta['tokens']:,} tokens scored)" if meta.get("tokens") else ""), "",
                   "| row | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for row, stats in rows.items():
-            lines.append(f"| {ROW_LABELS.get(row, row)} | " + " | ".join(_cell(stats[q]) for q in ["fp", *quantizers]) + " |")
+            lines.append(f"| {row_label(row)} | " + " | ".join(_cell(stats[q]) for q in ["fp", *quantizers]) + " |")
         derived = agg["derived"].get(corpus, {})
         npft_rows = [r for r in derived if r != "rtn4_vs_pretrained_gptq4"]
         if npft_rows:
@@ -342,12 +380,12 @@ def render_markdown(result: dict[str, Any]) -> str:
                       "| row | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
             for row in npft_rows:
                 cells = [_cell(derived[row][q]["vs_control_pct"]) for q in ["fp", *quantizers]]
-                lines.append(f"| {ROW_LABELS.get(row, row)} | " + " | ".join(c if c == "—" or c.startswith("-") else "+" + c for c in cells) + " |")
+                lines.append(f"| {row_label(row)} | " + " | ".join(c if c == "—" or c.startswith("-") else "+" + c for c in cells) + " |")
             lines += ["", "Fraction of the control's quantization gap closed, (q_ctrl − q_row) / (q_ctrl − fp_ctrl), paired by seed "
                       "(1 = quantized as good as the control unquantized; 0 = no better than the control; — where the control has no gap):", "",
                       "| row | " + " | ".join(names[1:]) + " |", "|---|" + "---|" * len(quantizers)]
             for row in npft_rows:
-                lines.append(f"| {ROW_LABELS.get(row, row)} | " + " | ".join(_cell(derived[row][q]["gap_closed"]) for q in quantizers) + " |")
+                lines.append(f"| {row_label(row)} | " + " | ".join(_cell(derived[row][q]["gap_closed"]) for q in quantizers) + " |")
         reach = derived.get("rtn4_vs_pretrained_gptq4")
         if reach:
             lines += ["", "RTN-4 after training vs GPTQ-4 on the pretrained model "
@@ -431,7 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quantizers", nargs="+", default=QUANTIZERS, help="conf/quant options")
     parser.add_argument("--corpora", nargs="+", default=list(CORPORA), choices=list(CORPORA))
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    parser.add_argument("--steps", type=int, nargs="+", default=None,
+                        help="training steps (default: the recipe's); several values train every row at each length, "
+                             "cells keyed ROW@STEPS and paired with the control of the same length")
     parser.add_argument("--max-eval-windows", type=int, default=None, help="eval windows per corpus (default: all)")
     parser.add_argument("--calib-windows", type=int, default=None, help="GPTQ calibration windows (default: eval.yaml's 128)")
     parser.add_argument("--eval-seq-len", type=int, default=2048)
@@ -479,6 +519,11 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
     # Both corpora are scored by one eval.py process (each quantizer, GPTQ's calibration included, runs once
     # per model): its `validation` split is the Wikipedia test split, its `test` split the out-of-domain text.
     split_of_corpus = {"wiki": "test"}
+    if "wiki_val" in args.corpora:  # the screening column: the validation split, so the test split stays unseen
+        if "pydoc" in args.corpora:
+            raise StudyError("--corpora wiki_val (screening) cannot be combined with pydoc; screen first, then run the final study")
+        corpora["wiki_val"] = {"source": "wiki_vital validation split"}
+        split_of_corpus["wiki_val"] = "validation"
     corpus_overrides: list[str] = []
     if "pydoc" in args.corpora:
         if args.ood_text:
@@ -505,16 +550,19 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
     if "pretrained" in args.rows:
         plan.append({"row": "pretrained", "seed": None, "kind": "eval", "dir": study_dir / "pretrained" / "eval",
                      "command": [sys.executable, "eval.py", *eval_common]})
+    lengths: list[int | None] = list(args.steps) if args.steps else [None]
     for seed in args.seeds:
-        for row in train_rows:
-            train_overrides = [*common, *ROWS[row], *args.train_overrides, f"seed={seed}",
-                               *([f"trainer.max_steps={args.steps}"] if args.steps else [])]
-            run_dir = reuse.get((row, seed), study_dir / row / f"seed{seed}" / "train")
-            plan.append({"row": row, "seed": seed, "kind": "train", "dir": run_dir, "overrides": train_overrides,
-                         "reused": (row, seed) in reuse,
-                         "command": [sys.executable, "train.py", *train_overrides, *TRAIN_FIXED, f"hydra.run.dir={run_dir}"]})
-            plan.append({"row": row, "seed": seed, "kind": "eval", "dir": study_dir / row / f"seed{seed}" / "eval",
-                         "command": [sys.executable, "eval.py", *eval_common, f"adapter={run_dir / 'adapter'}"]})
+        for steps in lengths:
+            for row in train_rows:
+                key = row if len(lengths) == 1 else f"{row}@{steps}"
+                train_overrides = [*common, *ROWS[row], *args.train_overrides, f"seed={seed}",
+                                   *([f"trainer.max_steps={steps}"] if steps else [])]
+                run_dir = reuse.get((row, seed), study_dir / key / f"seed{seed}" / "train")
+                plan.append({"row": key, "seed": seed, "kind": "train", "dir": run_dir, "overrides": train_overrides,
+                             "reused": (row, seed) in reuse,
+                             "command": [sys.executable, "train.py", *train_overrides, *TRAIN_FIXED, f"hydra.run.dir={run_dir}"]})
+                plan.append({"row": key, "seed": seed, "kind": "eval", "dir": study_dir / key / f"seed{seed}" / "eval",
+                             "command": [sys.executable, "eval.py", *eval_common, f"adapter={run_dir / 'adapter'}"]})
 
     cells: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     failures, ran, skipped = [], 0, 0
@@ -581,7 +629,8 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
                      "reused_runs": {f"{r}:{s}": str(p) for (r, s), p in reuse.items()}, "reduced": reduced},
         "corpora": corpora, "eval_split_of_corpus": split_of_corpus,
         "cells": cells,
-        "aggregate": aggregate({r: cells[r] for r in args.rows if r in cells}, args.quantizers),
+        "aggregate": aggregate({k: cells[k] for k in sorted(cells, key=lambda k: (steps_of(k) or 0, args.rows.index(base_row(k))))
+                                if base_row(k) in args.rows}, args.quantizers),
         "failures": failures,
     }
     write_json(root(args.out_json), result)

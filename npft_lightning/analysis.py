@@ -173,7 +173,7 @@ class Analysis:
             masks = self._select(model, linears, datamodule)
         if self.cfg.outliers_on == "pretrained":
             self._pretrained_masks = masks
-        self.outlier_counts[variant] = sum(int(m.numel()) for m in masks.values())
+        self.outlier_counts[variant] = sum(int(m.numel()) for m in masks.values())  # numel(): the count, for every mask form
         return masks
 
     def _select(self, model, linears, datamodule) -> dict[str, torch.Tensor]:

@@ -24,12 +24,13 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from npft_lightning import masks as mask_ops
 from npft_lightning.curvature import hutchinson_trace, perturbation_trace_estimate
 from npft_lightning.io import atomic_dir, atomic_write_json
 from npft_lightning.noise import RAMPS, apply_noise, noise_generator, restore_noise, scale_schedule
 from npft_lightning.perplexity import perplexity
 from npft_lightning.quant.base import NonFiniteQuantization, WeightQuantizer, fake_quantized
-from npft_lightning.sensitivity import OutlierSelector, fisher_diagonal, mask_bytes, select_outliers
+from npft_lightning.sensitivity import OutlierSelector, fisher_diagonal, mask_bytes
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,13 @@ log = logging.getLogger(__name__)
 def _shard(windows: Tensor, trainer: pl.Trainer) -> Tensor:
     """This rank's share of a window batch (all windows when not distributed)."""
     return windows[trainer.global_rank :: trainer.world_size] if trainer.world_size > 1 else windows
+
+
+def _masked_values(weight: Tensor, mask: mask_ops.Mask) -> Tensor:
+    """The weight's entries selected by ``mask`` (any form), flattened."""
+    idx = mask_ops.index(mask, weight.device)
+    flat = weight.detach().reshape(-1)
+    return flat if idx is None else flat[idx]
 
 
 def _total_steps(trainer: pl.Trainer) -> int:
@@ -60,6 +68,9 @@ class OutlierSelection(Callback):
 
     def _refresh(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         linears = pl_module.decoder_linears()
+        if self.selector.method == "all":  # every decoder weight: no scores, no index masks
+            self._set_masks(trainer, pl_module, self.selector.select(pl_module.model, linears, None))
+            return
         windows = None
         if self.selector.needs_calibration:
             windows = trainer.datamodule.calibration_windows(
@@ -72,17 +83,23 @@ class OutlierSelection(Callback):
             # PQI runs from the merged weight W+BA to Q(W+BA); the adapters stay on meanwhile.
             # Across ranks the signed integrals are summed before taking |.|.
             scores = self.selector.scores(pl_module.model, linears, windows,
-                                          deltas=pl_module.lora_deltas() if pqi else None, signed=pqi and distributed)
+                                          deltas=pl_module.lora_deltas() if self.selector.uses_merged else None,
+                                          signed=pqi and distributed)
         if distributed:
             scores = {name: trainer.strategy.reduce(s.to(pl_module.device), reduce_op="sum") for name, s in scores.items()}
             if pqi:
                 scores = {name: s.abs() for name, s in scores.items()}
-        # Masks live on the weights' device: the per-step noise indexes with them every step.
-        self.masks = {name: m.to(pl_module.device) for name, m in select_outliers(scores, self.selector.ratio, self.selector.budget).items()}
+        masks = self.selector.masks_from_scores(scores)
         del scores
+        self._set_masks(trainer, pl_module, masks)
+
+    def _set_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, masks: dict[str, Any]) -> None:
+        linears = pl_module.decoder_linears()
+        # Masks live on the weights' device: the per-step noise indexes with them every step.
+        self.masks = {name: m.to(pl_module.device) for name, m in masks.items()}
         self.refreshed_epoch = trainer.current_epoch
         pl_module.outlier_masks = self.masks
-        n = sum(m.numel() for m in self.masks.values())
+        n = sum(mask_ops.count(m) for m in self.masks.values())
         total = sum(linears[k].weight.numel() for k in self.masks)
         for logger in trainer.loggers:
             logger.log_metrics({"outliers/count": n, "outliers/fraction_pct": 100 * n / max(total, 1),
@@ -100,10 +117,10 @@ class OutlierSelection(Callback):
             self._refresh(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"masks": {k: v.cpu() for k, v in self.masks.items()}, "refreshed_epoch": self.refreshed_epoch}
+        return {"masks": {k: mask_ops.mask_state(v) for k, v in self.masks.items()}, "refreshed_epoch": self.refreshed_epoch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.masks = dict(state_dict.get("masks", {}))
+        self.masks = {k: mask_ops.mask_from_state(v) for k, v in state_dict.get("masks", {}).items()}
         self.refreshed_epoch = int(state_dict.get("refreshed_epoch", -1))
 
 
@@ -117,16 +134,29 @@ class NoisePerturbation(Callback):
     back, so the base weights are restored bit-exactly, and validation always sees clean weights.
     Draws are seeded by (seed, epoch, optimizer step): every DDP rank adds the same noise and a
     resumed run draws what the uninterrupted run would have drawn.
+
+    ``step_probability`` q < 1: each optimizer step is perturbed with probability q and trained on
+    the clean weights otherwise, so the expected loss is (1 − q)·L(W) + q·E[L(W + δ)], a mixed
+    objective at the cost of one forward pass (per_step only). Distributions that need the merged
+    weight (``quant_error``) get the LoRA updates of the current adapters with every draw.
     """
 
     def __init__(self, distribution: Any, scale: float | None = None, schedule: str = "per_step", seed: int = 0,
-                 warmup_steps: int = 0, ramp: str = "constant"):
+                 warmup_steps: int = 0, ramp: str = "constant", step_probability: float = 1.0):
         if schedule not in ("per_step", "per_epoch"):
             raise ValueError(f"noise.schedule={schedule!r} is not one of per_step, per_epoch")
         if ramp not in RAMPS:
             raise ValueError(f"noise.ramp={ramp!r} is not one of {', '.join(RAMPS)}")
         if not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"noise.warmup_steps={warmup_steps!r} must be an integer >= 0 (steps without noise at the start)")
+        step_probability = float(step_probability)
+        if not (0.0 < step_probability <= 1.0):
+            raise ValueError(f"noise.step_probability={step_probability} must be in (0, 1]: the share of optimizer steps "
+                             f"that see the noise (1 = every step)")
+        if step_probability < 1.0 and schedule != "per_step":
+            raise ValueError(f"noise.step_probability={step_probability} needs noise.schedule=per_step (a per-epoch draw "
+                             f"is held for the whole epoch)")
+        self.step_probability = step_probability
         self.distribution = distribution
         # `noise.scale` lives here only; the schedule writes the current value into the distribution.
         self.base_scale = float(distribution.scale if scale is None else scale)
@@ -150,8 +180,15 @@ class NoisePerturbation(Callback):
         self.distribution.scale = scale_schedule(
             trainer.global_step, _total_steps(trainer), self.base_scale, self.warmup_steps, self.ramp
         )
-        self._saved = apply_noise(pl_module.decoder_linears(), masks, self.distribution, noise_generator(self.seed, epoch, step))
+        deltas = pl_module.lora_deltas() if getattr(self.distribution, "needs_merged", False) else None
+        self._saved = apply_noise(pl_module.decoder_linears(), masks, self.distribution, noise_generator(self.seed, epoch, step), deltas)
         self._draw = (epoch, step)
+
+    def _step_is_perturbed(self, epoch: int, step: int) -> bool:
+        """Bernoulli(step_probability) per optimizer step, from its own stream (the same on every rank and on resume)."""
+        if self.step_probability >= 1.0:
+            return True
+        return bool(torch.rand(1, generator=noise_generator(self.seed, epoch, -2 - step)) < self.step_probability)
 
     def _remove(self, pl_module: pl.LightningModule) -> None:
         if self._saved is not None:
@@ -159,9 +196,12 @@ class NoisePerturbation(Callback):
             self._saved = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.enabled and self.schedule == "per_step" and self._saved is None:
-            self._apply(trainer, pl_module, trainer.current_epoch, trainer.global_step)
-            pl_module.log("noise/scale", self.distribution.scale, on_step=True, on_epoch=False)
+        if self.enabled and self.schedule == "per_step" and self._saved is None and self._draw != (trainer.current_epoch, trainer.global_step):
+            if self._step_is_perturbed(trainer.current_epoch, trainer.global_step):
+                self._apply(trainer, pl_module, trainer.current_epoch, trainer.global_step)
+            else:
+                self._draw = (trainer.current_epoch, trainer.global_step)  # a clean step: nothing to apply
+            pl_module.log("noise/scale", self.distribution.scale if self._saved is not None else 0.0, on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         # global_step moves only when the optimizer stepped: keep the draw across accumulated micro-batches.
@@ -193,10 +233,10 @@ class NoisePerturbation(Callback):
     # The draws need no state (they follow from seed, epoch and step); the checkpoint keeps what
     # they follow from, so a resume with other noise settings says so instead of silently mixing.
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "scale": self.base_scale, "schedule": self.schedule}
+        return {"seed": self.seed, "scale": self.base_scale, "schedule": self.schedule, "step_probability": self.step_probability}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = {k: state_dict.get(k) for k in ("seed", "scale", "schedule")}
+        saved = {k: state_dict.get(k, 1.0 if k == "step_probability" else None) for k in ("seed", "scale", "schedule", "step_probability")}
         current = self.state_dict()
         if saved != current:
             rank_zero_warn(f"resuming with noise settings {current}; the checkpoint was trained with {saved}")
@@ -223,7 +263,7 @@ class CurvatureProbe(Callback):
             return
         linears = pl_module.decoder_linears()
         if self.sigma is None:
-            values = torch.cat([linears[n].weight.detach().reshape(-1)[idx.to(linears[n].weight.device)].float().abs() for n, idx in masks.items()])
+            values = torch.cat([_masked_values(linears[n].weight, m).float().abs() for n, m in masks.items()])
             self.sigma = self.sigma_rel * float(values.mean())
         windows = trainer.datamodule.calibration_windows(self.windows, self.length, seed=self.seed).to(pl_module.device)
         was_training = pl_module.model.training
@@ -374,7 +414,7 @@ def collect_metrics(trainer: pl.Trainer) -> dict[str, Any]:
         metrics["curvature"] = found[CurvatureProbe].results
     if OutlierSelection in found:
         masks = found[OutlierSelection].masks
-        metrics["outliers"] = {"count": sum(m.numel() for m in masks.values()), "matrices": len(masks)}
+        metrics["outliers"] = {"count": sum(mask_ops.count(m) for m in masks.values()), "matrices": len(masks)}
     loss = trainer.callback_metrics.get("train/loss")
     metrics["train"] = {
         "global_step": trainer.global_step,

@@ -77,6 +77,12 @@ def _check_noise_and_outliers(cfg: DictConfig) -> None:
         warmup = noise.get("warmup_steps")
         if warmup is not None and (not _is_int(warmup) or warmup < 0):
             raise UserError(f"noise.warmup_steps={warmup} must be an integer >= 0 (steps without noise at the start)")
+        for key, value in (("noise.step_probability", noise.get("step_probability")),
+                           ("noise.distribution.probability", (noise.get("distribution") or {}).get("probability"))):
+            if value is not None and (not _is_number(value) or not 0 < value <= 1):
+                raise UserError(f"{key}={value} must be in (0, 1] (1 = every time; e.g. 0.5 for half)")
+        if "_target_" in noise:
+            instantiate(noise)  # the distribution checks its own settings (a quant_error target needs no calibration, ...)
     outliers = cfg.get("outliers")
     if outliers is not None:
         ratio = outliers.get("ratio")

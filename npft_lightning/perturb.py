@@ -33,6 +33,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from npft_lightning import masks as mask_ops
 from npft_lightning.quant.sparse import top_fraction_mask
 
 DISTRIBUTIONS = ("uniform", "gaussian", "rademacher")
@@ -75,10 +76,14 @@ def row_top_fraction_mask(x: Tensor, ratio: float) -> Tensor:
     return mask
 
 
-def index_mask(shape: Sequence[int], indices: Tensor, device: torch.device | str | None = None) -> Tensor:
-    """Boolean mask of ``shape`` that is True at the flat (row-major) ``indices``."""
+def index_mask(shape: Sequence[int], indices: "Tensor | mask_ops.Mask", device: torch.device | str | None = None) -> Tensor:
+    """Boolean mask of ``shape`` that is True at the flat (row-major) ``indices`` (any ``masks`` form)."""
     mask = torch.zeros(math.prod(shape), dtype=torch.bool, device=device)
-    mask[indices.to(mask.device, torch.long)] = True
+    idx = mask_ops.index(indices, mask.device)
+    if idx is None:
+        mask.fill_(True)
+    else:
+        mask[idx.long()] = True
     return mask.reshape(tuple(shape))
 
 

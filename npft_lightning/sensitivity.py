@@ -23,11 +23,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from npft_lightning import masks as mask_ops
 from npft_lightning.quant.base import WeightQuantizer, fake_quantized
 
 LossFn = Callable[[nn.Module, Tensor], Tensor]
 
-METHODS = ("fisher", "magnitude", "pqi")
+METHODS = ("fisher", "magnitude", "pqi", "damage", "all")
 BUDGETS = ("per_matrix", "global", "adaptive")
 REFRESH = ("once", "epoch")
 
@@ -432,9 +433,34 @@ def select_outliers(scores: Mapping[str, Tensor], ratio: float, budget: str = "p
     return masks
 
 
-def mask_bytes(masks: Mapping[str, Tensor]) -> int:
-    """Memory held by the index tensors of ``masks``, in bytes."""
-    return sum(idx.numel() * idx.element_size() for idx in masks.values())
+def mask_bytes(masks: Mapping[str, mask_ops.Mask]) -> int:
+    """Memory held by ``masks`` (index tensors, bitmaps; nothing for every-entry masks), in bytes."""
+    return sum(mask_ops.nbytes(m) for m in masks.values())
+
+
+def damage_scores(
+    fisher: Mapping[str, Tensor],
+    linears: Mapping[str, nn.Linear],
+    target: WeightQuantizer,
+    deltas: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Expected damage of rounding each weight: F · Δ², Δ the target quantizer's step at that weight.
+
+    Rounding to a grid of step Δ moves a weight by e ~ U[−Δ/2, Δ/2], and the quadratic term of the
+    loss change is ½·F·E[e²] = F·Δ²/24: the constant does not change the ranking, so the score is
+    F·Δ². Δ is taken on the merged weight W + ΔW_lora when ``deltas`` are given.
+    """
+    step = getattr(target, "step", None)
+    if not callable(step):
+        raise ValueError(f"outliers method='damage' needs a target quantizer with a step size (RTN, ggml); "
+                         f"{getattr(target, 'name', target)!r} has none")
+    scores: dict[str, Tensor] = {}
+    for name, linear in linears.items():
+        w = linear.weight.detach().float()
+        if deltas is not None and name in deltas:
+            w = w + deltas[name].to(w.device, torch.float32)
+        scores[name] = fisher[name].float() * step(w).to(fisher[name].device).square()
+    return scores
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,8 +518,13 @@ class OutlierSelector:
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether ``scores`` needs calibration windows (every method but magnitude)."""
-        return self.method != "magnitude"
+        """Whether ``scores`` needs calibration windows (every method but magnitude and all)."""
+        return self.method not in ("magnitude", "all")
+
+    @property
+    def uses_merged(self) -> bool:
+        """Whether the scores are taken on the merged weight W + ΔW_lora (the quantizer-aware methods)."""
+        return self.method in ("pqi", "damage")
 
     def scores(
         self,
@@ -509,6 +540,8 @@ class OutlierSelector:
         ``signed`` only matters for PQI: under DDP sum the signed per-rank terms, then take |·|
         (|Σ_r x_r| is not Σ_r |x_r|). Fisher and magnitude are non-negative and simply add up.
         """
+        if self.method == "all":
+            raise ValueError("outliers method='all' selects every weight without scores; call select() instead")
         if self.method == "magnitude":
             return magnitude_scores(linears)
         if windows is None:
@@ -516,7 +549,10 @@ class OutlierSelector:
         if self.method == "fisher":
             return fisher_diagonal(model, linears, windows, self.batch_size, self.progress, loss_fn)
         if self.target is None:
-            raise ValueError("outliers method='pqi' needs a target quantizer; set OutlierSelector.target (e.g. the RTN config)")
+            raise ValueError(f"outliers method={self.method!r} needs a target quantizer; set OutlierSelector.target (e.g. the RTN config)")
+        if self.method == "damage":
+            fisher = fisher_diagonal(model, linears, windows, self.batch_size, self.progress, loss_fn)
+            return damage_scores(fisher, linears, self.target, deltas)
         return pqi_scores(
             model, linears, self.target, windows, self.pqi_intervals, self.batch_size, self.progress,
             signed=signed, loss_fn=loss_fn, deltas=deltas,
@@ -530,8 +566,19 @@ class OutlierSelector:
         loss_fn: LossFn | None = None,
         deltas: Mapping[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        """Masks of the outliers: ``select_outliers(scores(...), ratio, budget)``."""
-        return select_outliers(self.scores(model, linears, windows, loss_fn, deltas), self.ratio, self.budget)
+        """Masks of the outliers: the top ``ratio`` % of the scores, in their smallest form (``masks.compact``).
+
+        ``method="all"`` selects every entry of every matrix (``masks.AllEntries``) and scores nothing.
+        """
+        if self.method == "all":
+            return {name: mask_ops.AllEntries(linear.weight.numel()) for name, linear in linears.items()}
+        scores = self.scores(model, linears, windows, loss_fn, deltas)
+        return self.masks_from_scores(scores)
+
+    def masks_from_scores(self, scores: Mapping[str, Tensor]) -> dict[str, mask_ops.Mask]:
+        """``select_outliers(scores, ratio, budget)``, each mask as indices, a bitmap or every entry, whichever is smallest."""
+        return {name: mask_ops.compact(idx, scores[name].numel())
+                for name, idx in select_outliers(scores, self.ratio, self.budget).items()}
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
