@@ -433,6 +433,87 @@ def plot_quality(result: dict[str, Any], path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
+def _derived_rows(result: dict[str, Any], corpus: str) -> dict[str, Any]:
+    rows = result["aggregate"]["derived"].get(corpus, {})
+    return {r: v for r, v in rows.items() if r != "rtn4_vs_pretrained_gptq4"}
+
+
+def _corpus_for_plots(result: dict[str, Any]) -> str | None:
+    derived = result["aggregate"]["derived"]
+    return next((c for c in ("wiki", "wiki_val", *derived) if _derived_rows(result, c)), None)
+
+
+def plot_gap_vs_steps(result: dict[str, Any], path: Path, quantizer: str = "rtn4") -> Path | None:
+    """Gap closed beyond the control (paired by seed) against training steps, one line per configuration.
+
+    Drawn when the study trained rows at several lengths (cells keyed ``row@steps``): it shows whether
+    longer training would close more of the gap.
+    """
+    corpus = _corpus_for_plots(result)
+    rows = _derived_rows(result, corpus) if corpus else {}
+    lines: dict[str, list[tuple[int, float, float]]] = {}
+    for key, per_q in rows.items():
+        stat = per_q.get(quantizer, {}).get("gap_closed")
+        if steps_of(key) is None or not stat or stat["n"] == 0:
+            continue
+        lines.setdefault(base_row(key), []).append((steps_of(key), stat["mean"], stat["std"] if stat["n"] > 1 else 0.0))
+    if not any(len(v) > 1 for v in lines.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from npft_lightning.io import save_figure
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, (row, points) in enumerate(sorted(lines.items())):
+        points.sort()
+        ax.errorbar([p[0] for p in points], [100 * p[1] for p in points], yerr=[100 * p[2] for p in points],
+                    marker="o", capsize=2, label=row_label(row), color=f"C{i % 10}")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("training steps (optimizer steps of 2 × 512 tokens)")
+    ax.set_ylabel(f"{quantizer} gap closed beyond the control (%)")
+    ax.set_title(f"{CORPORA.get(corpus, corpus)}: does longer training close more?")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    return save_figure(fig, path)
+
+
+def plot_frontier(result: dict[str, Any], path: Path, quantizer: str = "rtn4") -> Path | None:
+    """The trade-off: gap closed at ``quantizer`` against the unquantized PPL cost, both vs the control, one point per configuration."""
+    corpus = _corpus_for_plots(result)
+    rows = _derived_rows(result, corpus) if corpus else {}
+    points = [(key, per_q["fp"]["vs_control_pct"]["mean"], per_q[quantizer]["gap_closed"]["mean"])
+              for key, per_q in rows.items() if quantizer in per_q and per_q[quantizer]["gap_closed"]["n"] > 0]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from npft_lightning.io import save_figure
+
+    marked = {result["settings"].get("default_row"): "default recipe", result["settings"].get("deploy_row"): "deployment recipe"}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for key, cost, closed in points:
+        paper = base_row(key).startswith("npft_paper")
+        ax.scatter([cost], [100 * closed], marker="s" if paper else "o", color="C3" if paper else "C0",
+                   edgecolors="black" if key in marked else "none", s=60 if key in marked else 25, zorder=3)
+        label = key + (f" ({marked[key]})" if key in marked else "") + (" (the paper's noise)" if paper else "")
+        ax.annotate(label, (cost, 100 * closed), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.axvline(1.0, color="grey", linestyle="--", linewidth=0.8)
+    ax.text(1.0, ax.get_ylim()[1], " +1 % unquantized", fontsize=7, va="top", color="grey")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("unquantized PPL vs the control (%; right = costs more)")
+    ax.set_ylabel(f"{quantizer} gap closed beyond the control (%)")
+    ax.set_title(f"{CORPORA.get(corpus, corpus)}: what the quantized model gains against what the unquantized one pays")
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
 def write_results_block(path: Path, block: str) -> None:
     """Replace the generated block of ``path`` (or append it), keeping the hand-written text around it."""
     from npft_lightning.io import atomic_write_text
@@ -489,6 +570,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-json", default="docs/bench/quality.json")
     parser.add_argument("--results-md", default="docs/results.md")
     parser.add_argument("--plot", default="docs/bench/quality.png", help="the PPL-vs-control bar chart")
+    parser.add_argument("--steps-plot", default=None, help="gap closed vs training steps (default: beside --plot, *_steps.png)")
+    parser.add_argument("--frontier-plot", default=None, help="gap closed vs unquantized cost (default: beside --plot, *_frontier.png)")
+    parser.add_argument("--default-row", default=None, help="the row (ROW or ROW@STEPS) that experiment=npft_smollm2 runs")
+    parser.add_argument("--deploy-row", default=None, help="the row that the deployment recipe runs")
     parser.add_argument("--lock", default=None, help="hold this flock file around each train/eval subprocess")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     return parser
@@ -626,7 +711,8 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
                      "steps": args.steps, "max_eval_windows": args.max_eval_windows, "calib_windows": args.calib_windows,
                      "eval_seq_len": args.eval_seq_len, "overrides": args.overrides, "train_overrides": args.train_overrides,
                      "eval_overrides": args.eval_overrides,
-                     "reused_runs": {f"{r}:{s}": str(p) for (r, s), p in reuse.items()}, "reduced": reduced},
+                     "reused_runs": {f"{r}:{s}": str(p) for (r, s), p in reuse.items()}, "reduced": reduced,
+                     "default_row": args.default_row, "deploy_row": args.deploy_row},
         "corpora": corpora, "eval_split_of_corpus": split_of_corpus,
         "cells": cells,
         "aggregate": aggregate({k: cells[k] for k in sorted(cells, key=lambda k: (steps_of(k) or 0, args.rows.index(base_row(k))))
@@ -634,8 +720,11 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
         "failures": failures,
     }
     write_json(root(args.out_json), result)
-    if plot_quality(result, root(args.plot)):
-        print(f"wrote {root(args.plot)}")
+    plot = root(args.plot)
+    for draw, target in ((plot_quality, plot), (plot_gap_vs_steps, root(args.steps_plot or plot.with_name(plot.stem + "_steps.png"))),
+                         (plot_frontier, root(args.frontier_plot or plot.with_name(plot.stem + "_frontier.png")))):
+        if draw(result, target):
+            print(f"wrote {target}")
     write_results_block(root(args.results_md), render_markdown(result))
     return 1 if failures else 0
 

@@ -49,6 +49,30 @@ def test_aggregate_pairs_seeds_with_the_control():
     assert "control" not in agg["derived"]["wiki"]
 
 
+def test_rows_of_several_lengths_pair_with_the_control_of_the_same_length(tmp_path):
+    cells = {
+        "control@16": {"0": {"wiki": {"fp": 10.0, "rtn4": 14.0}}},
+        "control@64": {"0": {"wiki": {"fp": 9.0, "rtn4": 13.0}}},
+        "qerr_all@16": {"0": {"wiki": {"fp": 10.5, "rtn4": 13.0}}},
+        "qerr_all@64": {"0": {"wiki": {"fp": 9.9, "rtn4": 11.0}}},
+        "step_2@64": {"0": {"wiki": {"fp": 9.0, "rtn4": 12.0}}},
+    }
+    agg = quality.aggregate(cells, ["rtn4"])
+    derived = agg["derived"]["wiki"]
+    assert set(derived) == {"qerr_all@16", "qerr_all@64", "step_2@64"}  # no control row, whatever its length
+    assert derived["qerr_all@16"]["rtn4"]["gap_closed"]["mean"] == pytest.approx(0.25)  # (14-13)/(14-10)
+    assert derived["qerr_all@64"]["rtn4"]["gap_closed"]["mean"] == pytest.approx(0.5)   # (13-11)/(13-9)
+    assert derived["qerr_all@64"]["fp"]["vs_control_pct"]["mean"] == pytest.approx(10.0)
+    assert quality.control_of("qerr_all@64") == "control@64" and quality.base_row("qerr_all@64") == "qerr_all"
+    result = {"settings": {"quantizers": ["rtn4"], "seeds": [0], "default_row": "step_2@64", "deploy_row": "qerr_all@64"},
+              "aggregate": agg}
+    assert quality.plot_gap_vs_steps(result, tmp_path / "steps.png").stat().st_size > 0
+    assert quality.plot_frontier(result, tmp_path / "frontier.png").stat().st_size > 0
+    # one length only: there is no curve to draw
+    single = {"settings": result["settings"], "aggregate": quality.aggregate({k: v for k, v in cells.items() if "@64" in k}, ["rtn4"])}
+    assert quality.plot_gap_vs_steps(single, tmp_path / "none.png") is None
+
+
 def test_config_difference_names_the_first_differing_key():
     a = {"noise": {"scale": 1.0, "distribution": {"_target_": "A"}}, "seed": 0}
     assert quality.config_difference(a, json.loads(json.dumps(a))) is None

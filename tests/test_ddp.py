@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from peft import LoraConfig, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from npft_lightning import masks as mask_ops
 from npft_lightning.callbacks import FakeQuantValidation
 from npft_lightning.module import NPFTModule
 from npft_lightning.pipeline import build_quantizers
@@ -49,7 +50,7 @@ class RankProbe(Callback):
     @staticmethod
     def _outlier_values(pl_module: NPFTModule) -> dict[str, torch.Tensor]:
         linears = pl_module.decoder_linears()
-        return {n: linears[n].weight.detach().reshape(-1)[idx].clone() for n, idx in pl_module.outlier_masks.items()}
+        return {n: linears[n].weight.detach().reshape(-1)[mask_ops.index(m)].clone() for n, m in pl_module.outlier_masks.items()}
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: NPFTModule, batch, batch_idx: int) -> None:
         if trainer.global_step == 0:  # runs before the noise callback perturbs the weights
@@ -59,7 +60,7 @@ class RankProbe(Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: NPFTModule, optimizer) -> None:
         if trainer.global_step == 0:  # the step's noise is still in the weights
             noisy = self._outlier_values(pl_module)
-            torch.save({"masks": {k: v.cpu() for k, v in pl_module.outlier_masks.items()},
+            torch.save({"masks": {k: mask_ops.index(v, "cpu") for k, v in pl_module.outlier_masks.items()},
                         "noise": {k: noisy[k] - self.clean[k] for k in noisy}, "batch": self.batch,
                         "world_size": trainer.world_size}, self.out_dir / f"rank{trainer.global_rank}.pt")
 
@@ -110,6 +111,20 @@ def test_two_cpu_ranks_agree_and_match_a_single_process(tmp_path):
         assert metrics["ppl"]["before"][name] == pytest.approx(before[name], rel=1e-6)
         assert metrics["ppl"]["after"][name] == pytest.approx(after[name], rel=1e-6)
     assert after["fp"] != before["fp"]
+
+
+def test_two_cpu_ranks_draw_identical_quant_error_noise(tmp_path):
+    """The exact-error noise with Quant-Noise probability on bitmap masks (10 %): every rank perturbs identically."""
+    proc = run_sweep(tmp_path, "trainer=ddp_cpu", "noise=quant_error", "noise.distribution.probability=0.5", "outliers.ratio=10",
+                     "+callbacks.probe._target_=test_ddp.RankProbe", f"+callbacks.probe.out_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["masks"] and all(torch.equal(r0["masks"][k], r1["masks"][k]) for k in r0["masks"])
+    assert all(torch.equal(r0["noise"][k], r1["noise"][k]) for k in r0["noise"])
+    moved = sum(int((v != 0).sum()) for v in r0["noise"].values())
+    selected = sum(v.numel() for v in r0["noise"].values())
+    assert 0.3 * selected < moved < 0.6 * selected  # about half of the selected weights take their error
+    assert not torch.equal(r0["batch"], r1["batch"])
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
