@@ -212,6 +212,15 @@ class GaussianNoise(NoiseDistribution):
         return torch.randn(k, generator=generator) * sigma * self.scale
 
 
+def quantization_error(quantizer: WeightQuantizer, weight: Tensor) -> Tensor:
+    """Q(w) − w in float32: the quantizer's own fused form when it has one (RTN), else quantize and subtract."""
+    fused = getattr(quantizer, "quantization_error", None)
+    if callable(fused):
+        return fused(weight)
+    w = weight.float()
+    return quantizer.quantize_weight(w).float() - w
+
+
 class QuantErrorNoise(NoiseDistribution):
     """δ = scale · (Q(W') − W') at the selected weights, W' = W + ΔW_lora the merged weight.
 
@@ -243,8 +252,7 @@ class QuantErrorNoise(NoiseDistribution):
         k = _count(weight, indices)
         if k == 0:
             return torch.zeros(0)
-        merged = weight.detach().float()
-        error = _at(self.quantizer.quantize_weight(merged).float() - merged, indices)
+        error = _at(quantization_error(self.quantizer, weight.detach()), indices)
         if self.probability < 1.0:
             keep = torch.rand(k, generator=generator) < self.probability
             error = error * keep.to(error.device)

@@ -242,3 +242,28 @@ def test_damage_selector_picks_high_fisher_in_wide_rows(token_windows):
     masks = selector.masks_from_scores(scores)
     assert sum(mask_ops.count(m) for m in masks.values()) == sum(round(l.weight.numel() * 0.05) for l in linears.values())
     _ = magnitude_scores  # the magnitude selector keeps its own test
+
+
+@pytest.mark.parametrize("group_size,sym", [(None, False), (16, False), (16, True)])
+def test_fused_rtn_error_is_bit_identical_to_quantize_minus_weight(group_size, sym):
+    from npft_lightning.noise import quantization_error
+
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(9)) * 0.05
+    w[3] = 0.0  # an all-zero row takes the [-1, 1] range
+    q = RTN(3, group_size=group_size, sym=sym)
+    assert torch.equal(quantization_error(q, w), q.quantize_weight(w) - w)
+
+
+def test_checkpoint_state_of_every_mask_form_loads_with_weights_only(tmp_path):
+    from npft_lightning.callbacks import OutlierSelection
+
+    callback = OutlierSelection(OutlierSelector(method="all"))
+    callback.masks = {"a": mask_ops.AllEntries(64), "b": mask_ops.compact(torch.arange(0, 64, 2, dtype=torch.int32), 64),
+                      "c": torch.tensor([1, 5], dtype=torch.int32)}
+    torch.save(callback.state_dict(), tmp_path / "state.pt")
+    restored = OutlierSelection(OutlierSelector(method="all"))
+    restored.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert isinstance(restored.masks["a"], mask_ops.AllEntries) and restored.masks["a"].numel() == 64
+    assert isinstance(restored.masks["b"], mask_ops.BitMask)
+    assert torch.equal(mask_ops.index(restored.masks["b"]), torch.arange(0, 64, 2))
+    assert torch.equal(restored.masks["c"], callback.masks["c"])

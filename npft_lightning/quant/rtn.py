@@ -66,3 +66,18 @@ def rtn_step(weight: Tensor, bits: int, group_size: int | None = None, sym: bool
     scale, _ = rtn_params(weight, bits, group_size, sym)
     g = weight.shape[1] if group_size is None else group_size
     return scale.repeat_interleave(g, dim=1)
+
+
+def rtn_error(weight: Tensor, bits: int, group_size: int | None = None, sym: bool = False) -> Tensor:
+    """``rtn_quantize(weight) - weight`` in float32, bit for bit, with one full-size temporary.
+
+    The same float32 operations as encode + decode (round, add zero, clamp, subtract zero,
+    multiply by scale), done in place: the exact-error noise computes this for every decoder
+    weight at every optimizer step.
+    """
+    w = _grouped(weight.float(), group_size)
+    scale, zero = rtn_params(weight, bits, group_size, sym)
+    scale, zero = scale[..., None], zero[..., None]
+    q = torch.div(w, scale)
+    q.round_().add_(zero).clamp_(0, 2**bits - 1).sub_(zero).mul_(scale).sub_(w)
+    return q.reshape(weight.shape)

@@ -7,7 +7,7 @@ from typing import Mapping
 from torch import Tensor
 
 from npft_lightning.quant.base import WeightQuantizer
-from npft_lightning.quant.rtn import rtn_decode, rtn_encode, rtn_step
+from npft_lightning.quant.rtn import rtn_decode, rtn_encode, rtn_error, rtn_step
 
 
 class UniformGridQuantizer(WeightQuantizer):
@@ -41,6 +41,10 @@ class RTN(UniformGridQuantizer):
     def step(self, weight: Tensor) -> Tensor:
         """Per-element quantization step Δ (used by the ``uniform_step`` noise)."""
         return rtn_step(weight, self.bits, self.group_size, self.sym)
+
+    def quantization_error(self, weight: Tensor) -> Tensor:
+        """``quantize_weight(w) - w`` in float32 (used by the ``quant_error`` noise), computed in place."""
+        return rtn_error(weight, self.bits, self.group_size, self.sym)
 
 
 def default_name(family: str, bits: int, group_size: int | None, sym: bool = False) -> str:
