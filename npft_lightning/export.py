@@ -10,6 +10,7 @@ it, and ``save_pretrained`` writes the same folder format as a run's ``adapter/`
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=None, help="the run's config (default: <run>/.hydra/config.yaml)")
     parser.add_argument("--out", default=None, help="the adapter folder to write (default: <checkpoint>_adapter)")
     args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # as in train.py: library deprecation chatter
     with one_line_errors():
         check_args(args.checkpoint, args.out)
         cfg = run_config(args.checkpoint, args.config)
