@@ -234,8 +234,9 @@ def check_checkpoint(key: str, ckpt: Any, fix: str) -> None:
     else:
         try:  # mmap: the tensors stay on disk, only the structure is read
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            if not isinstance(state, dict) or "state_dict" not in state:
-                problem = "it holds no state_dict, so it is not a Lightning training checkpoint"
+            missing = [k for k in ("state_dict", "pytorch-lightning_version") if not isinstance(state, dict) or k not in state]
+            if missing:
+                problem = f"it holds no {' and no '.join(missing)}, so it is not a Lightning training checkpoint"
         except pickle.UnpicklingError as err:
             if "Weights only load failed" not in str(err):  # foreign objects inside: let Lightning decide
                 problem = f"it cannot be read ({err.__class__.__name__})"

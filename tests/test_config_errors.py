@@ -64,6 +64,8 @@ CASES = {
     "empty corpus": ([*TINY, "data=text_files", "data.corpus.train=[{empty}]"], "data.corpus.train: {empty} is empty (0 bytes)"),
     "checkpoint missing": ([*TINY, "ckpt_path={tmp}/run/checkpoints/last.ckpt"], "ckpt_path={tmp}/run/checkpoints/last.ckpt does not exist"),
     "checkpoint corrupt": ([*TINY, "ckpt_path={garbage}"], "ckpt_path={garbage} is not a usable checkpoint: it is truncated"),
+    "checkpoint not from Lightning": ([*TINY, "ckpt_path={plain}"], "ckpt_path={plain} is not a usable checkpoint: it holds no state_dict and no "
+                                                                    "pytorch-lightning_version, so it is not a Lightning training checkpoint"),
     "output dir not writable": ([*TINY, "paths.output_dir={afile}/out"], "paths.output_dir={afile}/out cannot be created or written ({afile} is a file"),
     "ddp without GPUs": pytest.param([*TINY, "trainer=ddp"], "needs a CUDA GPU, but none is visible (torch.cuda.is_available() is False); use trainer=ddp_cpu",
                                      marks=NO_GPU),
@@ -203,21 +205,25 @@ def assets(tmp_path_factory) -> dict[str, str]:
     (root / "exports" / "rtn4").mkdir(parents=True)
     (root / "exports" / "rtn4" / "notes.txt").write_text("not a quantized artefact\n")
     # A checkpoint (holding no adapter tensors) beside the config of a tiny-llama run, and one beside no config.
-    (root / "run" / "checkpoints").mkdir(parents=True)
-    (root / "run" / ".hydra").mkdir()
-    torch.save({"state_dict": {}}, root / "run" / "checkpoints" / "last.ckpt")
+    # A Lightning checkpoint (holding no adapter tensors) beside the config of a tiny-llama run, one beside no
+    # config, and a torch.save file that is not a Lightning checkpoint.
+    checkpoint = {"state_dict": {}, "pytorch-lightning_version": "2.5.0"}
+    (root / "trained" / "checkpoints").mkdir(parents=True)
+    (root / "trained" / ".hydra").mkdir()
+    torch.save(checkpoint, root / "trained" / "checkpoints" / "last.ckpt")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        OmegaConf.save(compose("train", overrides=["model=tiny-llama"]), root / "run" / ".hydra" / "config.yaml")
+        OmegaConf.save(compose("train", overrides=["model=tiny-llama"]), root / "trained" / ".hydra" / "config.yaml")
     (root / "lonely").mkdir()
-    torch.save({"state_dict": {}}, root / "lonely" / "last.ckpt")
+    torch.save(checkpoint, root / "lonely" / "last.ckpt")
+    torch.save({"weights": {}}, root / "plain.pt")
     (root / "other.yaml").write_text("a: 1\n")
     for job in ("0", "1"):  # a sweep whose second job has a corrupt metrics.json
         (root / "sweep" / job / ".hydra").mkdir(parents=True)
         (root / "sweep" / job / ".hydra" / "overrides.yaml").write_text(f"- noise.scale={job}\n")
     (root / "sweep" / "1" / "metrics.json").write_text("{truncated")
     names = ("afile", "garbage.ckpt", "empty.txt", "short.txt", "notamodel", "neox", "hf", "unloadable", "adapter", "noweights",
-             "badjson", "truncated", "exports", "lonely/last.ckpt", "other.yaml", "sweep")
-    return {name.split("/")[0]: str(root / name) for name in names} | {"tmp": str(root), "ckpt": str(root / "run" / "checkpoints" / "last.ckpt")}
+             "badjson", "truncated", "exports", "lonely/last.ckpt", "other.yaml", "sweep", "plain.pt")
+    return {name.split("/")[0]: str(root / name) for name in names} | {"tmp": str(root), "ckpt": str(root / "trained" / "checkpoints" / "last.ckpt")}
 
 
 def _fill(text: str, assets: dict[str, str]) -> str:
