@@ -31,16 +31,15 @@ from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
-from npft_lightning.config_eval import adapter_key, build_perturbations, variants_of
 from npft_lightning.adapters import check_adapter_fits
+from npft_lightning.config_eval import adapter_key, build_perturbations, variants_of
 from npft_lightning.evaluation import load_for_eval, quantizer_inputs, window_lengths
 from npft_lightning.io import atomic_write_json, atomic_write_text, save_figure
 from npft_lightning.layers import decoder_linears
 from npft_lightning.noise import noise_generator
 from npft_lightning.perplexity import dataset_nll, perplexity
 from npft_lightning.perturb import Perturbation, perturbed_activations, perturbed_weights
-from npft_lightning.pipeline import build_quantizers
-from npft_lightning.quant.base import fake_quantized
+from npft_lightning.quant.base import build_quantizers, fake_quantized
 
 PERTURBATION_FIELDS = ("variant", "perturbation", "target", "distribution", "relative", "sign_preserving", "mask", "ratio",
                        "group_size", "magnitude", "ppl", "ppl_unperturbed", "perturbed", "seconds")

@@ -27,9 +27,8 @@ from npft_lightning.errors import UserError
 from npft_lightning.io import atomic_write_json
 from npft_lightning.layers import decoder_linears
 from npft_lightning.perplexity import dataset_nll, perplexity
-from npft_lightning.pipeline import build_quantizers
 from npft_lightning.quant.artefact import load_quantized, quantized_size_report, save_quantized
-from npft_lightning.quant.base import fake_quantized
+from npft_lightning.quant.base import build_quantizers, fake_quantized
 from npft_lightning.sensitivity import fisher_diagonal
 
 log = logging.getLogger(__name__)
