@@ -31,38 +31,19 @@ from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
-from npft_lightning.errors import UserError
-from npft_lightning.evaluation import load_for_eval, quantizer_inputs
+from npft_lightning.adapters import check_adapter_fits
+from npft_lightning.config_eval import adapter_key, build_perturbations, variants_of
+from npft_lightning.evaluation import load_for_eval, quantizer_inputs, window_lengths
 from npft_lightning.io import atomic_write_json, atomic_write_text, save_figure
 from npft_lightning.layers import decoder_linears
 from npft_lightning.noise import noise_generator
 from npft_lightning.perplexity import dataset_nll, perplexity
 from npft_lightning.perturb import Perturbation, perturbed_activations, perturbed_weights
-from npft_lightning.pipeline import build_quantizers
-from npft_lightning.quant.base import fake_quantized
+from npft_lightning.quant.base import build_quantizers, fake_quantized
 
 PERTURBATION_FIELDS = ("variant", "perturbation", "target", "distribution", "relative", "sign_preserving", "mask", "ratio",
                        "group_size", "magnitude", "ppl", "ppl_unperturbed", "perturbed", "seconds")
 QUANT_FIELDS = ("variant", "quantizer", "ppl", "ppl_unquantized", "seconds")
-
-
-def variants_of(cfg: DictConfig) -> dict[str, str | None]:
-    """Variant name -> adapter folder (None = the pretrained model): ``cfg.adapters``, else the single ``cfg.adapter``."""
-    adapters = cfg.get("adapters") or {}
-    if adapters:
-        return {str(k): (None if v in (None, "", "null") else str(v)) for k, v in adapters.items()}
-    adapter = cfg.get("adapter")
-    return {"adapter" if adapter else "pretrained": adapter or None}
-
-
-def build_perturbations(cfg: DictConfig) -> list[Perturbation]:
-    """``cfg.perturb`` is a dict of named perturbation configs (``perturb=[w_uniform_element,...]`` selects several)."""
-    out = []
-    for key, pcfg in (cfg.get("perturb") or {}).items():
-        if not isinstance(pcfg, DictConfig) or "_target_" not in pcfg:
-            raise UserError(f"perturb.{key} is not a perturbation config (no _target_); pick one from conf/perturb/")
-        out.append(instantiate(pcfg, name=pcfg.get("name") or key, _convert_="all"))
-    return out
 
 
 def point_generator(seed: int, kind: str, index: int, device: torch.device) -> torch.Generator:
@@ -82,14 +63,8 @@ class Analysis:
         self.out_dir = Path(cfg.paths.output_dir)
         self.device = torch.device(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.perturbations = build_perturbations(cfg)
-        self.variants = variants_of(cfg)
-        for name, adapter in self.variants.items():
-            if adapter and not (Path(adapter).expanduser() / "adapter_config.json").is_file():
-                raise UserError(f"adapters.{name}={adapter} has no adapter_config.json; give the adapter/ folder a training run wrote")
-        if cfg.get("outliers_on") not in ("pretrained", "self"):
-            raise UserError(f"outliers_on={cfg.get('outliers_on')} is not one of pretrained, self")
-        if not self.perturbations and not (cfg.get("quant") or {}):
-            raise UserError("nothing to analyze: select perturbations (perturb=[w_uniform_element,...]) and/or quantizers (quant=[w8a8,...])")
+        self.variants = variants_of(cfg)  # options checked by config_eval.validate_scoring_config
+        self.lengths = window_lengths(build_quantizers(cfg).values(), outliers=any(p.mask == "outliers" for p in self.perturbations))
         self.rows: list[dict[str, Any]] = []
         self.quant_rows: list[dict[str, Any]] = []
         self.baselines: dict[str, float] = {}
@@ -102,11 +77,15 @@ class Analysis:
         datamodule = None
         with tqdm(total=points * len(self.variants), desc="analysis", unit="point") as bar:
             for variant, adapter in self.variants.items():
-                model, tokenizer = load_for_eval(OmegaConf.merge(self.cfg, {"adapter": adapter}))
-                model.to(self.device)
-                if datamodule is None:
+                model, tokenizer = load_for_eval(OmegaConf.merge(self.cfg, {"adapter": adapter}), self.lengths,
+                                                 adapter_key(self.cfg, variant))
+                if datamodule is None:  # the first model: every later variant's adapter must fit it too, before any scoring
+                    for other, folder in self.variants.items():
+                        if folder:
+                            check_adapter_fits(adapter_key(self.cfg, other), folder, model, self.cfg.model.name)
                     datamodule = instantiate(self.cfg.data, tokenizer=tokenizer)
                     datamodule.setup("validate")
+                model.to(self.device)
                 windows = datamodule.eval_windows(self.cfg.split)
                 linears = decoder_linears(model)
                 self.baselines[variant] = self._ppl(model, windows, f"{variant} unperturbed")
@@ -165,7 +144,7 @@ class Analysis:
         if self.cfg.outliers_on == "pretrained" and self._pretrained_masks is not None:
             return self._pretrained_masks
         if self.cfg.outliers_on == "pretrained" and adapter is not None:
-            base, _ = load_for_eval(OmegaConf.merge(self.cfg, {"adapter": None}))
+            base, _ = load_for_eval(OmegaConf.merge(self.cfg, {"adapter": None}), self.lengths)
             base.to(self.device)
             masks = self._select(base, decoder_linears(base), datamodule)
             del base

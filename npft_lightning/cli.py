@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator, NoReturn
 
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -47,36 +49,53 @@ def run(cfg: DictConfig, task: str) -> Any:
     from npft_lightning.errors import RunInterrupted
 
     try:
-        from npft_lightning.config import validate_config
+        with one_line_errors():
+            from npft_lightning.config import validate_config
 
-        validate_config(cfg)
-        from lightning.pytorch.utilities import rank_zero_only
+            validate_config(cfg, task)
+            from lightning.pytorch.utilities import rank_zero_only
 
-        if rank_zero_only.rank == 0 and cfg.get("print_config", True):
-            print_config_tree(cfg)
-        if task == "train":
-            from npft_lightning.pipeline import train
+            if rank_zero_only.rank == 0 and cfg.get("print_config", True):
+                print_config_tree(cfg)
+            if task == "train":
+                from npft_lightning.pipeline import train
 
-            return train(cfg)
-        if task == "eval":
-            from npft_lightning.evaluation import evaluate
+                return train(cfg)
+            if task == "eval":
+                from npft_lightning.evaluation import evaluate
 
-            return evaluate(cfg)
-        if task == "analyze":
-            from npft_lightning.analysis import analyze
+                return evaluate(cfg)
+            if task == "analyze":
+                from npft_lightning.analysis import analyze
 
-            return analyze(cfg)
-        raise ValueError(f"unknown task {task!r}")
+                return analyze(cfg)
+            raise ValueError(f"unknown task {task!r}")
     except RunInterrupted:
         sys.exit(130)
     except KeyboardInterrupt:
         print(f"interrupted by Ctrl-C{' before training started' if task == 'train' else ''}: nothing was saved, run the same command again", file=sys.stderr)
         sys.exit(130)
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """A user error inside the block (see :func:`user_message`) becomes one ``error:`` line on stderr and exit code 2;
+    anything else, or everything with ``HYDRA_FULL_ERROR=1``, keeps its traceback."""
+    try:
+        yield
     except Exception as err:  # noqa: BLE001 - only user errors are shortened, everything else re-raises
         message = user_message(err)
         if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the ``python -m npft_lightning.<module>`` tools: a bad command line is one ``error:`` line, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
         sys.exit(2)
 
 

@@ -22,6 +22,8 @@ from npft_lightning.errors import UserError
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32", "16", "bf16", "64")
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "tpu", "auto")
 LR_DECAYS = ("linear", "cosine", "constant")
+# The splits every corpus is cut into (data.py), the names eval.py's ``splits`` and analyze.py's ``split`` take.
+SPLITS = ("train", "validation", "test")
 # ``ckpt_path`` values Lightning resolves itself instead of reading a file.
 CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 
@@ -34,11 +36,22 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _positive_int(key: str, value: Any, fix: str, allow_none: bool = False) -> None:
+def _positive_int(key: str, value: Any, fix: str, allow_none: bool = False, low: int = 1) -> None:
     if value is None and allow_none:
         return
-    if not _is_int(value) or value < 1:
-        raise UserError(f"{key}={value} must be an integer >= 1{' or null' if allow_none else ''}; {fix}")
+    if not _is_int(value) or value < low:
+        raise UserError(f"{key}={value} must be an integer >= {low}{' or null' if allow_none else ''}; {fix}")
+
+
+def check_length(key: str, value: Any) -> None:
+    """A window length: at least 2 tokens, since a window of one token has nothing to predict."""
+    _positive_int(key, value, "a window of one token has no next token to predict", low=2)
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 # ------------------------------------------------------------------------------------------ groups
@@ -95,10 +108,12 @@ def _check_noise_and_outliers(cfg: DictConfig) -> None:
 
 
 def _check_data(data: DictConfig) -> None:
-    fix = "see conf/data/wiki_vital.yaml"
-    for key in ("seq_len", "eval_seq_len", "batch_size", "eval_batch_size"):
+    for key in ("seq_len", "eval_seq_len"):
         if key in data:
-            _positive_int(f"data.{key}", data.get(key), fix)
+            check_length(f"data.{key}", data.get(key))
+    for key in ("batch_size", "eval_batch_size"):
+        if key in data:
+            _positive_int(f"data.{key}", data.get(key), "see conf/data/wiki_vital.yaml")
     for key in ("max_train_windows", "max_eval_windows"):
         if key in data:
             _positive_int(f"data.{key}", data.get(key), "null uses every window", allow_none=True)
@@ -156,11 +171,14 @@ def _check_training(cfg: DictConfig) -> None:
     limit = cfg.get("max_nonfinite_steps")
     if limit is not None and (not _is_int(limit) or limit < 0):
         raise UserError(f"max_nonfinite_steps={limit} must be an integer >= 0 (0 = never stop on NaN losses)")
+    curvature = cfg.get("curvature")
+    if isinstance(curvature, DictConfig):
+        _positive_int("curvature.windows", curvature.get("windows"), "the windows the curvature probe averages over")
+        check_length("curvature.length", curvature.get("length"))
+        _positive_int("curvature.draws", curvature.get("draws"), "noise draws per window of the curvature probe")
 
 
 def _check_trainer(trainer: DictConfig) -> None:
-    import torch
-
     steps = trainer.get("max_steps")
     if steps is not None and (not _is_int(steps) or steps < -1):
         raise UserError(f"trainer.max_steps={steps} must be -1 (no limit, use trainer.max_epochs) or a number of steps >= 0")
@@ -174,7 +192,7 @@ def _check_trainer(trainer: DictConfig) -> None:
     if accelerator not in ACCELERATORS:
         raise UserError(f"trainer.accelerator={accelerator} is not one of {', '.join(ACCELERATORS)}")
     strategy = str(trainer.get("strategy", "auto"))
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = visible_gpus()
     if accelerator in ("gpu", "cuda") and gpus == 0:
         fix = ("use trainer=ddp_cpu to try DDP with CPU processes, or trainer=cpu" if "ddp" in strategy
                else "use trainer=cpu (the default)")
@@ -197,29 +215,35 @@ def _check_ckpt(ckpt: Any) -> None:
     """``ckpt_path`` must be an intact Lightning checkpoint: checked here in a second instead of after the model loads."""
     if not ckpt or str(ckpt) in CKPT_KEYWORDS:
         return
+    check_checkpoint("ckpt_path", ckpt, "resume from another one (the step_*.ckpt beside it, with "
+                                        "callbacks.model_checkpoint.save_top_k=-1) or start afresh")
+
+
+def check_checkpoint(key: str, ckpt: Any, fix: str) -> None:
+    """One line naming ``key`` unless ``ckpt`` is a readable Lightning training checkpoint (only its structure is read)."""
     import torch
 
     path = Path(str(ckpt)).expanduser()
     if not path.is_file():
         near = sorted(p.name for p in path.parent.glob("*.ckpt")) if path.parent.is_dir() else []
         where = f"checkpoints in {path.parent}: {', '.join(near)}" if near else "give <run dir>/checkpoints/last.ckpt of an earlier run"
-        raise UserError(f"ckpt_path={ckpt} does not exist; {where}")
+        raise UserError(f"{key}={ckpt} does not exist; {where}")
     problem = None
     if not zipfile.is_zipfile(path):
         problem = "it is truncated or not a file torch.save wrote"
     else:
         try:  # mmap: the tensors stay on disk, only the structure is read
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            if not isinstance(state, dict) or "state_dict" not in state:
-                problem = "it holds no state_dict, so it is not a Lightning training checkpoint"
+            missing = [k for k in ("state_dict", "pytorch-lightning_version") if not isinstance(state, dict) or k not in state]
+            if missing:
+                problem = f"it holds no {' and no '.join(missing)}, so it is not a Lightning training checkpoint"
         except pickle.UnpicklingError as err:
             if "Weights only load failed" not in str(err):  # foreign objects inside: let Lightning decide
                 problem = f"it cannot be read ({err.__class__.__name__})"
         except Exception as err:  # noqa: BLE001 - any failure to read it means the same to the user
             problem = f"it cannot be read ({err.__class__.__name__})"
     if problem:
-        raise UserError(f"ckpt_path={ckpt} is not a usable checkpoint: {problem}; resume from another one "
-                        f"(the step_*.ckpt beside it, with callbacks.model_checkpoint.save_top_k=-1) or start afresh")
+        raise UserError(f"{key}={ckpt} is not a usable checkpoint: {problem}; {fix}")
 
 
 def check_writable_dir(key: str, path: str | Path, fix: str, create: bool = True) -> None:
@@ -247,13 +271,54 @@ def check_writable_dir(key: str, path: str | Path, fix: str, create: bool = True
     raise UserError(f"{key}={path} cannot be created or written ({reason}); {fix}")
 
 
+def check_output_dir(key: str, path: str | Path, marker: str, what: str, fix: str) -> None:
+    """A folder this tool replaces whole (an export): writable, and not some other folder that replacing it would delete.
+
+    ``marker`` is the file that shows an existing folder is one of ours (``what``); a missing or empty folder is fine.
+    """
+    check_writable_dir(key, path, fix, create=False)
+    path = Path(path).expanduser()
+    if path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
+        raise UserError(f"{key}={path} already exists and is not {what} (no {marker}), so writing there would replace "
+                        f"what it holds; {fix}")
+
+
+def check_device(key: str, value: Any) -> None:
+    """``device`` for eval.py / analyze.py: null (cuda when available, else cpu), cpu, cuda, cuda:<n> or mps."""
+    if value is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(str(value))
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"{key}={value} is not one of cpu, cuda, cuda:<index>, mps; or null (cuda when available, else cpu)")
+    gpus = visible_gpus()
+    if device.type == "cuda" and gpus == 0:
+        raise UserError(f"{key}={value} needs a CUDA GPU, but none is visible (torch.cuda.is_available() is False); "
+                        f"use {key}=cpu or null")
+    if device.type == "cuda" and device.index is not None and device.index >= gpus:
+        raise UserError(f"{key}={value} but only {gpus} GPU(s) are visible; use {key}=cuda:0 .. cuda:{gpus - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{key}={value} needs Apple's MPS backend, which this PyTorch cannot use; use {key}=cpu or null")
+
+
 # ------------------------------------------------------------------------------------------ entry
-def validate_config(cfg: DictConfig) -> None:
-    """Every check that needs only the config (and the file system): before the model is loaded."""
+def validate_config(cfg: DictConfig, task: str = "train") -> None:
+    """Every check that needs only the config (and the file system): before the model is loaded.
+
+    The groups every entry point shares are checked here; ``eval`` and ``analyze`` add their own
+    options (:mod:`npft_lightning.config_eval`).
+    """
     for name, q in (cfg.get("quant") or {}).items():
         if not isinstance(q, DictConfig) or "_target_" not in q:
             raise UserError(f"quant.{name} is not a quantizer config (no _target_); pick one from conf/quant/")
         _check_quant(name, q)
+    seed = cfg.get("seed")
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise UserError(f"seed={seed} must be an integer >= 0")
     _check_noise_and_outliers(cfg)
     if cfg.get("data") is not None:
         _check_data(cfg.data)
@@ -270,29 +335,41 @@ def validate_config(cfg: DictConfig) -> None:
         check_writable_dir("paths.output_dir", paths.output_dir, "point hydra.run.dir (or paths.output_dir) to a writable folder")
     if paths.get("cache_dir"):
         check_writable_dir("paths.cache_dir", paths.cache_dir, "set NPFT_CACHE (or paths.cache_dir) to a writable folder")
+    if task in ("eval", "analyze"):
+        from npft_lightning.config_eval import validate_scoring_config
+
+        validate_scoring_config(cfg, task)
 
 
-def validate_against_model(cfg: DictConfig, model) -> None:
-    """Checks that need the model's shapes (seconds after loading, before any training or evaluation)."""
+def validate_against_model(cfg: DictConfig, model, lengths: tuple[str, ...] = ("data.seq_len", "data.eval_seq_len")) -> None:
+    """Checks that need the model's shapes (seconds after loading, before any training or evaluation).
+
+    ``lengths``: the dotted keys of the window lengths this run feeds the model, none longer than its context.
+    """
+    from omegaconf import OmegaConf
+
     from npft_lightning.layers import decoder_linears
     from npft_lightning.models import max_context
 
     context = max_context(model)
-    data = cfg.get("data") or {}
-    for key in ("seq_len", "eval_seq_len"):
-        length = data.get(key)
+    for key in lengths:
+        length = OmegaConf.select(cfg, key)
         if length is not None and context and length > context:
-            raise UserError(f"data.{key}={length} is longer than the model's context of {context} tokens; use data.{key}<={context}")
+            raise UserError(f"{key}={length} is longer than the model's context of {context} tokens; use {key}<={context}")
     linears = decoder_linears(model)
+    groups = []  # (key, group size): quantizers' (also a nested base or weight part) and weight perturbations'
     for qname, q in (cfg.get("quant") or {}).items():
-        groups = [q.get("group_size"), (q.get("base") or {}).get("group_size"), (q.get("weight") or {}).get("group_size")]
-        for group in (g for g in groups if g):
-            for lname, linear in linears.items():
-                if linear.in_features % group:
-                    raise UserError(
-                        f"quant.{qname}.group_size={group} does not divide the {linear.in_features} input features of "
-                        f"{lname}; pick a divisor of {linear.in_features} (e.g. 32 or 64) or null for per-channel"
-                    )
+        for part in (q, q.get("base") or {}, q.get("weight") or {}):
+            groups.append((f"quant.{qname}.group_size", part.get("group_size")))
+    for pname, p in (cfg.get("perturb") or {}).items():
+        groups.append((f"perturb.{pname}.group_size", p.get("group_size")))
+    for key, group in ((k, g) for k, g in groups if g):
+        for lname, linear in linears.items():
+            if linear.in_features % group:
+                raise UserError(
+                    f"{key}={group} does not divide the {linear.in_features} input features of "
+                    f"{lname}; pick a divisor of {linear.in_features} (e.g. 32 or 64) or null for per-channel"
+                )
     peft = cfg.get("peft") or {}
     targets = peft.get("target_modules")
     if targets:

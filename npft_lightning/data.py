@@ -23,12 +23,12 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from npft_lightning.config import SPLITS
 from npft_lightning.errors import UserError
 from npft_lightning.io import atomic_file
 from npft_lightning.models import ByteTokenizer, default_cache_dir, package_dir
 from npft_lightning.perplexity import cut_windows
 
-SPLITS = ("train", "validation", "test")
 DOC_SEPARATOR = "\n\n"
 _TOKEN_CACHE_VERSION = 1  # bump when the token cache format or the tokenization rule changes
 

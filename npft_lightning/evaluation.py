@@ -20,44 +20,50 @@ from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
+from npft_lightning.adapters import merge_adapter
+from npft_lightning.config import validate_against_model
+from npft_lightning.config_eval import splits_of
 from npft_lightning.errors import UserError
 from npft_lightning.io import atomic_write_json
 from npft_lightning.layers import decoder_linears
 from npft_lightning.perplexity import dataset_nll, perplexity
-from npft_lightning.pipeline import build_quantizers
 from npft_lightning.quant.artefact import load_quantized, quantized_size_report, save_quantized
-from npft_lightning.quant.base import fake_quantized
+from npft_lightning.quant.base import build_quantizers, fake_quantized
 from npft_lightning.sensitivity import fisher_diagonal
 
 log = logging.getLogger(__name__)
 
 
-def load_for_eval(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
-    """The model of ``cfg.model`` with the adapter folder ``cfg.adapter`` merged in, if one is given."""
+def load_for_eval(cfg: DictConfig, lengths: tuple[str, ...] = ("data.eval_seq_len",), key: str = "adapter") -> tuple[torch.nn.Module, Any]:
+    """The model of ``cfg.model``, checked against the config (the window lengths ``lengths``, group sizes),
+    with the adapter folder ``cfg.adapter`` (named ``key`` in messages) checked against it and merged in."""
     model, tokenizer = instantiate(cfg.model).load()
-    adapter = cfg.get("adapter")
-    if adapter:
-        path = Path(str(adapter)).expanduser()
-        if not (path / "adapter_config.json").is_file():
-            raise UserError(f"adapter={adapter} has no adapter_config.json; give the adapter/ folder a training run wrote")
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    validate_against_model(cfg, model, lengths)
+    if cfg.get("adapter"):
+        model = merge_adapter(model, key, cfg.adapter, cfg.model.name)
     return model.eval(), tokenizer
 
 
+def needs_inputs(quantizer) -> bool:
+    """Whether :func:`quantizer_inputs` computes anything for ``quantizer``: GPTQ's calibration windows, k-means' Fisher."""
+    return quantizer is not None and (quantizer.needs_calibration or getattr(quantizer, "sensitivity", False) is None)
+
+
+def window_lengths(quantizers, outliers: bool = False) -> tuple[str, ...]:
+    """The window lengths a scoring run feeds the model: evaluation, and calibration where a quantizer or the outliers need it."""
+    return ("data.eval_seq_len",) + (("calibration.length",) if any(map(needs_inputs, quantizers)) else ()) + (
+        ("outliers.calibration_length",) if outliers else ())
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    model, tokenizer = load_for_eval(cfg)
+    quantizers = {"fp": None, **build_quantizers(cfg)}
+    model, tokenizer = load_for_eval(cfg, window_lengths(quantizers.values()))
     device = torch.device(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     datamodule.setup("validate")
-    quantizers = {"fp": None, **build_quantizers(cfg)}
-    if cfg.get("export_dir"):
-        runtime = [name for name, q in quantizers.items() if getattr(q, "activation", None) is not None]
-        if runtime:
-            raise UserError(f"export_dir cannot hold {', '.join(runtime)}: activation quantization happens at run time; "
-                            f"export the weight-only quantizers (e.g. quant=rtn4) or drop export_dir")
+    if any(map(needs_inputs, quantizers.values())):  # a train split too short to calibrate on stops here, not after scoring
+        datamodule.calibration_windows(0, cfg.calibration.length)
     linears = decoder_linears(model)
     results: dict[str, dict[str, float]] = {}
     timings: dict[str, float] = {}
@@ -65,7 +71,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     exports: dict[str, dict[str, Any]] = {}
     config = OmegaConf.to_container(cfg, resolve=True)
     path = Path(cfg.paths.output_dir) / "metrics.json"
-    windows = {split: datamodule.eval_windows(split) for split in cfg.splits}
+    windows = {split: datamodule.eval_windows(split) for split in splits_of(cfg)}
     for split, split_windows in windows.items():
         results[split] = {"_tokens": int(split_windows.numel()), "_windows": int(split_windows.size(0))}
     # Quantizer by quantizer, each scored on every split: a calibrated quantizer (GPTQ) runs once per model.
@@ -90,8 +96,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 tqdm.write(line)
                 atomic_write_json(path, {"ppl": results, "seconds": timings, "exports": exports, "complete": False, "config": config})
         if quantizer is not None and cfg.get("export_dir"):
-            first = cfg.splits[0]
-            exports[name] = export_and_check(model, linears, quantizer, Path(str(cfg.export_dir)) / name, calibration, windows[first], cfg, device)
+            first = next(iter(windows))
+            try:
+                exports[name] = export_and_check(model, linears, quantizer, Path(str(cfg.export_dir)).expanduser() / name,
+                                                 calibration, windows[first], cfg, device)
+            except OSError as err:  # the folder was writable when the run started: a full disk, a lost mount
+                raise UserError(f"export_dir={cfg.export_dir}: writing {name} failed ({err.strerror or err}); the perplexities "
+                                f"measured so far are in {path}") from err
     metrics = {"ppl": results, "seconds": timings, "exports": exports, "complete": True, "config": config}
     atomic_write_json(path, metrics)
     print_eval_table(results)

@@ -33,18 +33,10 @@ from npft_lightning.loggers import AlignLogOnResume
 from npft_lightning.models import default_lora_targets
 from npft_lightning.module import NPFTModule
 from npft_lightning.nonfinite import NonFiniteGuard
+from npft_lightning.quant.base import build_quantizers
 from npft_lightning.report import print_summary
 
 log = logging.getLogger(__name__)
-
-
-def build_quantizers(cfg: DictConfig) -> dict[str, Any]:
-    """``cfg.quant`` is a dict of named quantizer configs (``quant=[rtn4,rtn3_g32]`` selects several)."""
-    quantizers = {}
-    for key, qcfg in (cfg.get("quant") or {}).items():
-        quantizer = instantiate(qcfg)
-        quantizers[quantizer.name] = quantizer
-    return quantizers
 
 
 def build_callbacks(cfg: DictConfig, quantizers: dict[str, Any]) -> tuple[list[pl.Callback], dict[str, pl.Callback]]:

@@ -9,7 +9,6 @@ is marked in the table and drawn as a dashed line, the pretrained model ("before
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -23,6 +22,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from npft_lightning.errors import UserError
 from npft_lightning.io import atomic_write_text, save_figure
 
 
@@ -105,15 +105,27 @@ def _job_order(path: Path) -> tuple[int, str]:
     return (int(path.name), "") if path.name.isdigit() else (1 << 30, str(path))
 
 
+def _read(path: Path, parse, what: str) -> Any:
+    """``parse`` of the text of ``path``; one line naming the file when it cannot be read or parsed."""
+    try:
+        return parse(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
+        raise UserError(f"{path} cannot be read as {what} ({err.__class__.__name__}); rerun that job, or move its folder "
+                        f"out of the sweep to report the others") from err
+
+
 def load_sweep(root: str | Path) -> list[Job]:
     """Every job under ``root`` (a multirun folder, or a single run folder), in job-number order."""
     root = Path(root)
     jobs = []
     for overrides_file in root.rglob(".hydra/overrides.yaml"):
         path = overrides_file.parent.parent
-        overrides = dict(parse_override(o) for o in (yaml.safe_load(overrides_file.read_text()) or []))
+        listed = _read(overrides_file, yaml.safe_load, "Hydra's overrides (YAML)") or []
+        if not isinstance(listed, list):
+            raise UserError(f"{overrides_file} is not a list of overrides; rerun that job, or move its folder out of the sweep")
+        overrides = dict(parse_override(str(o)) for o in listed)
         metrics_file = path / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+        metrics = _read(metrics_file, json.loads, "JSON") if metrics_file.is_file() else None
         jobs.append(Job(path, overrides, metrics))
     return sorted(jobs, key=lambda job: _job_order(job.path))
 
@@ -248,7 +260,8 @@ def write_sweep_report(root: str | Path, out_dir: str | Path | None = None) -> d
     root = Path(root)
     jobs = load_sweep(root)
     if not jobs:
-        raise FileNotFoundError(f"no Hydra jobs (.hydra/overrides.yaml) under {root}")
+        raise UserError(f"sweep_dir={root} holds no Hydra job (no .hydra/overrides.yaml below it); give the folder of a "
+                        "train.py -m sweep (logs/<task>/multiruns/<date>_<time>) or of one run")
     keys = swept_keys(jobs)
     for job in jobs:
         job.values = {k: parse_value(job.overrides[k]) if k in job.overrides else None for k in keys}
@@ -263,12 +276,30 @@ def write_sweep_report(root: str | Path, out_dir: str | Path | None = None) -> d
     return files
 
 
+def check_args(sweep_dir: str, out: str | None) -> None:
+    """The command line, before any job is read: the sweep folder exists, the report's folder is writable."""
+    from npft_lightning.config import check_writable_dir
+
+    root = Path(sweep_dir).expanduser()
+    if not root.is_dir():
+        problem = "is a file, not a folder" if root.exists() else "does not exist"
+        raise UserError(f"sweep_dir={sweep_dir} {problem}; give the folder of a train.py -m sweep "
+                        "(logs/<task>/multiruns/<date>_<time>) or of one run")
+    key, folder = ("--out", out) if out is not None else ("sweep_dir", sweep_dir)
+    check_writable_dir(key, folder, "pass --out <a writable folder> for report.md, report.csv and the plots", create=False)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Aggregate a Hydra multirun of train.py into a table and plots.")
+    from npft_lightning.cli import ArgumentParser, one_line_errors
+
+    parser = ArgumentParser(prog="python -m npft_lightning.report",
+                            description="Aggregate a Hydra multirun of train.py into a table and plots.")
     parser.add_argument("sweep_dir", help="the multirun folder (logs/<task>/multiruns/<date>_<time>) or one run folder")
     parser.add_argument("--out", default=None, help="where to write report.md/.csv and the plots (default: sweep_dir)")
     args = parser.parse_args(argv)
-    files = write_sweep_report(args.sweep_dir, args.out)
+    with one_line_errors():
+        check_args(args.sweep_dir, args.out)
+        files = write_sweep_report(args.sweep_dir, args.out)
     print(files["md"].read_text())
     for path in files.values():
         print(f"wrote {path}")

@@ -77,7 +77,7 @@ CASES = {
     "unknown perturbation": (["perturb=[w_uniform_range,w_loud]"], "unknown perturb 'w_loud'"),
     "bad reference": (["perturb=w_uniform_range", "perturb.w_uniform_range.relative=row"], "relative='row' is not one of element, range"),
     "outliers on activations": (["perturb=a_uniform_range", "perturb.a_uniform_range.mask=outliers"], "mask=outliers marks weights"),
-    "adapter without config": (["adapters={x:/nonexistent/adapter}"], "adapters.x=/nonexistent/adapter has no adapter_config.json"),
+    "adapter without config": (["adapters={x:/nonexistent/adapter}"], "adapters.x=/nonexistent/adapter does not exist"),
     "nothing to do": (["perturb=none"], "nothing to analyze"),
     "bad clip ratio": (["perturb=none", "quant=w4a8", "quant.w4a8.activation.clip_ratio=2"], "quant.w4a8.activation.clip_ratio=2 must be in (0, 1]"),
 }

@@ -1,7 +1,9 @@
-"""The bad-input catalogue: each entry through the real ``train.py`` in a subprocess -> exit code 2, one line, no traceback.
+"""The bad-input catalogue: each entry through the real entry point in a subprocess -> exit code 2, one line, no traceback.
 
-The README's Troubleshooting table lists the same entries. Every error here fires before training
-starts: most before the model loads (about 2 s), the rest right after a tiny model loads.
+``CASES`` drive ``train.py``; ``ENTRY_CASES`` drive ``eval.py``, ``analyze.py``, ``python -m npft_lightning.report``
+and ``python -m npft_lightning.export``. The README's Troubleshooting tables list the same entries. Every
+error here fires before training or scoring starts: most before the model loads (about 2 s), the rest
+right after a tiny model loads.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from _pytest.mark.structures import ParameterSet
 
 from test_train_entry import ROOT, run_train
 
@@ -60,6 +64,8 @@ CASES = {
     "empty corpus": ([*TINY, "data=text_files", "data.corpus.train=[{empty}]"], "data.corpus.train: {empty} is empty (0 bytes)"),
     "checkpoint missing": ([*TINY, "ckpt_path={tmp}/run/checkpoints/last.ckpt"], "ckpt_path={tmp}/run/checkpoints/last.ckpt does not exist"),
     "checkpoint corrupt": ([*TINY, "ckpt_path={garbage}"], "ckpt_path={garbage} is not a usable checkpoint: it is truncated"),
+    "checkpoint not from Lightning": ([*TINY, "ckpt_path={plain}"], "ckpt_path={plain} is not a usable checkpoint: it holds no state_dict and no "
+                                                                    "pytorch-lightning_version, so it is not a Lightning training checkpoint"),
     "output dir not writable": ([*TINY, "paths.output_dir={afile}/out"], "paths.output_dir={afile}/out cannot be created or written ({afile} is a file"),
     "ddp without GPUs": pytest.param([*TINY, "trainer=ddp"], "needs a CUDA GPU, but none is visible (torch.cuda.is_available() is False); use trainer=ddp_cpu",
                                      marks=NO_GPU),
@@ -75,18 +81,106 @@ CASES = {
     "architecture without default LoRA targets": (["model=local", "model.path={neox}", "data.eval_seq_len=128"],
                                                   "no default LoRA targets for model_type='gpt_neox'; the decoder blocks hold the linear layers "
                                                   "['dense', 'dense_4h_to_h', 'dense_h_to_4h', 'query_key_value']"),
+    "one-token training windows": ([*TINY, "data.seq_len=1"], "data.seq_len=1 must be an integer >= 2; a window of one token has no next token"),
+    "no curvature windows": ([*TINY, "curvature.windows=0"], "curvature.windows=0 must be an integer >= 1"),
     "corpus shorter than one window": ([*SMALL, "data=text_files", "data.corpus.train=[{short}]", "data.corpus.validation=[{short}]",
                                         "data.corpus.test=[{short}]"],
                                        "the train split of text_files has 40 tokens, fewer than one window of seq_len=64"),
 }
 
 
+# The other entry points: (entry, arguments, the text the one line must contain). Checks of config values run
+# with UNLOADABLE, a model folder that fails to load: their line coming first shows they fire before the model
+# loads. Checks against the model run with the tiny one.
+UNLOADABLE = ["model=local", "model.path={unloadable}", "data.eval_seq_len=128", "data.max_eval_windows=1"]
+SCORE_TINY = ["model=tiny-llama", "data.eval_seq_len=128", "data.max_eval_windows=1", "calibration.windows=2", "calibration.length=64"]
+ENTRY_CASES = {
+    # --- eval.py, its own options (before the model loads)
+    "eval: unknown split": ("eval.py", [*UNLOADABLE, "splits=[valid]"], "splits=['valid']: 'valid' is not a split; choose from train, validation, test"),
+    "eval: no split": ("eval.py", [*UNLOADABLE, "splits=[]"], "splits=[] selects no split to score"),
+    "eval: one-token windows": ("eval.py", [*UNLOADABLE, "data.eval_seq_len=1"], "data.eval_seq_len=1 must be an integer >= 2"),
+    "eval: adapter missing": ("eval.py", [*UNLOADABLE, "adapter={tmp}/nothing"], "adapter={tmp}/nothing does not exist; give the adapter/ folder"),
+    "eval: checkpoint given as adapter": ("eval.py", [*UNLOADABLE, "adapter={ckpt}"],
+                                          "adapter={ckpt} is a file, not an adapter folder; export it first: python -m npft_lightning.export {ckpt}"),
+    "eval: adapter without weights": ("eval.py", [*UNLOADABLE, "adapter={noweights}"],
+                                      "adapter={noweights} has no adapter weights (adapter_model.safetensors or adapter_model.bin)"),
+    "eval: adapter config not JSON": ("eval.py", [*UNLOADABLE, "adapter={badjson}"], "adapter={badjson}: adapter_config.json cannot be read (JSONDecodeError)"),
+    "eval: adapter weights truncated": ("eval.py", [*UNLOADABLE, "adapter={truncated}"],
+                                        "adapter={truncated}: adapter_model.safetensors cannot be read"),
+    "eval: export under a file": ("eval.py", [*UNLOADABLE, "quant=rtn4", "export_dir={afile}/exports"],
+                                  "export_dir={afile}/exports cannot be created or written ({afile} is a file, not a folder)"),
+    "eval: export over another folder": ("eval.py", [*UNLOADABLE, "quant=rtn4", "export_dir={exports}"],
+                                         "export_dir={exports}/rtn4 already exists and is not a quantized artefact (no quant_config.json)"),
+    "eval: export of an activation quantizer": ("eval.py", [*UNLOADABLE, "quant=w4a8", "export_dir={tmp}/exports"],
+                                                "export_dir cannot hold w4a8: activation quantization happens at run time"),
+    "eval: export without a quantizer": ("eval.py", [*UNLOADABLE, "quant=none", "export_dir={tmp}/exports"],
+                                         "export_dir={tmp}/exports has nothing to hold: quant selects no quantizer"),
+    "eval: unknown device": ("eval.py", [*UNLOADABLE, "device=tpu"], "device=tpu is not one of cpu, cuda, cuda:<index>, mps"),
+    "eval: GPU device without a GPU": pytest.param("eval.py", [*UNLOADABLE, "device=cuda"], "device=cuda needs a CUDA GPU, but none is visible",
+                                                   marks=NO_GPU),
+    "eval: no calibration windows": ("eval.py", [*UNLOADABLE, "calibration.windows=0"], "calibration.windows=0 must be an integer >= 1"),
+    "eval: one-token calibration windows": ("eval.py", [*UNLOADABLE, "calibration.length=1"], "calibration.length=1 must be an integer >= 2"),
+    # --- eval.py, against the model (right after it loads, before any scoring)
+    "eval: adapter of another architecture": ("eval.py", ["model=tiny-opt", *SCORE_TINY[1:], "adapter={adapter}"],
+                                              "adapter={adapter} was trained for LlamaForCausalLM, but model=tiny-opt loads OPTForCausalLM"),
+    "eval: adapter of other shapes": ("eval.py", [*SCORE_TINY, "model.tiny.hidden_size=32", "adapter={adapter}"],
+                                      "adapter={adapter} does not fit model=tiny-llama: its LoRA weights for model.layers.0.mlp.down_proj "
+                                      "map 128 -> 64 features, the model's layer 128 -> 32"),
+    "eval: adapter of layers the model lacks": ("eval.py", [*SCORE_TINY, "model.tiny.num_layers=1", "adapter={adapter}"],
+                                                "adapter={adapter} adapts model.layers.1.mlp.down_proj, which model=tiny-llama does not have"),
+    "eval: window longer than context": ("eval.py", [*SCORE_TINY, "data.eval_seq_len=100000"],
+                                         "data.eval_seq_len=100000 is longer than the model's context of 512"),
+    "eval: calibration window longer than context": ("eval.py", [*SCORE_TINY, "quant=gptq4", "calibration.length=4096"],
+                                                     "calibration.length=4096 is longer than the model's context of 512"),
+    "eval: group size not dividing": ("eval.py", [*SCORE_TINY, "quant=rtn4_g32", "quant.rtn4_g32.group_size=48"],
+                                      "quant.rtn4_g32.group_size=48 does not divide the 64 input features of model.layers.0"),
+    # --- analyze.py
+    "analyze: unknown split": ("analyze.py", [*UNLOADABLE, "split=valid"], "split=valid: 'valid' is not a split"),
+    "analyze: adapters as a list": ("analyze.py", [*UNLOADABLE, "adapters=[a,b]"], "adapters=['a', 'b'] must map names to adapter folders"),
+    "analyze: a variant's adapter missing": ("analyze.py", [*UNLOADABLE, "adapters={{base:null,x:{tmp}/nothing}}"],
+                                             "adapters.x={tmp}/nothing does not exist"),
+    "analyze: magnitudes not a list": ("analyze.py", [*UNLOADABLE, "perturb=w_uniform_range", "perturb.w_uniform_range.magnitudes=0.1"],
+                                       "perturb.w_uniform_range.magnitudes=0.1 must be a list, e.g. perturb.w_uniform_range.magnitudes=[0.1]"),
+    "analyze: no magnitudes": ("analyze.py", [*UNLOADABLE, "perturb=w_uniform_range", "perturb.w_uniform_range.magnitudes=[]"],
+                               "perturb.w_uniform_range.magnitudes=[] must be a non-empty list"),
+    "analyze: unknown outliers_on": ("analyze.py", [*UNLOADABLE, "outliers_on=mine"], "outliers_on=mine is not one of pretrained, self"),
+    "analyze: nothing to analyze": ("analyze.py", [*UNLOADABLE, "perturb=none"], "nothing to analyze"),
+    "analyze: perturbation group size not dividing": ("analyze.py", [*SCORE_TINY, "perturb=w_uniform_range", "perturb.w_uniform_range.group_size=48"],
+                                                      "perturb.w_uniform_range.group_size=48 does not divide the 64 input features"),
+    "analyze: a later variant's adapter does not fit": ("analyze.py", [*SCORE_TINY, "model.tiny.num_layers=1", "adapters={{base:null,lora:{adapter}}}"],
+                                                        "adapters.lora={adapter} adapts model.layers.1.mlp.down_proj, which model=tiny-llama does not have"),
+    # --- python -m npft_lightning.report
+    "report: no arguments": ("report", [], "the following arguments are required: sweep_dir; see python -m npft_lightning.report --help"),
+    "report: sweep folder missing": ("report", ["{tmp}/nosweep"], "sweep_dir={tmp}/nosweep does not exist"),
+    "report: folder without jobs": ("report", ["{notamodel}"], "sweep_dir={notamodel} holds no Hydra job (no .hydra/overrides.yaml below it)"),
+    "report: unreadable metrics.json": ("report", ["{sweep}"], "{sweep}/1/metrics.json cannot be read as JSON (JSONDecodeError)"),
+    "report: --out under a file": ("report", ["{sweep}", "--out", "{afile}/report"], "--out={afile}/report cannot be created or written ({afile} is a file"),
+    # --- python -m npft_lightning.export
+    "export: checkpoint missing": ("export", ["{tmp}/nothing.ckpt"], "checkpoint={tmp}/nothing.ckpt does not exist"),
+    "export: checkpoint corrupt": ("export", ["{garbage}"], "checkpoint={garbage} is not a usable checkpoint: it is truncated"),
+    "export: no run config beside it": ("export", ["{lonely}"], "no run config at {tmp}/.hydra/config.yaml; pass --config"),
+    "export: --config missing": ("export", ["{ckpt}", "--config", "{tmp}/nothing.yaml"], "--config={tmp}/nothing.yaml does not exist"),
+    "export: --config not a run config": ("export", ["{ckpt}", "--config", "{other}"],
+                                          "--config={other} is not the config of a train.py run (it has no model, peft, optimizer, schedule)"),
+    "export: --out under a file": ("export", ["{ckpt}", "--out", "{afile}/adapter"], "--out={afile}/adapter cannot be created or written"),
+    "export: --out over another folder": ("export", ["{ckpt}", "--out", "{exports}"],
+                                          "--out={exports} already exists and is not an adapter folder (no adapter_config.json)"),
+    "export: checkpoint of another run": ("export", ["{ckpt}"], "does not match the model and LoRA config of the run"),
+}
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, str]:
-    """Bad inputs on disk: a file where a folder should be, garbage and empty files, a model folder of an unknown architecture."""
+    """Bad inputs on disk: a file where a folder should be, garbage and empty files, a model folder of an unknown
+    architecture, broken adapter folders, a fake checkpoint beside a run config, a sweep with a corrupt job."""
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from npft_lightning.models import ByteTokenizer
+    from test_analyze_entry import tiny_adapter
 
     root = tmp_path_factory.mktemp("bad_inputs")
     (root / "afile").write_text("a file, not a folder\n")
@@ -99,7 +193,37 @@ def assets(tmp_path_factory) -> dict[str, str]:
     GPTNeoXForCausalLM(config).save_pretrained(root / "neox")
     ByteTokenizer().save_pretrained(root / "neox")
     (root / "hf").mkdir()  # an empty Hugging Face home: no hub model is cached
-    return {name: str(root / name) for name in ("afile", "garbage.ckpt", "empty.txt", "short.txt", "notamodel", "neox", "hf")} | {"tmp": str(root)}
+    (root / "unloadable").mkdir()
+    (root / "unloadable" / "config.json").write_text("{}")  # passes the config checks, fails to load
+    adapter = tiny_adapter(root / "adapter")
+    for name in ("noweights", "badjson", "truncated"):
+        (root / name).mkdir()
+        shutil.copy(adapter / "adapter_config.json", root / name)
+    (root / "badjson" / "adapter_config.json").write_text("{not json")
+    shutil.copy(adapter / "adapter_model.safetensors", root / "badjson")
+    (root / "truncated" / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes()[:40])
+    (root / "exports" / "rtn4").mkdir(parents=True)
+    (root / "exports" / "rtn4" / "notes.txt").write_text("not a quantized artefact\n")
+    # A checkpoint (holding no adapter tensors) beside the config of a tiny-llama run, and one beside no config.
+    # A Lightning checkpoint (holding no adapter tensors) beside the config of a tiny-llama run, one beside no
+    # config, and a torch.save file that is not a Lightning checkpoint.
+    checkpoint = {"state_dict": {}, "pytorch-lightning_version": "2.5.0"}
+    (root / "trained" / "checkpoints").mkdir(parents=True)
+    (root / "trained" / ".hydra").mkdir()
+    torch.save(checkpoint, root / "trained" / "checkpoints" / "last.ckpt")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        OmegaConf.save(compose("train", overrides=["model=tiny-llama"]), root / "trained" / ".hydra" / "config.yaml")
+    (root / "lonely").mkdir()
+    torch.save(checkpoint, root / "lonely" / "last.ckpt")
+    torch.save({"weights": {}}, root / "plain.pt")
+    (root / "other.yaml").write_text("a: 1\n")
+    for job in ("0", "1"):  # a sweep whose second job has a corrupt metrics.json
+        (root / "sweep" / job / ".hydra").mkdir(parents=True)
+        (root / "sweep" / job / ".hydra" / "overrides.yaml").write_text(f"- noise.scale={job}\n")
+    (root / "sweep" / "1" / "metrics.json").write_text("{truncated")
+    names = ("afile", "garbage.ckpt", "empty.txt", "short.txt", "notamodel", "neox", "hf", "unloadable", "adapter", "noweights",
+             "badjson", "truncated", "exports", "lonely/last.ckpt", "other.yaml", "sweep", "plain.pt")
+    return {name.split("/")[0]: str(root / name) for name in names} | {"tmp": str(root), "ckpt": str(root / "trained" / "checkpoints" / "last.ckpt")}
 
 
 def _fill(text: str, assets: dict[str, str]) -> str:
@@ -118,13 +242,45 @@ def test_bad_input_gives_one_clear_line(tmp_path, monkeypatch, assets, overrides
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
+def run_entry(entry: str, tmp_path: Path, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    """``eval.py`` / ``analyze.py`` (run folder ``tmp_path``), or ``python -m npft_lightning.<entry>``, from this checkout."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    env.pop("HYDRA_FULL_ERROR", None)
+    head = [str(ROOT / entry), f"hydra.run.dir={tmp_path}"] if entry.endswith(".py") else ["-m", f"npft_lightning.{entry}"]
+    return subprocess.run([sys.executable, *head, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("entry,args,expected", list(ENTRY_CASES.values()), ids=list(ENTRY_CASES.keys()))
+def test_bad_input_to_another_entry_gives_one_clear_line(tmp_path, monkeypatch, assets, entry, args, expected):
+    monkeypatch.setenv("HF_HOME", assets["hf"])
+    start = time.monotonic()
+    proc = run_entry(entry, tmp_path, *[_fill(a, assets) for a in args])
+    seconds = time.monotonic() - start
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip() and not PROGRESS_BAR.search(line)]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("error: ") and _fill(expected, assets) in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    # Nothing was scored first: no results written, and no more time than starting up and loading a tiny model
+    # (generous for a loaded machine; scoring a long window first took minutes).
+    assert not any(tmp_path.glob("*.csv")) and not (tmp_path / "metrics.json").exists()
+    assert seconds < 90, seconds
+
+
+def _table_rows(readme: str, heading: str) -> list[str]:
+    table = readme.split("## Troubleshooting", 1)[1].split(heading, 1)[1].split("\n\n", 1)[0]
+    return [line for line in table.splitlines() if line.startswith("| ")]
+
+
 def test_catalogue_is_large_and_in_the_readme():
-    """At least 25 entries, and the README's Troubleshooting table has at least as many rows."""
-    assert len(CASES) >= 25
+    """At least 25 train.py entries and 20 of the other entry points, and the README's Troubleshooting tables have
+    at least as many rows."""
+    assert len(CASES) >= 25 and len(ENTRY_CASES) >= 20
+    entries = {(case.values if isinstance(case, ParameterSet) else case)[0] for case in ENTRY_CASES.values()}
+    assert entries == {"eval.py", "analyze.py", "report", "export"}
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    table = readme.split("## Troubleshooting", 1)[1].split("| input |", 1)[1].split("\n\n", 1)[0]
-    rows = [line for line in table.splitlines() if line.startswith("| ")]
-    assert len(rows) >= 25, len(rows)
+    assert len(_table_rows(readme, "| input |")) >= 25
+    assert len(_table_rows(readme, "| entry point | input |")) >= 20
 
 
 def test_full_traceback_on_request(tmp_path):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,3 +41,27 @@ def test_eval_scores_every_quantizer_and_the_export_reproduces_it(tmp_path):
     # Each quantizer (GPTQ's calibration included) runs once per model, whatever the number of splits.
     assert output.count("quantized with gptq4 (") == 1 and output.count("quantized with rtn4 (") == 1
     assert {"quantize/gptq4", "validation/gptq4", "test/gptq4"} <= metrics["seconds"].keys()
+
+
+def test_an_export_that_fails_midway_keeps_the_measured_results(tmp_path, monkeypatch):
+    """The export folder was writable when the run started, then the disk fills: one line saying where the results are,
+    and metrics.json holds every PPL measured before it. (``splits=test``, a bare name, is taken as ``[test]``.)"""
+    from hydra import compose, initialize_config_dir
+
+    import npft_lightning.evaluation as evaluation
+    from npft_lightning.errors import UserError
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("eval", overrides=[*TINY, "quant=[rtn4,rtn3]", "splits=test", f"export_dir={tmp_path / 'exports'}",
+                                         f"paths.output_dir={tmp_path}"])
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(evaluation, "save_quantized", full_disk)
+    with pytest.raises(UserError, match=rf"export_dir=.*: writing rtn4 failed \({os.strerror(errno.ENOSPC)}\); the perplexities "
+                                        rf"measured so far are in {tmp_path / 'metrics.json'}"):
+        evaluation.evaluate(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["complete"] is False
+    assert list(metrics["ppl"]) == ["test"] and {"fp", "rtn4"} <= metrics["ppl"]["test"].keys() and "rtn3" not in metrics["ppl"]["test"]

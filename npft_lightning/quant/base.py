@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -79,6 +79,17 @@ class WeightQuantizer:
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
+
+
+def build_quantizers(cfg: Any) -> dict[str, WeightQuantizer]:
+    """``cfg.quant`` is a dict of named quantizer configs (``quant=[rtn4,rtn3_g32]`` selects several); name -> quantizer."""
+    from hydra.utils import instantiate
+
+    quantizers = {}
+    for qcfg in (cfg.get("quant") or {}).values():
+        quantizer = instantiate(qcfg)
+        quantizers[quantizer.name] = quantizer
+    return quantizers
 
 
 @contextmanager
