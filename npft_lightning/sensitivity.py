@@ -513,6 +513,9 @@ class OutlierSelector:
         self.refresh = refresh
         self.pqi_intervals = int(pqi_intervals)
         self.batch_size = int(batch_size)
+        if method == "damage" and target is not None and not callable(getattr(target, "step", None)):
+            raise ValueError(f"outliers method='damage' needs a target quantizer with a step size (RTN, ggml); "
+                             f"{getattr(target, 'name', type(target).__name__)} has none: use outliers=fisher or outliers=pqi with it")
         self.target = target
         self.progress = bool(progress)
 
