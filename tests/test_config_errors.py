@@ -90,7 +90,7 @@ CASES = {
                                              "noise.step_probability=0.5 needs noise.schedule=per_step"),
     "exact error towards a calibrated quantizer": ([*TINY, "noise=quant_error", "noise.distribution.quantizer._target_=npft_lightning.quant.GPTQ"],
                                                    "quant_error noise needs a weight-local quantizer; gptq4 needs calibration data"),
-    "damage towards a grid without a step": ([*TINY, "outliers=damage", "outliers.target={{_target_:npft_lightning.quant.NF4}}"],
+    "damage towards a grid without a step": ([*TINY, "outliers=damage", "~outliers.target", "+outliers.target={{_target_:npft_lightning.quant.NF4}}"],
                                              "outliers method='damage' needs a target quantizer with a step size"),
     "corpus shorter than one window": ([*SMALL, "data=text_files", "data.corpus.train=[{short}]", "data.corpus.validation=[{short}]",
                                         "data.corpus.test=[{short}]"],
