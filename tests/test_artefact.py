@@ -17,6 +17,7 @@ from npft_lightning.quant import (
     RTN,
     CubeRoot,
     DenseAndSparse,
+    GGMLQuantizer,
     KMeans,
     WeightQuantizer,
     fake_quantized,
@@ -93,6 +94,9 @@ QUANTIZERS = {
     "cuberoot4_g32": lambda: CubeRoot(4, group_size=32),
     "nf4": lambda: NF4(block_size=32),
     "rtn3_sparse": lambda: DenseAndSparse(RTN(3), keep_ratio=1.0),
+    "q4_0": lambda: GGMLQuantizer("q4_0"),
+    "q4_1": lambda: GGMLQuantizer("q4_1"),
+    "q5_0": lambda: GGMLQuantizer("q5_0"),
 }
 
 
@@ -207,7 +211,7 @@ def test_size_report(tiny_llama: nn.Module, tmp_path: Path) -> None:
 
 def test_quantizer_config_round_trip() -> None:
     for q in [RTN(3, 32, True), GPTQ(4, act_order=False, static_groups=True), KMeans(2, 7), NF4(32),
-              CubeRoot(4, sym=True), DenseAndSparse(NF4(), 0.3)]:
+              CubeRoot(4, sym=True), DenseAndSparse(NF4(), 0.3), GGMLQuantizer("q5_1")]:
         rebuilt = quantizer_from_config(json.loads(json.dumps(quantizer_config(q))))
         assert type(rebuilt) is type(q) and repr(rebuilt) == repr(q)
     with pytest.raises(ValueError, match="unknown quantizer class"):
