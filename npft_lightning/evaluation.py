@@ -29,6 +29,7 @@ from npft_lightning.layers import decoder_linears
 from npft_lightning.perplexity import dataset_nll, perplexity
 from npft_lightning.quant.artefact import load_quantized, quantized_size_report, save_quantized
 from npft_lightning.quant.base import build_quantizers, fake_quantized
+from npft_lightning.quant.gguf_export import plan_gguf_export
 from npft_lightning.sensitivity import fisher_diagonal
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ def window_lengths(quantizers, outliers: bool = False) -> tuple[str, ...]:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     quantizers = {"fp": None, **build_quantizers(cfg)}
+    gguf = plan_gguf_export(cfg, {name: q for name, q in quantizers.items() if q is not None})  # before the model loads
     model, tokenizer = load_for_eval(cfg, window_lengths(quantizers.values()))
     device = torch.device(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
@@ -69,6 +71,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     timings: dict[str, float] = {}
     fisher = None
     exports: dict[str, dict[str, Any]] = {}
+    ggufs: dict[str, dict[str, Any]] = {}
     config = OmegaConf.to_container(cfg, resolve=True)
     path = Path(cfg.paths.output_dir) / "metrics.json"
     windows = {split: datamodule.eval_windows(split) for split in splits_of(cfg)}
@@ -103,7 +106,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             except OSError as err:  # the folder was writable when the run started: a full disk, a lost mount
                 raise UserError(f"export_dir={cfg.export_dir}: writing {name} failed ({err.strerror or err}); the perplexities "
                                 f"measured so far are in {path}") from err
+        if quantizer is not None and gguf is not None:
+            first = next(iter(windows))
+            ggufs[name] = gguf_export_and_score(model, tokenizer, quantizer, gguf, windows[first], results[first][name], cfg)
     metrics = {"ppl": results, "seconds": timings, "exports": exports, "complete": True, "config": config}
+    if ggufs:
+        metrics["gguf"] = ggufs
     atomic_write_json(path, metrics)
     print_eval_table(results)
     return metrics
@@ -140,6 +148,24 @@ def export_and_check(model, linears, quantizer, path: Path, calibration, windows
     report["path"] = str(path)
     print(f"exported {quantizer.name} to {path}: reloaded PPL {report['ppl_reloaded']:.4f}; " + ", ".join(
         f"{k}={v:.4g}" for k, v in report.items() if isinstance(v, float) and "ratio" in k))
+    return report
+
+
+def gguf_export_and_score(model, tokenizer, quantizer, plan, windows, fake_quant_ppl: float, cfg: DictConfig) -> dict[str, Any]:
+    """Write ``quantizer``'s GGUF of the merged model and, with ``llamacpp_ppl``, score it with llama.cpp on ``windows``."""
+    from npft_lightning.quant.gguf_export import write_gguf
+
+    path = plan.paths[quantizer.name]
+    report = write_gguf(model, tokenizer, quantizer, path, plan.vocab)
+    print(f"wrote {quantizer.name} GGUF to {path} ({report['bytes'] / 2**20:.1f} MiB)")
+    if cfg.get("llamacpp_ppl"):
+        from npft_lightning.llamacpp import llamacpp_perplexity
+
+        scores = llamacpp_perplexity(path, windows, n_threads=cfg.get("llamacpp_threads"))
+        report.update(scores, ppl_fake_quant=fake_quant_ppl, ppl_ratio=scores["ppl"] / fake_quant_ppl)
+        print(f"llama.cpp {quantizer.name}: PPL {scores['ppl']:.4f} (all tokens; fake-quant {fake_quant_ppl:.4f}, "
+              f"ratio {report['ppl_ratio']:.4f}), {scores['ppl_second_half']:.4f} (second half of each window, "
+              f"llama.cpp's perplexity tool), {scores['tokens_per_s']:.0f} tokens/s")
     return report
 
 

@@ -1,0 +1,365 @@
+"""GGUF export: the (adapter-merged) model as a llama.cpp file, decoder linears in a ggml block type.
+
+    python eval.py adapter=<run>/adapter quant=q4_0 gguf_out=model-q4_0.gguf
+
+What is written, for the ``llama`` architecture (the one supported):
+
+* the decoder linears in the quantizer's ggml type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): the very codes and
+  float16 scales of :class:`~npft_lightning.quant.ggml.GGMLQuantizer`, so the file dequantizes bit for
+  bit to the fake-quant weights; ``attn_q`` / ``attn_k`` rows permuted as llama.cpp's
+  ``convert_hf_to_gguf.py`` does (its rotary embedding pairs neighbouring features, Hugging Face's
+  the two halves of each head); quantization blocks run along rows, so permuting rows commutes with it;
+* everything else as the converter leaves it at full precision: norms in F32, the embedding (and an
+  untied ``output``) in the smallest ggml type that holds it exactly: Q8_0 (true for SmolLM2, whose
+  bundled file stores it as Q8_0), else F16, else F32;
+* hyper-parameters from the model's config; tokenizer metadata (and the descriptive ``general.*``
+  keys) copied from a GGUF with the same vocabulary: the model's own source file (SmolLM2: the
+  bundled ``SmolLM2-135M-Instruct.Q4_1.gguf``) or ``gguf_vocab=<file>``; the tiny byte-level test
+  models get a 256-token byte vocabulary.
+
+The file is written to a temporary name beside the target and renamed into place (never half-written).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from npft_lightning.errors import UserError
+from npft_lightning.io import atomic_file
+from npft_lightning.layers import decoder_linears
+from npft_lightning.quant.ggml import FORMATS, GGMLQuantizer, ggml_blocks
+
+SUPPORTED_ARCHS = ("llama",)
+BYTES = "bytes"  # the vocabulary source of the tiny byte-tokenizer models
+QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION for the legacy block types
+# general.* keys that describe the file's content, not the model: not copied from the vocabulary source.
+_OWN_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
+
+
+# ---------------------------------------------------------------------------------------------
+# checks before anything heavy (config only)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GGUFPlan:
+    """What ``gguf_out`` will write: one file per quantizer, and where the tokenizer metadata comes from."""
+
+    paths: dict[str, Path]
+    vocab: str  # a .gguf path, or BYTES
+
+
+def gguf_paths(out: str | os.PathLike, names: list[str]) -> dict[str, Path]:
+    """``out`` itself for one quantizer; ``<stem>-<name><suffix>`` beside it for several."""
+    out = Path(out).expanduser()
+    if len(names) == 1:
+        return {names[0]: out}
+    return {name: out.with_name(f"{out.stem}-{name}{out.suffix or '.gguf'}") for name in names}
+
+
+def plan_gguf_export(cfg, quantizers: Mapping[str, Any]) -> GGUFPlan | None:
+    """Check ``gguf_out`` against the config before the model loads; None when no GGUF is asked for.
+
+    Each problem is one :class:`UserError` line: a quantizer with no ggml type, a model whose
+    architecture or tokenizer cannot be written, an output path that cannot be written.
+    """
+    out = cfg.get("gguf_out")
+    if not out:
+        if cfg.get("llamacpp_ppl"):
+            raise UserError("llamacpp_ppl=true scores the GGUF file eval.py writes: set gguf_out=<file>.gguf too")
+        return None
+    names = list(quantizers)
+    if not names:
+        raise UserError(f"gguf_out={out} needs a ggml quantizer: add quant=q4_0 (or q4_1, q5_0, q5_1, q8_0)")
+    for name, q in quantizers.items():
+        if not isinstance(q, GGMLQuantizer):
+            raise UserError(f"gguf_out={out}: quant.{name} ({type(q).__name__}) has no ggml type; GGUF files hold "
+                            f"the ggml block types: use quant={'|'.join(FORMATS)} (or a list of them)")
+    arch = _config_architecture(cfg.model)
+    if arch is not None and arch not in SUPPORTED_ARCHS:
+        raise UserError(f"gguf_out={out}: model {cfg.model.get('name')} has architecture {arch!r}; "
+                        f"the GGUF export supports {', '.join(SUPPORTED_ARCHS)} (e.g. model=smollm2-135m or model=tiny-llama)")
+    vocab = _vocab_source(cfg)
+    paths = gguf_paths(out, names)
+    for path in paths.values():
+        _check_output(path)
+    if cfg.get("llamacpp_ppl"):
+        from npft_lightning.llamacpp import require_llama_cpp
+
+        require_llama_cpp()
+    return GGUFPlan(paths, vocab)
+
+
+def _config_architecture(model_cfg) -> str | None:
+    """The model_type the config will load, where it can be known without loading (None: check after loading)."""
+    tiny = model_cfg.get("tiny")
+    if model_cfg.get("path"):
+        config = Path(str(model_cfg.path)).expanduser() / "config.json"
+        try:
+            return json.loads(config.read_text(encoding="utf-8")).get("model_type")
+        except (OSError, ValueError):
+            return None  # the model config check reports a missing folder
+    if tiny is not None:
+        return str(tiny.get("arch", "llama"))
+    if model_cfg.get("gguf_package") and model_cfg.get("gguf_file"):
+        return str(_reader(_source_gguf(model_cfg)).fields["general.architecture"].contents())
+    return None
+
+
+def _source_gguf(model_cfg) -> Path:
+    from npft_lightning.models import package_dir
+
+    path = package_dir(str(model_cfg.gguf_package), f"model {model_cfg.get('name')!r}") / str(model_cfg.gguf_file)
+    if not path.is_file():
+        raise UserError(f"model {model_cfg.get('name')!r}: {path} does not exist; check model.gguf_file")
+    return path
+
+
+def _vocab_source(cfg) -> str:
+    """The GGUF whose tokenizer metadata is copied, or BYTES for the byte-tokenizer models."""
+    if cfg.get("gguf_vocab"):
+        path = Path(str(cfg.gguf_vocab)).expanduser()
+        if not path.is_file():
+            raise UserError(f"gguf_vocab={cfg.gguf_vocab} does not exist; give a .gguf file with this model's tokenizer")
+        return str(path)
+    model_cfg = cfg.model
+    if model_cfg.get("path"):
+        if (Path(str(model_cfg.path)).expanduser() / "byte_tokenizer.json").is_file():
+            return BYTES
+    elif model_cfg.get("tiny") is not None:
+        return BYTES
+    elif model_cfg.get("gguf_package") and model_cfg.get("gguf_file"):
+        return str(_source_gguf(model_cfg))
+    raise UserError(f"gguf_out: llama.cpp needs the tokenizer in the file, and model {model_cfg.get('name')!r} "
+                    f"has no GGUF to copy it from; set gguf_vocab=<a .gguf with the same tokenizer> "
+                    f"(for SmolLM2: the bundled SmolLM2-135M-Instruct.Q4_1.gguf)")
+
+
+def _check_output(path: Path) -> None:
+    from npft_lightning.config import check_writable_dir
+
+    if path.is_dir():
+        raise UserError(f"gguf_out={path} is a folder; give a file name, e.g. {path / 'model.gguf'}")
+    # The file is written beside the target and renamed over it: the folder must be writable.
+    try:
+        check_writable_dir("gguf_out", path.parent, "give a file in a writable folder", create=False)
+    except UserError as err:
+        raise UserError(str(err).replace(f"gguf_out={path.parent}", f"gguf_out={path}: the folder {path.parent}", 1)) from None
+
+
+def _reader(path: str | os.PathLike):
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is not a readable GGUF file ({err})") from err
+
+
+# ---------------------------------------------------------------------------------------------
+# the model's hyper-parameters
+# ---------------------------------------------------------------------------------------------
+
+
+def _rope(config) -> tuple[float, Any]:
+    """``(rope_theta, rope scaling or None)`` from transformers 5's ``rope_parameters`` or 4's fields."""
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    return float(theta), (None if kind == "default" else params)
+
+
+def llama_hparams(config) -> dict[str, Any]:
+    """The ``llama.*`` GGUF hyper-parameters; a UserError for features this export does not write."""
+    if getattr(config, "model_type", None) not in SUPPORTED_ARCHS:
+        raise UserError(f"gguf_out: model_type {getattr(config, 'model_type', None)!r} is not supported; "
+                        f"the GGUF export writes {', '.join(SUPPORTED_ARCHS)} models")
+    theta, scaling = _rope(config)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    problems = []
+    if scaling:
+        problems.append(f"rope scaling {scaling}")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        problems.append("linear biases")
+    if head_dim * heads != config.hidden_size:
+        problems.append(f"head_dim {head_dim} x {heads} heads != hidden size {config.hidden_size}")
+    if problems:
+        raise UserError(f"gguf_out: this llama model has {', '.join(problems)}, which the GGUF export does not write")
+    return {
+        "context_length": int(config.max_position_embeddings),
+        "embedding_length": int(config.hidden_size),
+        "block_count": int(config.num_hidden_layers),
+        "feed_forward_length": int(config.intermediate_size),
+        "head_count": int(heads),
+        "head_count_kv": int(getattr(config, "num_key_value_heads", None) or heads),
+        "rope_dimension_count": int(head_dim),
+        "rope_freq_base": theta,
+        "layer_norm_rms_eps": float(config.rms_norm_eps),
+        "vocab_size": int(config.vocab_size),
+        "tied": bool(getattr(config, "tie_word_embeddings", False)),
+    }
+
+
+def permute_rows(weight: Tensor, n_head: int) -> Tensor:
+    """llama.cpp's ``LlamaModel.permute`` of a q/k projection: per head, interleave the two halves of the rows."""
+    rows = weight.shape[0]
+    return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def unpermute_rows(weight: Tensor, n_head: int) -> Tensor:
+    """The inverse of :func:`permute_rows` (what transformers applies when it reads a GGUF)."""
+    rows = weight.shape[0]
+    return weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# tensors
+# ---------------------------------------------------------------------------------------------
+
+
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    return torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
+
+
+def lossless_tensor(weight: Tensor) -> tuple[np.ndarray, Any]:
+    """``(data, ggml type)`` of a float tensor in the smallest type that holds it exactly: Q8_0, F16 or F32 (1-D: F32)."""
+    from gguf import GGMLQuantizationType
+
+    w = weight.detach().float().cpu().contiguous()
+    if w.dim() == 2 and w.shape[1] % 32 == 0:
+        q8 = GGMLQuantizer("q8_0")
+        fields = q8.encode_weight(w)
+        if _same_bits(q8.decode_weight(fields), w):
+            return ggml_blocks(fields, "q8_0"), GGMLQuantizationType.Q8_0
+    if w.dim() >= 2 and _same_bits(w.half().float(), w):
+        return w.half().numpy(), GGMLQuantizationType.F16
+    return w.numpy(), GGMLQuantizationType.F32
+
+
+def gguf_tensors(model: nn.Module, quantizer: GGMLQuantizer) -> dict[str, tuple[np.ndarray, Any]]:
+    """GGUF name -> ``(data, ggml type)`` for every tensor of the merged llama ``model``."""
+    from gguf import MODEL_ARCH, get_tensor_name_map
+
+    hp = llama_hparams(model.config)
+    names = get_tensor_name_map(MODEL_ARCH.LLAMA, hp["block_count"])
+    linears = {f"{name}.weight": name for name in decoder_linears(model)}
+    tensors: dict[str, tuple[np.ndarray, Any]] = {}
+    for key, value in model.state_dict().items():
+        if hp["tied"] and key == "lm_head.weight":
+            continue  # llama.cpp reuses token_embd when output.weight is absent
+        gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise UserError(f"gguf_out: the model tensor {key} has no llama GGUF name; the export cannot write this model")
+        weight = value.detach().float().cpu()
+        if key.endswith("self_attn.q_proj.weight"):
+            weight = permute_rows(weight, hp["head_count"])
+        elif key.endswith("self_attn.k_proj.weight"):
+            weight = permute_rows(weight, hp["head_count_kv"])
+        if key in linears:  # permuting whole rows commutes with quantizing blocks of a row
+            tensors[gguf_name] = (ggml_blocks(quantizer.encode_weight(weight, name=linears[key]), quantizer.qtype),
+                                  quantizer.ggml_type)
+        else:
+            tensors[gguf_name] = lossless_tensor(weight)
+    return tensors
+
+
+# ---------------------------------------------------------------------------------------------
+# metadata
+# ---------------------------------------------------------------------------------------------
+
+
+def _copy_fields(writer, source: str | os.PathLike, vocab_size: int) -> None:
+    """Copy the tokenizer and descriptive general.* keys of the GGUF ``source`` into ``writer``."""
+    from gguf import GGUFValueType
+
+    reader = _reader(source)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise UserError(f"{source} holds no tokenizer (tokenizer.ggml.tokens); give a GGUF with the model's tokenizer")
+    if len(tokens.data) != vocab_size:
+        raise UserError(f"{source} has a {len(tokens.data)}-token vocabulary but the model has {vocab_size} embeddings; "
+                        f"give the GGUF of this model's tokenizer (gguf_vocab=)")
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in _OWN_KEYS:
+            continue
+        if not (key.startswith("tokenizer.") or key.startswith("general.")):
+            continue
+        vtype = field.types[0]
+        sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub_type=sub_type)
+
+
+def _byte_vocab(writer, tokenizer) -> None:
+    """A 256-token SentencePiece-style byte vocabulary (``<0x00>`` .. ``<0xFF>``) for the byte-level test models."""
+    from gguf import TokenType
+
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([f"<0x{i:02X}>" for i in range(256)])
+    writer.add_token_scores([0.0] * 256)
+    writer.add_token_types([int(TokenType.BYTE)] * 256)
+    writer.add_eos_token_id(int(tokenizer.eos_token_id))
+    writer.add_pad_token_id(int(tokenizer.pad_token_id))
+    writer.add_add_bos_token(False)
+    writer.add_add_space_prefix(False)
+
+
+def write_gguf(model: nn.Module, tokenizer: Any, quantizer: GGMLQuantizer, path: str | os.PathLike, vocab: str) -> dict[str, Any]:
+    """Write the merged ``model`` (a plain transformers llama model) to ``path`` as GGUF; returns a small report.
+
+    ``vocab`` is a .gguf whose tokenizer (and general.*) metadata is copied, or :data:`BYTES`.
+    """
+    from gguf import GGUFWriter, LlamaFileType
+
+    path = Path(path)
+    hp = llama_hparams(model.config)
+    if vocab == BYTES and getattr(tokenizer, "vocab_size", None) != 256:
+        raise UserError("gguf_out: the byte vocabulary is for the 256-token byte tokenizer of the tiny models; set gguf_vocab=")
+    tensors = gguf_tensors(model, quantizer)
+    with atomic_file(path) as tmp:
+        writer = GGUFWriter(tmp, "llama")
+        try:
+            if vocab == BYTES:
+                writer.add_name(getattr(model.config, "name_or_path", None) or "npft-tiny-llama")
+                _byte_vocab(writer, tokenizer)
+            else:
+                _copy_fields(writer, vocab, hp["vocab_size"])
+            writer.add_file_type(int(LlamaFileType[f"MOSTLY_{quantizer.qtype.upper()}"]))
+            writer.add_quantization_version(QUANTIZATION_VERSION)
+            writer.add_context_length(hp["context_length"])
+            writer.add_embedding_length(hp["embedding_length"])
+            writer.add_block_count(hp["block_count"])
+            writer.add_feed_forward_length(hp["feed_forward_length"])
+            writer.add_head_count(hp["head_count"])
+            writer.add_head_count_kv(hp["head_count_kv"])
+            writer.add_rope_dimension_count(hp["rope_dimension_count"])
+            writer.add_rope_freq_base(hp["rope_freq_base"])
+            writer.add_layer_norm_rms_eps(hp["layer_norm_rms_eps"])
+            writer.add_vocab_size(hp["vocab_size"])
+            for name, (data, ggml_type) in tensors.items():
+                writer.add_tensor(name, data, raw_dtype=ggml_type)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+    types: dict[str, int] = {}
+    for _, ggml_type in tensors.values():
+        types[ggml_type.name] = types.get(ggml_type.name, 0) + 1
+    return {"path": str(path), "bytes": path.stat().st_size, "tensor_types": types}
+
+
+def read_gguf_weights(path: str | os.PathLike) -> dict[str, Tensor]:
+    """GGUF name -> dequantized float32 tensor (in the model's [out, in] layout), read with the gguf package."""
+    from gguf import quants
+
+    return {t.name: torch.from_numpy(np.array(quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+            for t in _reader(path).tensors}

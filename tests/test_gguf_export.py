@@ -1,0 +1,170 @@
+"""GGUF export: a tiny llama model written with the gguf package reads back to the fake-quant weights."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from torch import nn
+
+from npft_lightning.errors import UserError
+from npft_lightning.layers import decoder_linears
+from npft_lightning.models import ByteTokenizer
+from npft_lightning.quant import RTN, fake_quantized
+from npft_lightning.quant.ggml import FORMATS, GGMLQuantizer
+from npft_lightning.quant.gguf_export import (
+    BYTES,
+    lossless_tensor,
+    permute_rows,
+    read_gguf_weights,
+    unpermute_rows,
+    write_gguf,
+)
+
+LINEAR_NAMES = {  # Hugging Face leaf -> GGUF tensor of block i
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def _fake_quant_weights(model: nn.Module, quantizer) -> dict[str, torch.Tensor]:
+    model = copy.deepcopy(model)
+    linears = decoder_linears(model)
+    with torch.no_grad(), fake_quantized(model, linears, quantizer):
+        return {name: lin.weight.clone() for name, lin in linears.items()}
+
+
+def _field(reader: GGUFReader, key: str):
+    return reader.fields[key].contents()
+
+
+@pytest.mark.parametrize("qtype", list(FORMATS))
+def test_tiny_llama_reads_back_to_the_fake_quant_weights(qtype: str, tiny_llama: nn.Module, tmp_path: Path) -> None:
+    quantizer = GGMLQuantizer(qtype)
+    expected = _fake_quant_weights(tiny_llama, quantizer)
+    before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    path = tmp_path / f"tiny-{qtype}.gguf"
+    report = write_gguf(tiny_llama, ByteTokenizer(), quantizer, path, BYTES)
+    assert all(torch.equal(v, before[k]) for k, v in tiny_llama.state_dict().items())  # model untouched
+    assert report["bytes"] == path.stat().st_size and not list(tmp_path.glob(".*"))  # no temporary left
+
+    cfg = tiny_llama.config
+    weights = read_gguf_weights(path)
+    reader = GGUFReader(path)
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    for name, weight in expected.items():
+        block = int(name.split(".")[2])
+        leaf = ".".join(name.split(".")[3:])
+        gguf_name = f"blk.{block}.{LINEAR_NAMES[leaf]}.weight"
+        assert types[gguf_name] == GGMLQuantizationType[qtype.upper()]
+        stored = weights[gguf_name]
+        if leaf == "self_attn.q_proj":
+            stored = unpermute_rows(stored, cfg.num_attention_heads)
+        elif leaf == "self_attn.k_proj":
+            stored = unpermute_rows(stored, cfg.num_key_value_heads)
+        assert torch.equal(stored.view(torch.int32), weight.view(torch.int32)), gguf_name
+    # The rest at full precision, exactly; tied embeddings: no output.weight.
+    state = tiny_llama.state_dict()
+    assert torch.equal(weights["token_embd.weight"], state["model.embed_tokens.weight"])
+    assert torch.equal(weights["output_norm.weight"], state["model.norm.weight"])
+    for i in range(cfg.num_hidden_layers):
+        assert torch.equal(weights[f"blk.{i}.attn_norm.weight"], state[f"model.layers.{i}.input_layernorm.weight"])
+        assert torch.equal(weights[f"blk.{i}.ffn_norm.weight"], state[f"model.layers.{i}.post_attention_layernorm.weight"])
+        assert types[f"blk.{i}.attn_norm.weight"] == GGMLQuantizationType.F32
+    assert "output.weight" not in weights
+    assert len(weights) == 2 + cfg.num_hidden_layers * 9
+
+    # Metadata llama.cpp needs.
+    assert _field(reader, "general.architecture") == "llama"
+    assert _field(reader, "general.file_type") == {"q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q8_0": 7}[qtype]
+    assert _field(reader, "llama.block_count") == cfg.num_hidden_layers
+    assert _field(reader, "llama.embedding_length") == cfg.hidden_size
+    assert _field(reader, "llama.feed_forward_length") == cfg.intermediate_size
+    assert _field(reader, "llama.attention.head_count") == cfg.num_attention_heads
+    assert _field(reader, "llama.attention.head_count_kv") == cfg.num_key_value_heads
+    assert _field(reader, "llama.rope.dimension_count") == cfg.hidden_size // cfg.num_attention_heads
+    assert _field(reader, "llama.context_length") == cfg.max_position_embeddings
+    assert _field(reader, "llama.vocab_size") == 256
+    assert _field(reader, "tokenizer.ggml.model") == "llama"
+    assert _field(reader, "tokenizer.ggml.tokens")[:2] == ["<0x00>", "<0x01>"]
+
+
+def test_permutation_matches_llama_cpp_converter() -> None:
+    """convert_hf_to_gguf.py's LlamaModel.permute, written out, and its inverse."""
+    w = torch.arange(8 * 3, dtype=torch.float32).reshape(8, 3)
+    n_head = 2
+    ref = w.reshape(n_head, 2, 8 // n_head // 2, 3).swapaxes(1, 2).reshape(8, 3)
+    assert torch.equal(permute_rows(w, n_head), ref)
+    # head 0 rows [0 1 2 3] -> [0 2 1 3]: the first and second half of the head interleaved
+    assert permute_rows(w, n_head)[:4, 0].tolist() == [0.0, 6.0, 3.0, 9.0]
+    assert torch.equal(unpermute_rows(permute_rows(w, n_head), n_head), w)
+
+
+def test_lossless_types() -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 64, generator=g)
+    q8 = GGMLQuantizer("q8_0").quantize_weight(w)
+    assert lossless_tensor(q8)[1] == GGMLQuantizationType.Q8_0
+    assert lossless_tensor(w.half().float())[1] == GGMLQuantizationType.F16
+    assert lossless_tensor(w)[1] == GGMLQuantizationType.F32
+    assert lossless_tensor(w[0])[1] == GGMLQuantizationType.F32  # 1-D (norms) stay F32
+    data, _ = lossless_tensor(w)
+    assert np.array_equal(data, w.numpy())
+
+
+def test_unsupported_models(tiny_opt: nn.Module, tiny_llama: nn.Module, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="model_type 'opt' is not supported"):
+        write_gguf(tiny_opt, ByteTokenizer(), GGMLQuantizer("q4_0"), tmp_path / "x.gguf", BYTES)
+    llama = copy.deepcopy(tiny_llama)
+    llama.config.rope_scaling = {"rope_type": "linear", "factor": 2.0}
+    llama.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    with pytest.raises(UserError, match="rope scaling"):
+        write_gguf(llama, ByteTokenizer(), GGMLQuantizer("q4_0"), tmp_path / "x.gguf", BYTES)
+    assert not (tmp_path / "x.gguf").exists()
+    with pytest.raises(UserError, match="256-token byte tokenizer"):
+        write_gguf(tiny_llama, object(), GGMLQuantizer("q4_0"), tmp_path / "x.gguf", BYTES)
+
+
+def test_rtn_is_not_a_ggml_type(tiny_llama: nn.Module) -> None:
+    from omegaconf import OmegaConf
+
+    from npft_lightning.quant.gguf_export import plan_gguf_export
+
+    cfg = OmegaConf.create({"gguf_out": "/tmp/x.gguf", "model": {"name": "tiny-llama", "tiny": {"arch": "llama"}}})
+    with pytest.raises(UserError, match="quant.rtn4 \\(RTN\\) has no ggml type"):
+        plan_gguf_export(cfg, {"rtn4": RTN(4)})
+
+
+@pytest.mark.slow
+def test_pretrained_smollm2_as_q4_1_is_the_bundled_file(tmp_path: Path) -> None:
+    """SmolLM2's weights lie on the Q4_1 grid of the GGUF they came from: exporting the pretrained model as Q4_1
+    must give that file back, tensor for tensor and byte for byte (names, Q/K permutation, the Q8_0 embedding),
+    with the same metadata."""
+    from omegaconf import OmegaConf
+
+    from hydra.utils import instantiate
+    from npft_lightning.quant.gguf_export import plan_gguf_export
+
+    spec_cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / "smollm2-135m.yaml")
+    spec_cfg.cache_dir = None
+    cfg = OmegaConf.create({"model": spec_cfg, "gguf_out": str(tmp_path / "smollm2.gguf")})
+    plan = plan_gguf_export(cfg, {"q4_1": GGMLQuantizer("q4_1")})
+    model, tokenizer = instantiate(spec_cfg).load()
+    report = write_gguf(model, tokenizer, GGMLQuantizer("q4_1"), plan.paths["q4_1"], plan.vocab)
+    assert report["tensor_types"] == {"Q8_0": 1, "Q4_1": 210, "F32": 61}
+
+    ours, bundled = GGUFReader(plan.paths["q4_1"]), GGUFReader(plan.vocab)
+    assert report["bytes"] == Path(plan.vocab).stat().st_size
+    theirs = {t.name: t for t in bundled.tensors}
+    assert [t.name for t in ours.tensors] and {t.name for t in ours.tensors} == set(theirs)
+    for t in ours.tensors:
+        assert t.tensor_type == theirs[t.name].tensor_type, t.name
+        assert np.array_equal(np.asarray(t.data), np.asarray(theirs[t.name].data)), t.name
+    assert set(ours.fields) == set(bundled.fields)
+    for key, field in bundled.fields.items():
+        if not key.startswith("GGUF."):
+            assert ours.fields[key].contents() == field.contents(), key
