@@ -102,7 +102,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             first = next(iter(windows))
             try:
                 exports[name] = export_and_check(model, linears, quantizer, Path(str(cfg.export_dir)).expanduser() / name,
-                                                 calibration, windows[first], cfg, device)
+                                                 calibration, windows[first], cfg, device, tokenizer)
             except OSError as err:  # the folder was writable when the run started: a full disk, a lost mount
                 raise UserError(f"export_dir={cfg.export_dir}: writing {name} failed ({err.strerror or err}); the perplexities "
                                 f"measured so far are in {path}") from err
@@ -134,12 +134,14 @@ def quantizer_inputs(quantizer, model, linears, datamodule, cfg: DictConfig, dev
     return calibration, fisher
 
 
-def export_and_check(model, linears, quantizer, path: Path, calibration, windows, cfg: DictConfig, device) -> dict[str, Any]:
-    """Write the real quantized artefact, load it back, and score it on the same windows.
+def export_and_check(model, linears, quantizer, path: Path, calibration, windows, cfg: DictConfig, device,
+                     tokenizer=None) -> dict[str, Any]:
+    """Write the real quantized artefact (with the tokenizer, so the folder loads on its own), load it back, and
+    score it on the same windows.
 
     The reloaded PPL must equal the fake-quant PPL exactly (same decoded weights).
     """
-    save_quantized(model, linears, quantizer, path, calibration=calibration)
+    save_quantized(model, linears, quantizer, path, calibration=calibration, tokenizer=tokenizer)
     reloaded = load_quantized(path).to(device)
     nll, count = dataset_nll(reloaded, tqdm(windows.split(cfg.data.eval_batch_size), desc=f"reloaded {quantizer.name}", leave=False), device)
     del reloaded

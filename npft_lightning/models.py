@@ -178,9 +178,14 @@ class CausalLMSpec:
             )
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=self.torch_dtype, local_files_only=True, trust_remote_code=self.trust_remote_code
-        )
+        if (folder / "quant_config.json").is_file():  # a packed artefact (eval.py export_dir=): decode its linears
+            from npft_lightning.quant.artefact import load_quantized
+
+            model = load_quantized(folder)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=self.torch_dtype, local_files_only=True, trust_remote_code=self.trust_remote_code
+            )
         return model, _load_folder_tokenizer(folder, self.trust_remote_code)
 
     def _load_tiny(self) -> tuple[nn.Module, ByteTokenizer]:

@@ -202,6 +202,27 @@ def test_size_report(tiny_llama: nn.Module, tmp_path: Path) -> None:
     # 4/16 for the codes plus 4.5 bytes of metadata per row of only 64-128 fp16 columns
     assert report["total_ratio"] < 1.0 and report["linear_ratio"] < 0.3
     assert report["total_bytes"] == sum(f.stat().st_size for f in (tmp_path / "a").iterdir())
+    assert report["tokenizer_bytes"] == 0
+
+
+def test_artefact_with_tokenizer_loads_on_its_own(tiny_llama: nn.Module, token_windows: Tensor, tmp_path: Path) -> None:
+    """With the tokenizer inside, the folder is a model of its own: model=local model.path=<folder> loads it
+    (decoded linears, not a random init), and the size report leaves the tokenizer files out."""
+    from npft_lightning.models import ByteTokenizer, CausalLMSpec
+
+    weights, logits = _reference(tiny_llama, GGMLQuantizer("q4_0"), token_windows[:2])
+    save_quantized(tiny_llama, decoder_linears(tiny_llama), GGMLQuantizer("q4_0"), tmp_path / "a", tokenizer=ByteTokenizer())
+    config = json.loads((tmp_path / "a" / CONFIG_FILE).read_text())
+    assert config["tokenizer_files"] == ["byte_tokenizer.json"]
+    model, tokenizer = CausalLMSpec(name="local", path=str(tmp_path / "a")).load()
+    assert isinstance(tokenizer, ByteTokenizer)
+    assert all(torch.equal(lin.weight, weights[n]) for n, lin in decoder_linears(model).items())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=token_windows[:2]).logits, logits)
+    report = quantized_size_report(tmp_path / "a")
+    size = (tmp_path / "a" / "byte_tokenizer.json").stat().st_size
+    assert report["tokenizer_bytes"] == size
+    assert report["total_bytes"] == sum(f.stat().st_size for f in (tmp_path / "a").iterdir()) - size
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ An artefact is a folder::
     quant_config.json       format version, quantizer class + parameters, per-linear field layout
     model.safetensors, config.json, ...   the rest of the model (embeddings, norms, lm_head, biases)
                             via the model's own ``save_pretrained``, without the decoder linear weights
+    tokenizer files         when a tokenizer is given (eval.py always gives it): the folder loads on its own,
+                            e.g. ``python eval.py model=local model.path=<folder> quant=none``
 
 :func:`load_quantized` loads the rest with ``AutoModelForCausalLM.from_pretrained`` and writes the
 decoded weights into the decoder linears: the result is bit for bit the fake-quantized model of
@@ -233,8 +235,12 @@ def save_quantized(
     path: str | os.PathLike,
     calibration: Tensor | None = None,
     deltas: Mapping[str, Tensor] | None = None,
+    tokenizer: Any = None,
 ) -> Path:
     """Write the quantized artefact of ``model`` to the folder ``path`` (replaced atomically) and return it.
+
+    With ``tokenizer`` (anything with ``save_pretrained``) the folder also carries the tokenizer files,
+    so it loads on its own (``model=local model.path=<folder>``, :func:`load_quantized`).
 
     The linears hold ``Q(W + delta)`` exactly as inside ``fake_quantized(model, linears, quantizer,
     deltas, calibration)``; the model itself is left unchanged. ``model`` may be PEFT-wrapped: the
@@ -269,6 +275,10 @@ def save_quantized(
     with atomic_dir(path) as tmp:  # fsynced, then swapped in: a crash never leaves a half-written artefact
         _hf_model(model).save_pretrained(tmp, state_dict=_rest_state_dict(model, set(linears)))
         save_file(tensors, tmp / QUANTIZED_FILE, metadata={"format": FORMAT, "version": str(VERSION)})
+        if tokenizer is not None:  # its files are listed, so the size report can leave them out
+            before = set(tmp.iterdir())
+            tokenizer.save_pretrained(str(tmp))
+            config["tokenizer_files"] = sorted(p.name for p in set(tmp.iterdir()) - before)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return path
 
@@ -376,7 +386,7 @@ def quantized_size_report(path: str | os.PathLike, model: nn.Module | None = Non
 
     Linear layers: packed codes, metadata (scales, zero points, tables, absmax), sparse part, and
     the same with the float32 metadata at 2 bytes (what fp16 scales would cost; not exact).
-    Whole model: all files in ``path`` against 2 bytes per parameter, counted from ``model``
+    Whole model: all files in ``path`` but the tokenizer's against 2 bytes per parameter, counted from ``model``
     (LoRA tensors excluded) if given, else from the artefact itself.
     """
     path = Path(path)
@@ -412,7 +422,9 @@ def quantized_size_report(path: str | os.PathLike, model: nn.Module | None = Non
                 n_rest += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
         n_params = n_weights + n_rest
     linear_bytes = codes + meta + sparse
-    total = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    tokenizer_files = set(config.get("tokenizer_files", ()))
+    tokenizer_bytes = sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name in tokenizer_files)
+    total = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) - tokenizer_bytes
     return {
         "bits": config["bits"],
         "linear_weights": n_weights,
@@ -428,6 +440,7 @@ def quantized_size_report(path: str | os.PathLike, model: nn.Module | None = Non
         "linear_ratio_fp16_scales": (linear_bytes - meta_fp32 // 2) / (2 * n_weights),
         "quantized_file_bytes": file.stat().st_size,
         "total_bytes": total,
+        "tokenizer_bytes": tokenizer_bytes,
         "fp16_model_bytes": 2 * n_params,
         "total_ratio": total / (2 * n_params),
     }
