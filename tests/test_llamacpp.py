@@ -1,0 +1,118 @@
+"""llama.cpp scores our GGUF exports (the optional ``llamacpp`` extra: ``make llamacpp``).
+
+Skipped only when the extra is not installed. Installed but broken (does not import, crashes, gives other
+numbers) fails: llama.cpp first runs in a subprocess, so a crashing build fails these tests instead of
+killing the test session.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from npft_lightning.layers import decoder_linears
+from npft_lightning.llamacpp import llama_cpp_installed, window_nll
+from npft_lightning.models import ByteTokenizer
+from npft_lightning.perplexity import causal_lm_nll, dataset_nll, perplexity
+from npft_lightning.quant import fake_quantized
+from npft_lightning.quant.ggml import GGMLQuantizer
+from npft_lightning.quant.gguf_export import BYTES, write_gguf
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_extra = pytest.mark.skipif(not llama_cpp_installed(), reason="the llamacpp extra is not installed (make llamacpp)")
+
+
+def test_window_nll_conventions() -> None:
+    """All L - 1 predictions (our GPTQ protocol), and llama.cpp's perplexity tool's second half: the predictions
+    of tokens L/2 + 1 .. L - 1."""
+    g = torch.Generator().manual_seed(0)
+    logits, tokens = torch.randn(16, 10, generator=g), torch.randint(0, 10, (16,), generator=g)
+    total, count, half, half_count = window_nll(logits, tokens, 8)
+    nll, n = causal_lm_nll(logits[None], tokens[None])
+    assert count == n == 15 and total == pytest.approx(nll.item(), rel=1e-6)
+    per_token = torch.nn.functional.cross_entropy(logits[8:-1], tokens[9:], reduction="sum")
+    assert half_count == 7 and half == pytest.approx(per_token.item(), rel=1e-6)
+
+
+def _peaked_tiny_llama() -> LlamaForCausalLM:
+    """A tiny random llama whose predictions are far from uniform (so PPL differences show)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict[str, Path]:
+    """Tiny GGUFs in Q8_0 and Q4_0, checked to load and run in a separate llama.cpp process first."""
+    folder = tmp_path_factory.mktemp("gguf")
+    model = _peaked_tiny_llama()
+    paths = {}
+    for qtype in ("q8_0", "q4_0"):
+        paths[qtype] = folder / f"tiny-{qtype}.gguf"
+        write_gguf(model, ByteTokenizer(), GGMLQuantizer(qtype), paths[qtype], BYTES)
+    code = ("import llama_cpp, sys; llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_batch=64, logits_all=True, "
+            "verbose=False, n_threads=1); llm.eval(list(range(64))); assert llm.scores[:64].shape == (64, 256); print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code, str(paths["q4_0"])], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 or "ok" not in proc.stdout:
+        pytest.fail(f"the llamacpp extra is installed but llama.cpp does not run a GGUF (exit code {proc.returncode}); "
+                    f"rebuild it with make llamacpp: {proc.stderr[-2000:]}")
+    return paths
+
+
+@needs_extra
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])
+def test_llama_cpp_matches_our_fake_quant(qtype: str, exported: dict[str, Path]) -> None:
+    from npft_lightning.llamacpp import llamacpp_perplexity
+
+    model = _peaked_tiny_llama()
+    g = torch.Generator().manual_seed(1)
+    windows = torch.randint(0, 256, (3, 128), generator=g)
+    with torch.no_grad(), fake_quantized(model, decoder_linears(model), GGMLQuantizer(qtype)):
+        ours = perplexity(*dataset_nll(model, windows.split(1)))
+        logits = model(input_ids=windows[:1]).logits[0]
+    scores = llamacpp_perplexity(exported[qtype], windows, n_threads=1)
+    assert scores["tokens"] == 3 * 127 and scores["tokens_second_half"] == 3 * 63 and scores["windows"] == 3
+    assert 2 < ours < 200  # far from uniform (256): a wrong layout would show
+    assert scores["ppl"] == pytest.approx(ours, rel=0.01)
+    assert scores["tokens_per_s"] > 0
+
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(exported[qtype]), n_ctx=128, n_batch=128, logits_all=True, verbose=False, n_threads=1)
+    llm.eval(windows[0].tolist())
+    theirs = torch.from_numpy(llm.scores[:128].copy())
+    llm.close()
+    # llama.cpp rounds the activations to Q8_0 (and the KV cache to F16); nothing else differs.
+    assert (theirs - logits).abs().max() < 0.05 * logits.abs().max()
+    assert (theirs.argmax(-1) == logits.argmax(-1)).float().mean() > 0.95
+
+
+@needs_extra
+def test_eval_scores_the_gguf_with_llama_cpp(tmp_path: Path, exported: dict[str, Path]) -> None:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("HYDRA_FULL_ERROR", None)
+    cmd = [sys.executable, str(ROOT / "eval.py"), f"hydra.run.dir={tmp_path}", "model=tiny-llama", "data.eval_seq_len=128",
+           "data.max_eval_windows=2", "print_config=false", "quant=q8_0", f"gguf_out={tmp_path / 'tiny.gguf'}",
+           "llamacpp_ppl=true", "llamacpp_threads=1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    report = metrics["gguf"]["q8_0"]
+    assert report["ppl_fake_quant"] == metrics["ppl"]["validation"]["q8_0"]
+    assert report["ppl_ratio"] == pytest.approx(1.0, abs=0.01)
+    assert report["tokens"] == 2 * 127 and report["ppl_second_half"] > 1
+    assert "llama.cpp q8_0: PPL" in proc.stdout
