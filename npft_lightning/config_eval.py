@@ -122,6 +122,11 @@ def validate_scoring_config(cfg: DictConfig, task: str) -> None:
         _check_calibration(cfg.calibration)
     if task == "eval" and cfg.get("export_dir"):
         _check_export_dir(cfg)
+    if task == "eval" and (cfg.get("gguf_out") or cfg.get("llamacpp_ppl")):
+        from npft_lightning.quant.base import build_quantizers
+        from npft_lightning.quant.gguf_export import plan_gguf_export
+
+        plan_gguf_export(cfg, build_quantizers(cfg))  # ggml quantizers, a supported model, a writable file
 
     if task == "analyze":
         if cfg.get("outliers_on") not in OUTLIERS_ON:

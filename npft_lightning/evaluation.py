@@ -108,7 +108,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                                 f"measured so far are in {path}") from err
         if quantizer is not None and gguf is not None:
             first = next(iter(windows))
-            ggufs[name] = gguf_export_and_score(model, tokenizer, quantizer, gguf, windows[first], results[first][name], cfg)
+            try:
+                ggufs[name] = gguf_export_and_score(model, tokenizer, quantizer, gguf, windows[first], results[first][name], cfg)
+            except OSError as err:  # writable when the run started: a full disk, a lost mount
+                raise UserError(f"gguf_out={cfg.gguf_out}: writing {name} failed ({err.strerror or err}); the perplexities "
+                                f"measured so far are in {path}") from err
     metrics = {"ppl": results, "seconds": timings, "exports": exports, "complete": True, "config": config}
     if ggufs:
         metrics["gguf"] = ggufs

@@ -214,6 +214,7 @@ def test_eval_writes_gguf_and_a_self_contained_artefact(tmp_path: Path) -> None:
     (["quant=q4_0", "gguf_out={tmp}/file/x.gguf"], "gguf_out={tmp}/file/x.gguf: the folder {tmp}/file cannot be created or written"),
     (["quant=q4_0", "gguf_out={tmp}"], "is a folder; give a file name"),
     (["quant=q4_0", "llamacpp_ppl=true"], "set gguf_out=<file>.gguf too"),
+    (["quant=q4_0", "gguf_out={tmp}/file"], "already exists and is not a GGUF file"),
 ])
 def test_bad_gguf_input_is_one_line_before_loading(overrides: list[str], message: str, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a folder")

@@ -22,6 +22,7 @@ The file is written to a temporary name beside the target and renamed into place
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -110,8 +111,14 @@ def _config_architecture(model_cfg) -> str | None:
     if tiny is not None:
         return str(tiny.get("arch", "llama"))
     if model_cfg.get("gguf_package") and model_cfg.get("gguf_file"):
-        return str(_reader(_source_gguf(model_cfg)).fields["general.architecture"].contents())
+        return _gguf_architecture(str(_source_gguf(model_cfg)))
     return None
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_architecture(path: str) -> str:
+    """``general.architecture`` of a GGUF file (read once per process: the config check and the export both ask)."""
+    return str(_reader(path).fields["general.architecture"].contents())
 
 
 def _source_gguf(model_cfg) -> Path:
@@ -148,11 +155,19 @@ def _check_output(path: Path) -> None:
 
     if path.is_dir():
         raise UserError(f"gguf_out={path} is a folder; give a file name, e.g. {path / 'model.gguf'}")
+    if path.is_file() and path.stat().st_size and _magic(path) != b"GGUF":
+        raise UserError(f"gguf_out={path} already exists and is not a GGUF file, so writing there would replace it; "
+                        f"give another file name")
     # The file is written beside the target and renamed over it: the folder must be writable.
     try:
         check_writable_dir("gguf_out", path.parent, "give a file in a writable folder", create=False)
     except UserError as err:
         raise UserError(str(err).replace(f"gguf_out={path.parent}", f"gguf_out={path}: the folder {path.parent}", 1)) from None
+
+
+def _magic(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4)
 
 
 def _reader(path: str | os.PathLike):
