@@ -115,3 +115,33 @@ def test_errors() -> None:
         GGMLQuantizer("q4_k")
     with pytest.raises(UserError, match="not a multiple of 32"):
         GGMLQuantizer("q4_0").quantize_weight(torch.randn(4, 48), name="x")
+
+
+def _noise_config(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF.parent), version_base="1.3"):
+        return compose("train", overrides=["model=tiny-llama", "paths.output_dir=/tmp", *overrides])
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0"])
+def test_ggml_quantizers_are_noise_targets(qtype: str) -> None:
+    """Train for a ggml type: the exact-error noise (quant_error) and the uniform step noise take the quantizer
+    of the quant group by interpolation, and draw exactly its error / within its step."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 64, generator=g)
+    indices = torch.tensor([0, 5, 70, 1023])
+    q = GGMLQuantizer(qtype)
+
+    exact = instantiate(_noise_config("noise=quant_error", f"quant=[{qtype}]",
+                                      f"noise.distribution.quantizer=${{quant.{qtype}}}").noise).distribution
+    assert isinstance(exact.quantizer, GGMLQuantizer) and exact.quantizer.qtype == qtype
+    delta = exact.sample(w, indices, torch.Generator().manual_seed(0))
+    assert torch.equal(delta, (q.quantize_weight(w) - w).reshape(-1)[indices])
+
+    uniform = instantiate(_noise_config("noise=uniform_step", f"quant=[{qtype},rtn4]",
+                                        f"+noise.distribution.quantizer=${{quant.{qtype}}}").noise).distribution
+    assert isinstance(uniform.quantizer, GGMLQuantizer) and uniform.quantizer.qtype == qtype
+    delta = uniform.sample(w, None, torch.Generator().manual_seed(0)).reshape(w.shape)
+    step = q.step(w)
+    assert (delta.abs() <= step / 2).all() and delta.abs().max() > step.max() / 4
