@@ -7,7 +7,6 @@ killing the test session.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
