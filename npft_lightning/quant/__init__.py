@@ -33,6 +33,7 @@ from npft_lightning.quant.nonuniform import (
     nf_quantize,
 )
 from npft_lightning.quant.sparse import DenseAndSparse, top_fraction_mask
+from npft_lightning.quant.requant import ReQuant
 from npft_lightning.quant.activation import ActivationQuantizer, WeightActivationQuantizer, per_token_cuberoot, per_token_rtn
 from npft_lightning.quant.artefact import (
     load_quantized,
@@ -61,6 +62,7 @@ __all__ += [
     "nf_encode",
     "nf_quantize",
     "DenseAndSparse",
+    "ReQuant",
     "ActivationQuantizer",
     "WeightActivationQuantizer",
     "per_token_cuberoot",

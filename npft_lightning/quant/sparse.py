@@ -36,46 +36,42 @@ class DenseAndSparse(WeightQuantizer):
     """Keep the most sensitive ``keep_ratio`` % of each matrix exact; quantize the rest with ``base``.
 
     Set ``sensitivity`` (canonical name -> scores shaped like the weight, e.g. NPFT's Fisher) to
-    pick the kept entries; |w| is used for matrices without scores. If the base quantizer has its
-    own ``sensitivity`` attribute left as None, it is given these scores too.
+    pick the kept entries; |w| is used for matrices without scores, and for all of them with
+    ``selector="magnitude"``. If the base quantizer has its own ``sensitivity`` attribute left as
+    None, it is given these scores too.
     """
 
-    def __init__(self, base: WeightQuantizer, keep_ratio: float = 0.45, name: str | None = None):
+    SELECTORS = ("sensitivity", "magnitude")
+
+    def __init__(self, base: WeightQuantizer, keep_ratio: float = 0.45, name: str | None = None,
+                 selector: str = "sensitivity"):
         if not 0 <= float(keep_ratio) <= 100:
             raise ValueError(f"keep_ratio={keep_ratio} is a percentage; use a value in [0, 100]")
+        if selector not in self.SELECTORS:
+            raise ValueError(f"dense-and-sparse selector={selector!r} is not one of {', '.join(self.SELECTORS)}")
         self.base = base
         self.keep_ratio = float(keep_ratio)
-        self.name = name or f"{base.name}_sparse{self.keep_ratio:g}"
+        self.selector = selector
+        self.name = name or f"{base.name}_sparse{self.keep_ratio:g}" + ("_mag" if selector == "magnitude" else "")
         self.needs_calibration = base.needs_calibration
         self.sensitivity: dict[str, Tensor] | None = None
 
+    @property
+    def stores_weights(self) -> bool:
+        return self.base.stores_weights
+
     def mask(self, weight: Tensor, name: str | None = None) -> Tensor:
         """Entries of ``weight`` kept in full precision."""
-        score = None if self.sensitivity is None or name is None else self.sensitivity.get(name)
+        by_score = self.selector == "sensitivity" and self.sensitivity is not None and name is not None
+        score = self.sensitivity.get(name) if by_score else None
         if score is None:
             score = weight.abs()
         elif score.shape != weight.shape:
             raise ValueError(f"sensitivity of {name} has shape {tuple(score.shape)}, weight {tuple(weight.shape)}")
         return top_fraction_mask(score.to(weight.device), self.keep_ratio)
 
-    @contextmanager
-    def _base_sensitivity(self, masks: Mapping[str, Tensor], shapes: Mapping[str, torch.Size]) -> Iterator[None]:
-        """Temporarily give a sensitivity-aware base zero weight at the kept positions."""
-        if not hasattr(self.base, "sensitivity"):
-            yield
-            return
-        original = self.base.sensitivity
-        scores = original if original is not None else self.sensitivity
-        masked = {}
-        for name, mask in masks.items():
-            s = None if scores is None else scores.get(name)
-            s = torch.ones(shapes[name], device=mask.device) if s is None else s.to(mask.device).float()
-            masked[name] = s.masked_fill(mask, 0.0)
-        self.base.sensitivity = masked
-        try:
-            yield
-        finally:
-            self.base.sensitivity = original
+    def _base_sensitivity(self, masks: Mapping[str, Tensor], shapes: Mapping[str, torch.Size]):
+        return masked_base_sensitivity(self.base, masks, shapes, self.sensitivity)
 
     def quantize_weight(self, weight: Tensor, *, name: str | None = None) -> Tensor:
         key = name if name is not None else "_"
@@ -91,12 +87,10 @@ class DenseAndSparse(WeightQuantizer):
         mask = self.mask(weight, name)
         with self._base_sensitivity({key: mask}, {key: weight.shape}):
             dense = self.base.encode_weight(weight.masked_fill(mask, 0), name=key)
-        return _with_sparse(dense, mask, weight[mask])
+        return with_sparse(dense, mask, weight[mask])
 
     def decode_weight(self, payload: Mapping[str, Tensor]) -> Tensor:
-        dense = self.base.decode_weight({k: v for k, v in payload.items() if k not in SPARSE_FIELDS})
-        index, value = payload["sparse_index"].long(), payload["sparse_value"].float()
-        return dense.flatten().index_put((index,), value).reshape(dense.shape)
+        return decode_dense_and_sparse(self.base, payload)
 
     @torch.no_grad()
     def quantize_model(
@@ -129,13 +123,48 @@ class DenseAndSparse(WeightQuantizer):
                 lin.weight.masked_fill_(masks[name], 0)
             with self._base_sensitivity(masks, {name: lin.weight.shape for name, lin in linears.items()}):
                 dense = self.base.encode_model(model, linears, calibration)
-        return {name: _with_sparse(dense[name], masks[name].cpu(), kept[name].cpu()) for name in linears}
+        return {name: with_sparse(dense[name], masks[name].cpu(), kept[name].cpu()) for name in linears}
 
     def __repr__(self) -> str:
-        return f"DenseAndSparse(base={self.base!r}, keep_ratio={self.keep_ratio}, name={self.name!r})"
+        return f"DenseAndSparse(base={self.base!r}, keep_ratio={self.keep_ratio}, name={self.name!r}, selector={self.selector!r})"
 
 
-def _with_sparse(dense: dict[str, Tensor], mask: Tensor, kept: Tensor) -> dict[str, Tensor]:
+@contextmanager
+def masked_base_sensitivity(
+    base: WeightQuantizer,
+    masks: Mapping[str, Tensor],
+    shapes: Mapping[str, torch.Size],
+    fallback: Mapping[str, Tensor] | None = None,
+) -> Iterator[None]:
+    """Temporarily give a sensitivity-aware ``base`` (k-means) zero weight at the kept positions ``masks``.
+
+    Its own scores are used, else ``fallback``, else ones; bases without a ``sensitivity`` attribute are left alone.
+    """
+    if not hasattr(base, "sensitivity"):
+        yield
+        return
+    original = base.sensitivity
+    scores = original if original is not None else fallback
+    masked = {}
+    for name, mask in masks.items():
+        s = None if scores is None else scores.get(name)
+        s = torch.ones(shapes[name], device=mask.device) if s is None else s.to(mask.device).float()
+        masked[name] = s.masked_fill(mask, 0.0)
+    base.sensitivity = masked
+    try:
+        yield
+    finally:
+        base.sensitivity = original
+
+
+def decode_dense_and_sparse(base: WeightQuantizer, payload: Mapping[str, Tensor]) -> Tensor:
+    """Float32 weight: ``base`` decodes the dense fields, then the sparse values overwrite their positions."""
+    dense = base.decode_weight({k: v for k, v in payload.items() if k not in SPARSE_FIELDS})
+    index, value = payload["sparse_index"].long(), payload["sparse_value"].float()
+    return dense.flatten().index_put((index,), value).reshape(dense.shape)
+
+
+def with_sparse(dense: dict[str, Tensor], mask: Tensor, kept: Tensor) -> dict[str, Tensor]:
     """Add the kept entries (``mask`` True, values ``kept`` in row-major order) to a base quantizer's fields."""
     clash = set(dense) & set(SPARSE_FIELDS)
     if clash:
