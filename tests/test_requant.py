@@ -223,7 +223,7 @@ def test_quantizer_config_round_trip() -> None:
 def test_configs_instantiate() -> None:
     paths = sorted((ROOT / "conf" / "quant").glob("requant_*.yaml"))
     assert {p.stem for p in paths} >= {"requant_rtn4", "requant_rtn3_g32", "requant_gptq4", "requant_gptq3_g32", "requant_kmeans3",
-                                       "requant_nf4", "requant_rtn4_s0.5", "requant_gptq3_g32_s0.5"}
+                                       "requant_nf4", "requant_rtn4_ro0", "requant_gptq3_g32_ro0"}
     for path in paths:
         (key, cfg), = OmegaConf.load(path).items()
         q = instantiate(cfg)
