@@ -395,14 +395,14 @@ def plot_quality(result: dict[str, Any], path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
-def write_results_block(path: Path, block: str) -> None:
-    """Replace the generated block of ``path`` (or append it), keeping the hand-written text around it."""
+def write_results_block(path: Path, block: str, begin: str = BLOCK_BEGIN, end: str = BLOCK_END) -> None:
+    """Replace the generated block (``begin`` ... ``end``) of ``path`` (or append it), keeping the hand-written text around it."""
     from npft_lightning.io import atomic_write_text
 
     text = path.read_text() if path.is_file() else "# Results\n"
-    if BLOCK_BEGIN in text and BLOCK_END in text:
-        head, rest = text.split(BLOCK_BEGIN, 1)
-        text = head + block + rest.split(BLOCK_END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     atomic_write_text(path, text)
@@ -412,6 +412,31 @@ def write_results_block(path: Path, block: str) -> None:
 # --------------------------------------------------------------------------------------------
 # The study
 # --------------------------------------------------------------------------------------------
+
+
+def corpus_setup(args: argparse.Namespace, cache: Path, common: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, str], list[str], list[str]]:
+    """The corpora to score (``args.corpora``, ``args.ood_text``, ``args.ood_chars``): their metadata, the eval.py
+    split each is scored as, those splits in order, and the eval.py overrides that set them up."""
+    corpora: dict[str, dict[str, Any]] = {}
+    if "wiki" in args.corpora:
+        corpora["wiki"] = {"source": "wiki_vital test split"}
+    # Both corpora are scored by one eval.py process (each quantizer, GPTQ's calibration included, runs once
+    # per model): its `validation` split is the Wikipedia test split, its `test` split the out-of-domain text.
+    split_of_corpus = {"wiki": "test"}
+    corpus_overrides: list[str] = []
+    if "pydoc" in args.corpora:
+        if args.ood_text:
+            ood, meta = Path(args.ood_text).expanduser().resolve(), {"source": args.ood_text}
+        else:
+            ood, meta = prepare_python_doc(cache, args.ood_chars)
+        corpora["pydoc"] = meta
+        wiki_test = prepare_wiki_split(cache, common, "test") if "wiki" in corpora else ood
+        corpus_overrides = ["data=text_files", f"data.corpus.train={prepare_wiki_split(cache, common, 'train')}",
+                            f"data.corpus.validation={wiki_test}", f"data.corpus.test={ood}"]
+        split_of_corpus = {"wiki": "validation", "pydoc": "test"}
+    split_of_corpus = {c: s for c, s in split_of_corpus.items() if c in corpora}
+    splits = sorted(split_of_corpus.values(), key=["validation", "test"].index)
+    return corpora, split_of_corpus, splits, corpus_overrides
 
 
 def parse_reuse(values: list[str]) -> dict[tuple[str, int], Path]:
@@ -473,25 +498,7 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
     common = [f"model={args.model}", f"data.eval_seq_len={args.eval_seq_len}", *args.overrides]
     train_rows = [r for r in args.rows if ROWS[r] is not None]
 
-    corpora: dict[str, dict[str, Any]] = {}
-    if "wiki" in args.corpora:
-        corpora["wiki"] = {"source": "wiki_vital test split"}
-    # Both corpora are scored by one eval.py process (each quantizer, GPTQ's calibration included, runs once
-    # per model): its `validation` split is the Wikipedia test split, its `test` split the out-of-domain text.
-    split_of_corpus = {"wiki": "test"}
-    corpus_overrides: list[str] = []
-    if "pydoc" in args.corpora:
-        if args.ood_text:
-            ood, meta = Path(args.ood_text).expanduser().resolve(), {"source": args.ood_text}
-        else:
-            ood, meta = prepare_python_doc(cache, args.ood_chars)
-        corpora["pydoc"] = meta
-        wiki_test = prepare_wiki_split(cache, common, "test") if "wiki" in corpora else ood
-        corpus_overrides = ["data=text_files", f"data.corpus.train={prepare_wiki_split(cache, common, 'train')}",
-                            f"data.corpus.validation={wiki_test}", f"data.corpus.test={ood}"]
-        split_of_corpus = {"wiki": "validation", "pydoc": "test"}
-    split_of_corpus = {c: s for c, s in split_of_corpus.items() if c in corpora}
-    splits = sorted(split_of_corpus.values(), key=["validation", "test"].index)
+    corpora, split_of_corpus, splits, corpus_overrides = corpus_setup(args, cache, common)
 
     eval_common = [*common, f"quant=[{','.join(args.quantizers)}]", f"splits=[{','.join(splits)}]", *args.eval_overrides,
                    *corpus_overrides]
