@@ -439,6 +439,58 @@ def corpus_setup(args: argparse.Namespace, cache: Path, common: list[str]) -> tu
     return corpora, split_of_corpus, splits, corpus_overrides
 
 
+def run_plan(plan: list[dict[str, Any]], lock: str | None, dry_run: bool, desc: str) -> tuple[list[tuple[dict[str, Any], dict[str, Any]]], int, int, list[str]]:
+    """Run a study's cells in order and return (eval step, its metrics) of every finished eval, the number of
+    cells run and reused, and the failures.
+
+    A ``train`` step is skipped when its folder holds a finished run of the same config; its ``reuse`` (the
+    --reuse argument it came from) makes an unusable run stop the study. An ``eval`` step is skipped when its
+    metrics exist for the same command, and left out when the training in its ``after`` folder failed.
+    ``dry_run`` prints the commands still to run instead.
+    """
+    from npft_lightning.io import atomic_write_json
+
+    evals, failures, ran, skipped = [], [], 0, 0
+    failed_train: set[Path] = set()
+    for step in tqdm(plan, desc=desc, disable=dry_run):
+        if step["kind"] == "train":
+            done, why = finished_train(step["dir"], expected_train_signature(step["overrides"]))
+            if step.get("reuse") and not done:
+                raise StudyError(f"--reuse {step['reuse']} cannot be used: {why}")
+            if done:
+                skipped += 1
+            elif dry_run:
+                print(shlex.join(step["command"]))
+            else:
+                try:
+                    run_cell(step["command"], step["dir"] / "driver.log", lock)
+                    ran += 1
+                except RuntimeError as err:
+                    failures.append(str(err))
+                    failed_train.add(step["dir"])
+            continue
+        command = [*step["command"], f"hydra.run.dir={step['dir']}"]
+        metrics = finished_eval(step["dir"], command)
+        if metrics is None:
+            if dry_run:
+                print(shlex.join(command))
+                continue
+            if step.get("after") in failed_train:
+                continue
+            try:
+                run_cell(command, step["dir"] / "driver.log", lock)
+                atomic_write_json(step["dir"] / "command.json", command)
+                metrics = json.loads((step["dir"] / "metrics.json").read_text())
+                ran += 1
+            except RuntimeError as err:
+                failures.append(str(err))
+                continue
+        else:
+            skipped += 1
+        evals.append((step, metrics))
+    return evals, ran, skipped, failures
+
+
 def parse_reuse(values: list[str]) -> dict[tuple[str, int], Path]:
     reuse = {}
     for value in values:
@@ -454,10 +506,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--quantizers", nargs="+", default=QUANTIZERS, help="conf/quant options")
+    parser.add_argument("--max-eval-windows", type=int, default=None, help="eval windows per corpus (default: all)")
+    add_study_arguments(parser)
+    parser.add_argument("--reuse", action="append", default=[], metavar="ROW:SEED=RUN_DIR",
+                        help="a finished train.py run to use for that cell (its config must match)")
+    parser.add_argument("--study-dir", default="logs/bench/quality")
+    parser.add_argument("--out-json", default="docs/bench/quality.json")
+    parser.add_argument("--results-md", default="docs/results.md")
+    parser.add_argument("--plot", default="docs/bench/quality.png", help="the PPL-vs-control bar chart")
+    return parser
+
+
+def add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every study driver shares: model, corpora, calibration, Hydra overrides, lock, dry run."""
     parser.add_argument("--corpora", nargs="+", default=list(CORPORA), choices=list(CORPORA))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
-    parser.add_argument("--max-eval-windows", type=int, default=None, help="eval windows per corpus (default: all)")
     parser.add_argument("--calib-windows", type=int, default=None, help="GPTQ calibration windows (default: eval.yaml's 128)")
     parser.add_argument("--eval-seq-len", type=int, default=2048)
     parser.add_argument("--ood-chars", type=int, default=250_000, help="characters of the Python manual to score")
@@ -468,19 +532,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Hydra override for train.py calls only (repeatable)")
     parser.add_argument("--eval-set", dest="eval_overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="Hydra override for eval.py calls only (repeatable), e.g. calibration.length=256")
-    parser.add_argument("--reuse", action="append", default=[], metavar="ROW:SEED=RUN_DIR",
-                        help="a finished train.py run to use for that cell (its config must match)")
-    parser.add_argument("--study-dir", default="logs/bench/quality")
-    parser.add_argument("--out-json", default="docs/bench/quality.json")
-    parser.add_argument("--results-md", default="docs/results.md")
-    parser.add_argument("--plot", default="docs/bench/quality.png", help="the PPL-vs-control bar chart")
     parser.add_argument("--lock", default=None, help="hold this flock file around each train/eval subprocess")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return study_main(build_parser(), study, argv)
+
+
+def study_main(parser: argparse.ArgumentParser, study: Any, argv: list[str] | None) -> int:
+    """Parse ``argv`` and run ``study(args, argv)``; a :class:`StudyError` becomes one line and exit code 2."""
+    args = parser.parse_args(argv)
     try:
         return study(args, argv if argv is not None else sys.argv[1:])
     except StudyError as err:
@@ -518,53 +580,14 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
                                *([f"trainer.max_steps={args.steps}"] if args.steps else [])]
             run_dir = reuse.get((row, seed), study_dir / row / f"seed{seed}" / "train")
             plan.append({"row": row, "seed": seed, "kind": "train", "dir": run_dir, "overrides": train_overrides,
-                         "reused": (row, seed) in reuse,
+                         "reuse": f"{row}:{seed}={run_dir}" if (row, seed) in reuse else None,
                          "command": [sys.executable, "train.py", *train_overrides, *TRAIN_FIXED, f"hydra.run.dir={run_dir}"]})
-            plan.append({"row": row, "seed": seed, "kind": "eval", "dir": study_dir / row / f"seed{seed}" / "eval",
+            plan.append({"row": row, "seed": seed, "kind": "eval", "dir": study_dir / row / f"seed{seed}" / "eval", "after": run_dir,
                          "command": [sys.executable, "eval.py", *eval_common, f"adapter={run_dir / 'adapter'}"]})
 
     cells: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
-    failures, ran, skipped = [], 0, 0
-    failed_train: set[tuple[str, int]] = set()
-    for step in tqdm(plan, desc="quality study", disable=args.dry_run):
-        key = (step["row"], step["seed"])
-        if step["kind"] == "train":
-            done, why = finished_train(step["dir"], expected_train_signature(step["overrides"]))
-            if step["reused"] and not done:
-                raise StudyError(f"--reuse {step['row']}:{step['seed']}={step['dir']} cannot be used: {why}")
-            if done:
-                skipped += 1
-                continue
-            if args.dry_run:
-                print(shlex.join(step["command"]))
-                continue
-            try:
-                run_cell(step["command"], step["dir"] / "driver.log", args.lock)
-                ran += 1
-            except RuntimeError as err:
-                failures.append(str(err))
-                failed_train.add(key)
-            continue
-        command = [*step["command"], f"hydra.run.dir={step['dir']}"]
-        metrics = finished_eval(step["dir"], command)
-        if metrics is None:
-            if args.dry_run:
-                print(shlex.join(command))
-                continue
-            if key in failed_train:
-                continue
-            try:
-                run_cell(command, step["dir"] / "driver.log", args.lock)
-                from npft_lightning.io import atomic_write_json
-
-                atomic_write_json(step["dir"] / "command.json", command)
-                metrics = json.loads((step["dir"] / "metrics.json").read_text())
-                ran += 1
-            except RuntimeError as err:
-                failures.append(str(err))
-                continue
-        else:
-            skipped += 1
+    evals, ran, skipped, failures = run_plan(plan, args.lock, args.dry_run, "quality study")
+    for step, metrics in evals:
         seed_key = "-" if step["seed"] is None else str(step["seed"])
         for corpus, split in split_of_corpus.items():
             ppl = metrics["ppl"][split]

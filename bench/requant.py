@@ -27,7 +27,6 @@ block of --results-md.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shlex
 import sys
@@ -35,19 +34,16 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from common import ROOT, machine, write_json
 from quality import (
     CORPORA,
     ROWS,
     TRAIN_FIXED,
     StudyError,
+    add_study_arguments,
     corpus_setup,
-    expected_train_signature,
-    finished_eval,
-    finished_train,
-    run_cell,
+    run_plan,
+    study_main,
     write_results_block,
 )
 
@@ -139,39 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bases", nargs="+", default=BASES, help="conf/quant options with *_sparse0.5* and requant_* configs")
     parser.add_argument("--rows", nargs="+", default=STUDY_ROWS, choices=STUDY_ROWS)
     parser.add_argument("--seed", type=int, default=0, help="seed of the trained adapters")
-    parser.add_argument("--corpora", nargs="+", default=list(CORPORA), choices=list(CORPORA))
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
-    parser.add_argument("--max-eval-windows", type=int, default=8, help="eval windows per corpus (null for all: pass 0)")
-    parser.add_argument("--calib-windows", type=int, default=None, help="GPTQ calibration windows (default: eval.yaml's 128)")
+    parser.add_argument("--max-eval-windows", type=int, default=8, help="eval windows per corpus (0: all)")
     parser.add_argument("--pqi-windows", type=int, default=None, help="ReQuant's Fisher / PQI windows (default: the config's 32)")
     parser.add_argument("--pqi-intervals", type=int, default=None, help="ReQuant's PQI intervals (default: the config's 8)")
-    parser.add_argument("--eval-seq-len", type=int, default=2048)
-    parser.add_argument("--ood-chars", type=int, default=250_000, help="characters of the Python manual to score")
-    parser.add_argument("--ood-text", default=None, help="your own out-of-domain .txt/.jsonl instead of the Python manual")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="Hydra override given to every train.py and eval.py call (repeatable)")
-    parser.add_argument("--train-set", dest="train_overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="Hydra override for train.py calls only (repeatable)")
-    parser.add_argument("--eval-set", dest="eval_overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="Hydra override for eval.py calls only (repeatable)")
     parser.add_argument("--reuse", action="append", default=[], metavar="ROW=RUN_DIR",
                         help="a finished train.py run (e.g. from bench/quality.py) for that adapter row; its config must match")
     parser.add_argument("--study-dir", default="logs/bench/requant")
     parser.add_argument("--out-json", default="docs/bench/requant.json")
     parser.add_argument("--results-md", default="docs/requant.md")
-    parser.add_argument("--lock", default=None, help="hold this flock file around each train/eval subprocess")
-    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    add_study_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return study(args, argv if argv is not None else sys.argv[1:])
-    except StudyError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return study_main(build_parser(), study, argv)
 
 
 def plan_cells(args: argparse.Namespace, study_dir: Path, eval_common: list[str], common: list[str]) -> list[dict[str, Any]]:
@@ -192,16 +169,16 @@ def plan_cells(args: argparse.Namespace, study_dir: Path, eval_common: list[str]
     for row in (r for r in args.rows if r in ADAPTER_ROWS):
         overrides = [*common, *ROWS[row], *args.train_overrides, f"seed={args.seed}", *([f"trainer.max_steps={args.steps}"] if args.steps else [])]
         run_dir = reuse.get(row, study_dir / row / f"seed{args.seed}" / "train")
-        plan.append({"row": row, "kind": "train", "dir": run_dir, "overrides": overrides, "reused": row in reuse,
+        plan.append({"row": row, "kind": "train", "dir": run_dir, "overrides": overrides,
+                     "reuse": f"{row}={run_dir}" if row in reuse else None,
                      "command": [sys.executable, "train.py", *overrides, *TRAIN_FIXED, f"hydra.run.dir={run_dir}"]})
-        plan.append({"row": row, "key": "bases", "kind": "eval", "dir": study_dir / row / f"seed{args.seed}" / "eval",
+        plan.append({"row": row, "key": "bases", "kind": "eval", "dir": study_dir / row / f"seed{args.seed}" / "eval", "after": run_dir,
                      "command": [sys.executable, "eval.py", *eval_common, f"quant=[{','.join(args.bases)}]",
                                  f"adapter={run_dir / 'adapter'}"]})
     return plan
 
 
 def study(args: argparse.Namespace, argv: list[str]) -> int:
-    from npft_lightning.io import atomic_write_json
     from npft_lightning.models import default_cache_dir
 
     root = lambda p: Path(p) if Path(p).is_absolute() else ROOT / p  # noqa: E731
@@ -215,49 +192,14 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
     plan = plan_cells(args, study_dir, eval_common, common)
 
     cells: dict[str, dict[str, dict[str, Any]]] = {}
-    failures, ran, skipped, failed_train = [], 0, 0, set()
-    for step in tqdm(plan, desc="requant study", disable=args.dry_run):
-        if step["kind"] == "train":
-            done, why = finished_train(step["dir"], expected_train_signature(step["overrides"]))
-            if step["reused"] and not done:
-                raise StudyError(f"--reuse {step['row']}={step['dir']} cannot be used: {why}")
-            if done:
-                skipped += 1
-            elif args.dry_run:
-                print(shlex.join(step["command"]))
-            else:
-                try:
-                    run_cell(step["command"], step["dir"] / "driver.log", args.lock)
-                    ran += 1
-                except RuntimeError as err:
-                    failures.append(str(err))
-                    failed_train.add(step["row"])
-            continue
-        command = [*step["command"], f"hydra.run.dir={step['dir']}"]
-        metrics = finished_eval(step["dir"], command)
-        if metrics is None:
-            if args.dry_run:
-                print(shlex.join(command))
-                continue
-            if step["row"] in failed_train:
-                continue
-            try:
-                run_cell(command, step["dir"] / "driver.log", args.lock)
-                atomic_write_json(step["dir"] / "command.json", command)
-                metrics = json.loads((step["dir"] / "metrics.json").read_text())
-                ran += 1
-            except RuntimeError as err:
-                failures.append(str(err))
-                continue
-        else:
-            skipped += 1
+    evals, ran, skipped, failures = run_plan(plan, args.lock, args.dry_run, "requant study")
+    for step, metrics in evals:
         for corpus, split in split_of_corpus.items():
             ppl = metrics["ppl"][split]
             corpora[corpus]["tokens"] = ppl.get("_tokens")
-            cells.setdefault(step["row"], {})[step["key"]] = {
-                **cells.get(step["row"], {}).get(step["key"], {}),
-                corpus: {"ppl": {q: v for q, v in ppl.items() if not q.startswith("_")}, "bits": metrics.get("bits", {}),
-                         "seconds": metrics.get("seconds", {}), "requant": metrics.get("quantizer_reports", {})}}
+            cells.setdefault(step["row"], {}).setdefault(step["key"], {})[corpus] = {
+                "ppl": {q: v for q, v in ppl.items() if not q.startswith("_")}, "bits": metrics.get("bits", {}),
+                "seconds": metrics.get("seconds", {}), "requant": metrics.get("quantizer_reports", {})}
 
     if args.dry_run:
         return 0
