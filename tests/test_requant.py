@@ -277,3 +277,50 @@ def test_whole_model_base_without_outliers_needs_no_grid(tiny_llama, token_windo
 def test_needs_calibration_windows(tiny_llama) -> None:
     with pytest.raises(ValueError, match="needs calibration token windows"):
         _requant().quantize_model(tiny_llama, decoder_linears(tiny_llama), None)
+
+
+def test_gptq_keeps_sparse_entries_exact_and_compensates_for_them(tiny_llama, token_windows) -> None:
+    """GPTQ told which entries the sparse part holds: they leave the grid ranges and their exact values count
+    in the error compensation (lower output error than quantizing the zeroed matrix and writing them back);
+    in a model, the later blocks calibrate on the dense + sparse weights."""
+    from npft_lightning.quant.gptq import gptq_encode_matrix
+    from npft_lightning.quant.rtn import rtn_decode, rtn_params
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 64, generator=g)
+    x = torch.randn(512, 64, generator=g) @ (torch.eye(64) + 0.5 * torch.randn(64, 64, generator=g))  # correlated inputs
+    h = 2 * x.T @ x / x.shape[0]
+    keep = torch.zeros_like(w, dtype=torch.bool)
+    keep.view(-1)[w.abs().flatten().topk(40).indices] = True
+    assert torch.equal(gptq_encode_matrix(w, h, 3, keep=torch.zeros_like(keep)).codes, gptq_encode_matrix(w, h, 3).codes)
+
+    def output_error(enc) -> float:
+        group = None if enc.scale.shape[1] == 1 else w.shape[1] // enc.scale.shape[1]
+        q = torch.where(keep, w, rtn_decode(enc.codes, enc.scale, enc.zero, group).float())
+        return float(((x @ (q - w).T) ** 2).sum())
+
+    assert torch.equal(gptq_encode_matrix(w, h, 3, keep=keep).scale, rtn_params(w.masked_fill(keep, 0), 3)[0])
+    for group in (None, 16):
+        for act_order in (True, False):
+            kept = gptq_encode_matrix(w, h, 3, group, act_order=act_order, keep=keep)
+            zeroed = gptq_encode_matrix(w.masked_fill(keep, 0), h, 3, group, act_order=act_order)
+            assert output_error(kept) < output_error(zeroed), (group, act_order)
+
+    gptq = GPTQ(3, group_size=32)
+    linears = decoder_linears(tiny_llama)
+    gptq.kept = {name: lin.weight.abs() > lin.weight.abs().quantile(0.99) for name, lin in linears.items()}
+    originals = {name: lin.weight.clone() for name, lin in linears.items()}
+    seen = {}
+
+    def record(module, args):
+        seen.setdefault("w0", linears["model.layers.0.mlp.down_proj"].weight.clone())
+
+    hook = linears["model.layers.1.self_attn.q_proj"].register_forward_pre_hook(record)
+    try:
+        gptq.quantize_model(tiny_llama, linears, token_windows)
+    finally:
+        hook.remove()
+    down = "model.layers.0.mlp.down_proj"
+    assert torch.equal(seen["w0"][gptq.kept[down]], originals[down][gptq.kept[down]])  # block 1 calibrated on exact kept values
+    for name, lin in linears.items():
+        assert torch.equal(lin.weight[gptq.kept[name]], originals[name][gptq.kept[name]])

@@ -16,8 +16,8 @@ The weights become a dense low-bit part plus two full-precision sparse parts, W 
 3. **Detach** the chosen outliers (largest |w| of each layer, as SqueezeLLM's outliers) to the
    full-precision sparse part and set them to 0 in the dense part.
 4. **Re-quantize** the dense part with the base quantizer: its range (and k-means' clustering, which
-   gets zero weight there) no longer holds the outliers. GPTQ calibrates on the model with the dense
-   part in place.
+   gets zero weight there) no longer holds the outliers. GPTQ keeps the outliers at their exact values
+   while it runs (its calibration sees dense + outliers, its error compensation treats them as exact).
 5. **Step-wise significant-weight detach** (Algorithm 2): ``significant_ratio`` percent of all weights
    are recovered to full precision in ``significant_ratio / significant_step`` steps (the paper: 2). In
    each step PQI is computed on the path from W to the current quantized model (outliers and earlier
@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from npft_lightning.quant.base import WeightQuantizer, quantize_encoded, weights_restored
-from npft_lightning.quant.sparse import DenseAndSparse, decode_dense_and_sparse, masked_base_sensitivity, with_sparse
+from npft_lightning.quant.sparse import DenseAndSparse, decode_dense_and_sparse, encode_dense, masked_base_sensitivity, with_sparse
 from npft_lightning.quant.uniform import RTN
 
 
@@ -220,7 +220,6 @@ class ReQuant(WeightQuantizer):
         timer = {"start": time.perf_counter()}
         n_weights = sum(lin.weight.numel() for lin in linears.values())
         originals = {name: lin.weight.detach().clone() for name, lin in linears.items()}
-        shapes = {name: w.shape for name, w in originals.items()}
         fisher = self.sensitivity
         with weights_restored(linears):
             if self.outlier_ratio > 0 and fisher is None:
@@ -230,12 +229,7 @@ class ReQuant(WeightQuantizer):
             outliers = self.select_outliers(originals, fisher, round(n_weights * self.outlier_ratio / 100))
             timer["outliers"] = time.perf_counter()
             # 3-4: detach the outliers, re-quantize the dense rest.
-            for name, lin in linears.items():
-                lin.weight.masked_fill_(outliers[name], 0)
-            with masked_base_sensitivity(self.base, outliers, shapes, fisher):
-                dense = self.base.encode_model(model, linears, calibration)
-            for name, lin in linears.items():
-                lin.weight.copy_(originals[name])
+            dense = encode_dense(self.base, model, linears, outliers, calibration, fisher)
             timer["dense"] = time.perf_counter()
             detached = {name: mask.clone() for name, mask in outliers.items()}
             current = {}

@@ -3,10 +3,9 @@
 The top ``keep_ratio`` percent of each matrix (by sensitivity, or by |w| when no sensitivity is
 given) is kept in full precision (the sparse part); the rest, with the kept entries set to 0, is
 quantized by the base quantizer (the dense part); the kept values are then written back. Zeroing
-them first takes the outliers out of the dense part's range (RTN, NF) and out of its error (GPTQ:
-0 is a grid point, so GPTQ compensates exactly the error of the dense part). A base quantizer with
+them first takes the outliers out of the dense part's range (RTN, NF). A base quantizer with
 a ``sensitivity`` attribute (k-means) also gets zero weight at the kept positions, so they do not
-pull its centroids.
+pull its centroids. GPTQ instead keeps them at their exact values while it runs (see :func:`encode_dense`).
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from typing import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from npft_lightning.quant.base import WeightQuantizer, weights_restored
+from npft_lightning.quant.base import WeightQuantizer, quantize_encoded, weights_restored
 
 # Fields the sparse part adds to the base quantizer's stored form.
 SPARSE_FIELDS = ("sparse_index", "sparse_value")
@@ -99,14 +98,7 @@ class DenseAndSparse(WeightQuantizer):
         linears: Mapping[str, nn.Linear],
         calibration: Tensor | None = None,
     ) -> None:
-        masks = {name: self.mask(lin.weight, name) for name, lin in linears.items()}
-        kept = {name: lin.weight[masks[name]].clone() for name, lin in linears.items()}
-        for name, lin in linears.items():
-            lin.weight.masked_fill_(masks[name], 0)
-        with self._base_sensitivity(masks, {name: lin.weight.shape for name, lin in linears.items()}):
-            self.base.quantize_model(model, linears, calibration)
-        for name, lin in linears.items():
-            lin.weight[masks[name]] = kept[name]
+        quantize_encoded(model, linears, self, calibration)
 
     @torch.no_grad()
     def encode_model(
@@ -115,15 +107,9 @@ class DenseAndSparse(WeightQuantizer):
         linears: Mapping[str, nn.Linear],
         calibration: Tensor | None = None,
     ) -> dict[str, dict[str, Tensor]]:
-        # The same steps as quantize_model, with the base quantizer's encode_model in the middle.
         masks = {name: self.mask(lin.weight, name) for name, lin in linears.items()}
-        kept = {name: lin.weight[masks[name]] for name, lin in linears.items()}
-        with weights_restored(linears):
-            for name, lin in linears.items():
-                lin.weight.masked_fill_(masks[name], 0)
-            with self._base_sensitivity(masks, {name: lin.weight.shape for name, lin in linears.items()}):
-                dense = self.base.encode_model(model, linears, calibration)
-        return {name: with_sparse(dense[name], masks[name].cpu(), kept[name].cpu()) for name in linears}
+        dense = encode_dense(self.base, model, linears, masks, calibration, self.sensitivity)
+        return {name: with_sparse(dense[name], masks[name].cpu(), lin.weight[masks[name]].cpu()) for name, lin in linears.items()}
 
     def __repr__(self) -> str:
         return f"DenseAndSparse(base={self.base!r}, keep_ratio={self.keep_ratio}, name={self.name!r}, selector={self.selector!r})"
@@ -155,6 +141,36 @@ def masked_base_sensitivity(
         yield
     finally:
         base.sensitivity = original
+
+
+@torch.no_grad()
+def encode_dense(
+    base: WeightQuantizer,
+    model: nn.Module,
+    linears: Mapping[str, nn.Linear],
+    masks: Mapping[str, Tensor],
+    calibration: Tensor | None = None,
+    sensitivity: Mapping[str, Tensor] | None = None,
+) -> dict[str, dict[str, Tensor]]:
+    """The base's fields (on the CPU) for the dense part of each linear: its weight without the entries of
+    ``masks`` (bool, shaped like the weight), which the sparse part holds. The model is left unchanged.
+
+    A base that calibrates on the model (GPTQ, which has a ``kept`` attribute) is told the masks: it keeps
+    those entries at their exact values, so its calibration passes see the dense + sparse model and its
+    error compensation knows they are exact. Any other base quantizes the weight with those entries set
+    to 0, out of its ranges (and, with a ``sensitivity`` attribute, out of its k-means clustering).
+    """
+    with weights_restored(linears):
+        if hasattr(base, "kept"):
+            original, base.kept = base.kept, dict(masks)
+            try:
+                return base.encode_model(model, linears, calibration)
+            finally:
+                base.kept = original
+        for name, lin in linears.items():
+            lin.weight.masked_fill_(masks[name], 0)
+        with masked_base_sensitivity(base, masks, {name: lin.weight.shape for name, lin in linears.items()}, sensitivity):
+            return base.encode_model(model, linears, calibration)
 
 
 def decode_dense_and_sparse(base: WeightQuantizer, payload: Mapping[str, Tensor]) -> Tensor:
