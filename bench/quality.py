@@ -391,7 +391,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         if reach:
             lines += ["", "RTN-4 after training vs GPTQ-4 on the pretrained model "
                       f"({next(iter(reach.values()))['pretrained_gptq4']:.2f}): " + "; ".join(
-                          f"{ROW_LABELS.get(r, r)} {v['rtn4']:.2f} ({'reaches it' if v['reaches'] else 'does not'})"
+                          f"{row_label(r)} {v['rtn4']:.2f} ({'reaches it' if v['reaches'] else 'does not'})"
                           for r, v in reach.items() if r != "pretrained")]
     lines += ["", BLOCK_END]
     return "\n".join(lines)
@@ -422,7 +422,7 @@ def plot_quality(result: dict[str, Any], path: Path) -> Path | None:
             stats = [per_q[q]["vs_control_pct"] for q in columns]
             xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(columns))]
             ax.bar(xs, [st["mean"] for st in stats], width, yerr=[st["std"] if st["n"] > 1 else 0 for st in stats],
-                   capsize=2, label=ROW_LABELS.get(row, row), color=f"C{i}")
+                   capsize=2, label=row_label(row), color=f"C{i}")
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(columns)), ["unquantized" if q == "fp" else q for q in columns])
         ax.set_ylabel("PPL vs control (%)")
@@ -515,14 +515,14 @@ def plot_frontier(result: dict[str, Any], path: Path, quantizer: str = "rtn4") -
     return save_figure(fig, path)
 
 
-def write_results_block(path: Path, block: str) -> None:
-    """Replace the generated block of ``path`` (or append it), keeping the hand-written text around it."""
+def write_results_block(path: Path, block: str, begin: str = BLOCK_BEGIN, end: str = BLOCK_END) -> None:
+    """Replace the generated block (``begin`` ... ``end``) of ``path`` (or append it), keeping the hand-written text around it."""
     from npft_lightning.io import atomic_write_text
 
     text = path.read_text() if path.is_file() else "# Results\n"
-    if BLOCK_BEGIN in text and BLOCK_END in text:
-        head, rest = text.split(BLOCK_BEGIN, 1)
-        text = head + block + rest.split(BLOCK_END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     atomic_write_text(path, text)
@@ -534,71 +534,9 @@ def write_results_block(path: Path, block: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def parse_reuse(values: list[str]) -> dict[tuple[str, int], Path]:
-    reuse = {}
-    for value in values:
-        match = re.fullmatch(r"([\w.]+):(\d+)=(.+)", value)
-        if not match or match.group(1) not in ROWS or match.group(1) == "pretrained":
-            raise StudyError(f"--reuse {value!r}: write ROW:SEED=RUN_DIR with ROW one of {', '.join(r for r in ROWS if r != 'pretrained')}")
-        reuse[(match.group(1), int(match.group(2)))] = Path(match.group(3)).expanduser().resolve()
-    return reuse
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--quantizers", nargs="+", default=QUANTIZERS, help="conf/quant options")
-    parser.add_argument("--corpora", nargs="+", default=list(CORPORA), choices=list(CORPORA))
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--steps", type=int, nargs="+", default=None,
-                        help="training steps (default: the recipe's); several values train every row at each length, "
-                             "cells keyed ROW@STEPS and paired with the control of the same length")
-    parser.add_argument("--max-eval-windows", type=int, default=None, help="eval windows per corpus (default: all)")
-    parser.add_argument("--calib-windows", type=int, default=None, help="GPTQ calibration windows (default: eval.yaml's 128)")
-    parser.add_argument("--eval-seq-len", type=int, default=2048)
-    parser.add_argument("--ood-chars", type=int, default=250_000, help="characters of the Python manual to score")
-    parser.add_argument("--ood-text", default=None, help="your own out-of-domain .txt/.jsonl instead of the Python manual")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="Hydra override given to every train.py and eval.py call (repeatable)")
-    parser.add_argument("--train-set", dest="train_overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="Hydra override for train.py calls only (repeatable)")
-    parser.add_argument("--eval-set", dest="eval_overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="Hydra override for eval.py calls only (repeatable), e.g. calibration.length=256")
-    parser.add_argument("--reuse", action="append", default=[], metavar="ROW:SEED=RUN_DIR",
-                        help="a finished train.py run to use for that cell (its config must match)")
-    parser.add_argument("--study-dir", default="logs/bench/quality")
-    parser.add_argument("--out-json", default="docs/bench/quality.json")
-    parser.add_argument("--results-md", default="docs/results.md")
-    parser.add_argument("--plot", default="docs/bench/quality.png", help="the PPL-vs-control bar chart")
-    parser.add_argument("--steps-plot", default=None, help="gap closed vs training steps (default: beside --plot, *_steps.png)")
-    parser.add_argument("--frontier-plot", default=None, help="gap closed vs unquantized cost (default: beside --plot, *_frontier.png)")
-    parser.add_argument("--default-row", default=None, help="the row (ROW or ROW@STEPS) that experiment=npft_smollm2 runs")
-    parser.add_argument("--deploy-row", default=None, help="the row that the deployment recipe runs")
-    parser.add_argument("--lock", default=None, help="hold this flock file around each train/eval subprocess")
-    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return study(args, argv if argv is not None else sys.argv[1:])
-    except StudyError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-def study(args: argparse.Namespace, argv: list[str]) -> int:
-    from npft_lightning.models import default_cache_dir
-
-    root = lambda p: Path(p) if Path(p).is_absolute() else ROOT / p  # noqa: E731
-    study_dir = root(args.study_dir).resolve()
-    cache = default_cache_dir()
-    reuse = parse_reuse(args.reuse)
-    common = [f"model={args.model}", f"data.eval_seq_len={args.eval_seq_len}", *args.overrides]
-    train_rows = [r for r in args.rows if ROWS[r] is not None]
-
+def corpus_setup(args: argparse.Namespace, cache: Path, common: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, str], list[str], list[str]]:
+    """The corpora to score (``args.corpora``, ``args.ood_text``, ``args.ood_chars``): their metadata, the eval.py
+    split each is scored as, those splits in order, and the eval.py overrides that set them up."""
     corpora: dict[str, dict[str, Any]] = {}
     if "wiki" in args.corpora:
         corpora["wiki"] = {"source": "wiki_vital test split"}
@@ -623,6 +561,140 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
         split_of_corpus = {"wiki": "validation", "pydoc": "test"}
     split_of_corpus = {c: s for c, s in split_of_corpus.items() if c in corpora}
     splits = sorted(split_of_corpus.values(), key=["validation", "test"].index)
+    return corpora, split_of_corpus, splits, corpus_overrides
+
+
+def run_plan(plan: list[dict[str, Any]], lock: str | None, dry_run: bool, desc: str) -> tuple[list[tuple[dict[str, Any], dict[str, Any]]], int, int, list[str]]:
+    """Run a study's cells in order and return (eval step, its metrics) of every finished eval, the number of
+    cells run and reused, and the failures.
+
+    A ``train`` step is skipped when its folder holds a finished run of the same config; its ``reuse`` (the
+    --reuse argument it came from) makes an unusable run stop the study. An ``eval`` step is skipped when its
+    metrics exist for the same command, and left out when the training in its ``after`` folder failed.
+    ``dry_run`` prints the commands still to run instead.
+    """
+    from npft_lightning.io import atomic_write_json
+
+    evals, failures, ran, skipped = [], [], 0, 0
+    failed_train: set[Path] = set()
+    for step in tqdm(plan, desc=desc, disable=dry_run):
+        if step["kind"] == "train":
+            done, why = finished_train(step["dir"], expected_train_signature(step["overrides"]))
+            if step.get("reuse") and not done:
+                raise StudyError(f"--reuse {step['reuse']} cannot be used: {why}")
+            if done:
+                skipped += 1
+            elif dry_run:
+                print(shlex.join(step["command"]))
+            else:
+                try:
+                    run_cell(step["command"], step["dir"] / "driver.log", lock)
+                    ran += 1
+                except RuntimeError as err:
+                    failures.append(str(err))
+                    failed_train.add(step["dir"])
+            continue
+        command = [*step["command"], f"hydra.run.dir={step['dir']}"]
+        metrics = finished_eval(step["dir"], command)
+        if metrics is None:
+            if dry_run:
+                print(shlex.join(command))
+                continue
+            if step.get("after") in failed_train:
+                continue
+            try:
+                run_cell(command, step["dir"] / "driver.log", lock)
+                atomic_write_json(step["dir"] / "command.json", command)
+                metrics = json.loads((step["dir"] / "metrics.json").read_text())
+                ran += 1
+            except RuntimeError as err:
+                failures.append(str(err))
+                continue
+        else:
+            skipped += 1
+        evals.append((step, metrics))
+    return evals, ran, skipped, failures
+
+
+def parse_reuse(values: list[str]) -> dict[tuple[str, int], Path]:
+    reuse = {}
+    for value in values:
+        match = re.fullmatch(r"([\w.]+):(\d+)=(.+)", value)
+        if not match or match.group(1) not in ROWS or match.group(1) == "pretrained":
+            raise StudyError(f"--reuse {value!r}: write ROW:SEED=RUN_DIR with ROW one of {', '.join(r for r in ROWS if r != 'pretrained')}")
+        reuse[(match.group(1), int(match.group(2)))] = Path(match.group(3)).expanduser().resolve()
+    return reuse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--quantizers", nargs="+", default=QUANTIZERS, help="conf/quant options")
+    parser.add_argument("--max-eval-windows", type=int, default=None, help="eval windows per corpus (default: all)")
+    add_study_arguments(parser, several_steps=True)
+    parser.add_argument("--reuse", action="append", default=[], metavar="ROW:SEED=RUN_DIR",
+                        help="a finished train.py run to use for that cell (its config must match)")
+    parser.add_argument("--study-dir", default="logs/bench/quality")
+    parser.add_argument("--out-json", default="docs/bench/quality.json")
+    parser.add_argument("--results-md", default="docs/results.md")
+    parser.add_argument("--plot", default="docs/bench/quality.png", help="the PPL-vs-control bar chart")
+    parser.add_argument("--steps-plot", default=None, help="gap closed vs training steps (default: beside --plot, *_steps.png)")
+    parser.add_argument("--frontier-plot", default=None, help="gap closed vs unquantized cost (default: beside --plot, *_frontier.png)")
+    parser.add_argument("--default-row", default=None, help="the row (ROW or ROW@STEPS) that experiment=npft_smollm2 runs")
+    parser.add_argument("--deploy-row", default=None, help="the row that the deployment recipe runs")
+    return parser
+
+
+def add_study_arguments(parser: argparse.ArgumentParser, several_steps: bool = False) -> None:
+    """The options every study driver shares: model, corpora, calibration, Hydra overrides, lock, dry run."""
+    parser.add_argument("--corpora", nargs="+", default=list(CORPORA), choices=list(CORPORA))
+    parser.add_argument("--model", default="smollm2-135m")
+    if several_steps:
+        parser.add_argument("--steps", type=int, nargs="+", default=None,
+                            help="training steps (default: the recipe's); several values train every row at each length, "
+                                 "cells keyed ROW@STEPS and paired with the control of the same length")
+    else:
+        parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    parser.add_argument("--calib-windows", type=int, default=None, help="GPTQ calibration windows (default: eval.yaml's 128)")
+    parser.add_argument("--eval-seq-len", type=int, default=2048)
+    parser.add_argument("--ood-chars", type=int, default=250_000, help="characters of the Python manual to score")
+    parser.add_argument("--ood-text", default=None, help="your own out-of-domain .txt/.jsonl instead of the Python manual")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="Hydra override given to every train.py and eval.py call (repeatable)")
+    parser.add_argument("--train-set", dest="train_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="Hydra override for train.py calls only (repeatable)")
+    parser.add_argument("--eval-set", dest="eval_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="Hydra override for eval.py calls only (repeatable), e.g. calibration.length=256")
+    parser.add_argument("--lock", default=None, help="hold this flock file around each train/eval subprocess")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return study_main(build_parser(), study, argv)
+
+
+def study_main(parser: argparse.ArgumentParser, study: Any, argv: list[str] | None) -> int:
+    """Parse ``argv`` and run ``study(args, argv)``; a :class:`StudyError` becomes one line and exit code 2."""
+    args = parser.parse_args(argv)
+    try:
+        return study(args, argv if argv is not None else sys.argv[1:])
+    except StudyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def study(args: argparse.Namespace, argv: list[str]) -> int:
+    from npft_lightning.models import default_cache_dir
+
+    root = lambda p: Path(p) if Path(p).is_absolute() else ROOT / p  # noqa: E731
+    study_dir = root(args.study_dir).resolve()
+    cache = default_cache_dir()
+    reuse = parse_reuse(args.reuse)
+    common = [f"model={args.model}", f"data.eval_seq_len={args.eval_seq_len}", *args.overrides]
+    train_rows = [r for r in args.rows if ROWS[r] is not None]
+
+    corpora, split_of_corpus, splits, corpus_overrides = corpus_setup(args, cache, common)
 
     eval_common = [*common, f"quant=[{','.join(args.quantizers)}]", f"splits=[{','.join(splits)}]", *args.eval_overrides,
                    *corpus_overrides]
@@ -645,53 +717,14 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
                                    *([f"trainer.max_steps={steps}"] if steps else [])]
                 run_dir = reuse.get((row, seed), study_dir / key / f"seed{seed}" / "train")
                 plan.append({"row": key, "seed": seed, "kind": "train", "dir": run_dir, "overrides": train_overrides,
-                             "reused": (row, seed) in reuse,
+                             "reuse": f"{row}:{seed}={run_dir}" if (row, seed) in reuse else None,
                              "command": [sys.executable, "train.py", *train_overrides, *TRAIN_FIXED, f"hydra.run.dir={run_dir}"]})
-                plan.append({"row": key, "seed": seed, "kind": "eval", "dir": study_dir / key / f"seed{seed}" / "eval",
+                plan.append({"row": key, "seed": seed, "kind": "eval", "dir": study_dir / key / f"seed{seed}" / "eval", "after": run_dir,
                              "command": [sys.executable, "eval.py", *eval_common, f"adapter={run_dir / 'adapter'}"]})
 
     cells: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
-    failures, ran, skipped = [], 0, 0
-    failed_train: set[tuple[str, int]] = set()
-    for step in tqdm(plan, desc="quality study", disable=args.dry_run):
-        key = (step["row"], step["seed"])
-        if step["kind"] == "train":
-            done, why = finished_train(step["dir"], expected_train_signature(step["overrides"]))
-            if step["reused"] and not done:
-                raise StudyError(f"--reuse {step['row']}:{step['seed']}={step['dir']} cannot be used: {why}")
-            if done:
-                skipped += 1
-                continue
-            if args.dry_run:
-                print(shlex.join(step["command"]))
-                continue
-            try:
-                run_cell(step["command"], step["dir"] / "driver.log", args.lock)
-                ran += 1
-            except RuntimeError as err:
-                failures.append(str(err))
-                failed_train.add(key)
-            continue
-        command = [*step["command"], f"hydra.run.dir={step['dir']}"]
-        metrics = finished_eval(step["dir"], command)
-        if metrics is None:
-            if args.dry_run:
-                print(shlex.join(command))
-                continue
-            if key in failed_train:
-                continue
-            try:
-                run_cell(command, step["dir"] / "driver.log", args.lock)
-                from npft_lightning.io import atomic_write_json
-
-                atomic_write_json(step["dir"] / "command.json", command)
-                metrics = json.loads((step["dir"] / "metrics.json").read_text())
-                ran += 1
-            except RuntimeError as err:
-                failures.append(str(err))
-                continue
-        else:
-            skipped += 1
+    evals, ran, skipped, failures = run_plan(plan, args.lock, args.dry_run, "quality study")
+    for step, metrics in evals:
         seed_key = "-" if step["seed"] is None else str(step["seed"])
         for corpus, split in split_of_corpus.items():
             ppl = metrics["ppl"][split]

@@ -69,8 +69,23 @@ def _check_quant(name: str, q: DictConfig) -> None:
     group = q.get("group_size")
     if group is not None and not (_is_int(group) and group > 0):
         raise UserError(f"quant.{name}.group_size={group} must be a positive integer (a divisor of the input features) or null")
-    if isinstance(q.get("base"), DictConfig):  # dense-and-sparse wraps another quantizer
-        _check_quant(f"{name}.base", q.base)
+    if str(q.get("_target_", "")).endswith(".ReQuant"):
+        _check_requant(name, q)
+
+
+def _check_requant(name: str, q: DictConfig) -> None:
+    """ReQuant's budgets, steps and base are checked by its constructor, which needs no model: build it now."""
+    from hydra.utils import instantiate
+
+    from npft_lightning.cli import user_message
+
+    try:
+        instantiate(q)
+    except Exception as err:  # noqa: BLE001 - only the constructor's one-line errors are re-worded
+        message = user_message(err)
+        if message is None:
+            raise
+        raise UserError(f"quant.{name}: {message}") from None
 
 
 def _check_noise_and_outliers(cfg: DictConfig) -> None:

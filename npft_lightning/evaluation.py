@@ -72,6 +72,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     fisher = None
     exports: dict[str, dict[str, Any]] = {}
     ggufs: dict[str, dict[str, Any]] = {}
+    # Effective bits per weight of every weight quantizer (dense codes + scales + sparse part, as stored),
+    # and what a quantizer reports about its own run (ReQuant: detached counts per layer and step).
+    bits: dict[str, dict[str, Any]] = {}
+    reports: dict[str, Any] = {}
     config = OmegaConf.to_container(cfg, resolve=True)
     path = Path(cfg.paths.output_dir) / "metrics.json"
     windows = {split: datamodule.eval_windows(split) for split in splits_of(cfg)}
@@ -84,9 +88,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             if quantizer is not None:
                 start = time.perf_counter()
                 calibration, fisher = quantizer_inputs(quantizer, model, linears, datamodule, cfg, device, fisher)
-                quantized.enter_context(fake_quantized(model, linears, quantizer, calibration=calibration))
+                sizes: dict[str, Any] = {}
+                quantized.enter_context(fake_quantized(model, linears, quantizer, calibration=calibration, sizes=sizes))
                 timings[f"quantize/{name}"] = time.perf_counter() - start
-                tqdm.write(f"quantized with {name} ({timings[f'quantize/{name}']:.0f} s)")
+                if sizes:
+                    bits[name] = sizes
+                if getattr(quantizer, "last_report", None):
+                    reports[name] = quantizer.last_report
+                size = f", {sizes['bits_per_weight']:.3f} bits/weight" if sizes else ""
+                tqdm.write(f"quantized with {name} ({timings[f'quantize/{name}']:.0f} s{size})")
             for split, split_windows in windows.items():
                 start = time.perf_counter()
                 batches = tqdm(split_windows.split(cfg.data.eval_batch_size), desc=f"{split} {name}", leave=False)
@@ -97,7 +107,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 line = f"{split} {name}: PPL {results[split][name]:.4f} ({timings[f'{split}/{name}']:.0f} s)"
                 log.info(line)
                 tqdm.write(line)
-                atomic_write_json(path, {"ppl": results, "seconds": timings, "exports": exports, "complete": False, "config": config})
+                atomic_write_json(path, {"ppl": results, "bits": bits, "seconds": timings, "exports": exports,
+                                         "quantizer_reports": reports, "complete": False, "config": config})
         if quantizer is not None and cfg.get("export_dir"):
             first = next(iter(windows))
             try:
@@ -113,11 +124,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             except OSError as err:  # writable when the run started: a full disk, a lost mount
                 raise UserError(f"gguf_out={cfg.gguf_out}: writing {name} failed ({err.strerror or err}); the perplexities "
                                 f"measured so far are in {path}") from err
-    metrics = {"ppl": results, "seconds": timings, "exports": exports, "complete": True, "config": config}
+    metrics = {"ppl": results, "bits": bits, "seconds": timings, "exports": exports, "quantizer_reports": reports,
+               "complete": True, "config": config}
     if ggufs:
         metrics["gguf"] = ggufs
     atomic_write_json(path, metrics)
-    print_eval_table(results)
+    print_eval_table(results, bits)
     return metrics
 
 
@@ -175,7 +187,8 @@ def gguf_export_and_score(model, tokenizer, quantizer, plan, windows, fake_quant
     return report
 
 
-def print_eval_table(results: dict[str, dict[str, float]]) -> None:
+def print_eval_table(results: dict[str, dict[str, float]], bits: dict[str, dict[str, Any]] | None = None) -> None:
+    """PPL per split and quantizer, and a last row with each quantizer's effective bits per weight (decoder linears)."""
     table = Table(title="Perplexity (GPTQ protocol)")
     table.add_column("split")
     names = [n for n in next(iter(results.values())) if not n.startswith("_")]
@@ -184,4 +197,6 @@ def print_eval_table(results: dict[str, dict[str, float]]) -> None:
     table.add_column("windows × tokens", justify="right")
     for split, row in results.items():
         table.add_row(split, *[f"{row[n]:.3f}" for n in names], f"{row['_windows']} × {row['_tokens'] // max(row['_windows'], 1)}")
+    if bits:
+        table.add_row("bits/weight", *[f"{bits[n]['bits_per_weight']:.3f}" if n in bits else "—" for n in names], "")
     Console().print(table)

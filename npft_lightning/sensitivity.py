@@ -252,23 +252,48 @@ def pqi_scores(
     """
     if intervals < 1:
         raise ValueError(f"pqi intervals={intervals} must be >= 1 (the paper uses 32)")
-    loss_fn = loss_fn or causal_lm_loss
-    batches = window_batches(windows, batch_size)
+    window_batches(windows, batch_size)  # bad windows fail before the quantizer runs
     weights = {name: lin.weight for name, lin in linears.items()}
-    originals = {name: w.detach().clone() for name, w in weights.items()}
 
     # ΔW = Q(W + D) − (W + D); the merged start is formed exactly as ``fake_quantized`` forms it.
     calibration = windows if quantizer.needs_calibration else None
     with fake_quantized(model, linears, quantizer, deltas, calibration):
         quantized = {name: w.detach().to(torch.float32, copy=True) for name, w in weights.items()}
     error: dict[str, Tensor] = {}
-    for name, w in originals.items():
-        start = w if deltas is None or name not in deltas else w + deltas[name].to(w.dtype)
+    for name, w in weights.items():  # restored bit-exactly by fake_quantized
+        start = w.detach() if deltas is None or name not in deltas else w.detach() + deltas[name].to(w.dtype)
         error[name] = quantized.pop(name) - start.float()
+    return pqi_along(model, linears, error, windows, intervals, batch_size, progress, signed, loss_fn)
 
+
+def pqi_along(
+    model: nn.Module,
+    linears: Mapping[str, nn.Linear],
+    error: Mapping[str, Tensor],
+    windows: Tensor,
+    intervals: int = 32,
+    batch_size: int = 1,
+    progress: bool = True,
+    signed: bool = False,
+    loss_fn: LossFn | None = None,
+    desc: str = "pqi",
+) -> dict[str, Tensor]:
+    """PQI of the straight path from the weights the linears hold now, W, to W + ``error``:
+    |error_i · (1/N) Σ_k ∂L/∂W_i (W + t_k · error)|, t_k = (k − ½)/N (``signed``: without |·|).
+
+    The integral part of :func:`pqi_scores`, for a target that is not one quantizer's output (ReQuant's
+    dense + sparse model). ``error`` (float32, shaped like each weight) is consumed; weights are
+    restored bit-exactly at the end.
+    """
+    if intervals < 1:
+        raise ValueError(f"pqi intervals={intervals} must be >= 1 (the paper uses 32)")
+    loss_fn = loss_fn or causal_lm_loss
+    batches = window_batches(windows, batch_size)
+    weights = {name: lin.weight for name, lin in linears.items()}
+    originals = {name: w.detach().clone() for name, w in weights.items()}
     acc = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
     # One bar over all intervals × batches: a single interval is already a full calibration pass.
-    bar = tqdm(total=intervals * len(batches), desc="pqi", unit="pass", leave=False, disable=not progress)
+    bar = tqdm(total=intervals * len(batches), desc=desc, unit="pass", leave=False, disable=not progress)
     try:
         for k in range(intervals):
             t = (k + 0.5) / intervals
@@ -420,7 +445,19 @@ def select_outliers(scores: Mapping[str, Tensor], ratio: float, budget: str = "p
         counts = _largest_remainder(mass, numels, total)
         return {name: _top_k_flat(scores[name], k) for name, k in zip(names, counts)}
 
-    # global: everything strictly above the threshold, then ties in (name, index) order.
+    return global_top_k({name: scores[name] for name in names}, total)
+
+
+def global_top_k(scores: Mapping[str, Tensor], total: int) -> dict[str, Tensor]:
+    """Masks (sorted flat indices) of the ``total`` largest scores over all matrices together.
+
+    One threshold: everything strictly above it, then ties at it in (name, index) order, so exactly
+    ``total`` entries (every entry if ``total`` exceeds them).
+    """
+    names = sorted(scores)
+    total = min(int(total), sum(scores[name].numel() for name in names))
+    if total <= 0:
+        return {name: _top_k_flat(scores[name], 0) for name in names}
     v = _global_threshold({name: scores[name] for name in names}, total)
     masks: dict[str, Tensor] = {}
     above = {name: int((scores[name].reshape(-1).float() > v.to(scores[name].device)).sum()) for name in names}

@@ -41,6 +41,12 @@ CASES = {
     "run dir in /proc": (["hydra.run.dir=/proc/npft-run"], "hydra.run.dir=/proc/npft-run cannot be created or written"),
     # --- config values (before the model loads)
     "bits outside 2..8": ([*TINY, "quant.rtn4.bits=9"], "quant.rtn4.bits=9 is outside 2..8"),
+    "requant budget outside [0, 100)": ([*TINY, "quant=requant_rtn4", "quant.requant_rtn4.outlier_ratio=100"],
+                                        "quant.requant_rtn4: requant outlier_ratio=100.0 is outside [0, 100)"),
+    "requant steps not dividing the budget": ([*TINY, "quant=requant_rtn4", "quant.requant_rtn4.significant_step=0.03"],
+                                              "quant.requant_rtn4: requant significant_step=0.03 does not divide significant_ratio=0.05"),
+    "requant base that is no weight quantizer": ([*TINY, "quant=requant_rtn4", "quant.requant_rtn4.base=rtn4"],
+                                                 "quant.requant_rtn4: requant base='rtn4' is not a weight quantizer"),
     "negative noise scale": ([*TINY, "noise.scale=-1"], "noise.scale=-1 must be a finite number >= 0"),
     "non-finite noise scale": ([*TINY, "noise.scale=nan"], "noise.scale=nan must be a finite number >= 0"),
     "bad noise schedule": ([*TINY, "noise.schedule=hourly"], "noise.schedule=hourly is not one of per_step, per_epoch"),

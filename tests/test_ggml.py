@@ -140,7 +140,7 @@ def test_ggml_quantizers_are_noise_targets(qtype: str) -> None:
     assert torch.equal(delta, (q.quantize_weight(w) - w).reshape(-1)[indices])
 
     uniform = instantiate(_noise_config("noise=uniform_step", f"quant=[{qtype},rtn4]",
-                                        f"+noise.distribution.quantizer=${{quant.{qtype}}}").noise).distribution
+                                        f"noise.distribution.quantizer=${{quant.{qtype}}}").noise).distribution
     assert isinstance(uniform.quantizer, GGMLQuantizer) and uniform.quantizer.qtype == qtype
     delta = uniform.sample(w, None, torch.Generator().manual_seed(0)).reshape(w.shape)
     step = q.step(w)

@@ -34,6 +34,7 @@ from npft_lightning.quant.nonuniform import (
 )
 from npft_lightning.quant.sparse import DenseAndSparse, top_fraction_mask
 from npft_lightning.quant.ggml import GGMLQuantizer
+from npft_lightning.quant.requant import ReQuant
 from npft_lightning.quant.activation import ActivationQuantizer, WeightActivationQuantizer, per_token_cuberoot, per_token_rtn
 from npft_lightning.quant.artefact import (
     load_quantized,
@@ -63,6 +64,7 @@ __all__ += [
     "nf_quantize",
     "DenseAndSparse",
     "GGMLQuantizer",
+    "ReQuant",
     "ActivationQuantizer",
     "WeightActivationQuantizer",
     "per_token_cuberoot",

@@ -137,6 +137,8 @@ class WeightActivationQuantizer(WeightQuantizer):
     def activation_hooks(self, linears: Mapping[str, nn.Linear]):
         return self.activation.hooks(linears)
 
+    stores_weights = False  # the run-time activation part has no stored form
+
     def encode_model(self, model: nn.Module, linears: Mapping[str, nn.Linear], calibration: Tensor | None = None):
         raise ValueError(
             f"quantizer {self.name} quantizes activations at run time, which a weight artefact cannot hold; "

@@ -195,12 +195,12 @@ def quantizer_from_config(config: Mapping[str, Any]) -> WeightQuantizer:
     return cls(**params)
 
 
-def _code_bits(quantizer: WeightQuantizer) -> int:
+def code_bits(quantizer: WeightQuantizer) -> int:
     """The bit width of the quantizer's codes (a wrapper's base quantizer's)."""
     if isinstance(getattr(quantizer, "bits", None), int):
         return quantizer.bits
     if isinstance(getattr(quantizer, "base", None), WeightQuantizer):
-        return _code_bits(quantizer.base)
+        return code_bits(quantizer.base)
     raise ValueError(f"{type(quantizer).__name__} has no integer `bits` attribute; cannot pack its codes")
 
 
@@ -248,7 +248,7 @@ def save_quantized(
     disable the adapters meanwhile (GPTQ calibrates on the model's forward pass).
     """
     path = Path(path)
-    bits = _code_bits(quantizer)
+    bits = code_bits(quantizer)
     # Form W + delta exactly as fake_quantized does (in the weight dtype), then encode.
     with weights_restored(linears) if deltas else nullcontext():
         for name, delta in (deltas or {}).items():
@@ -395,23 +395,17 @@ def quantized_size_report(path: str | os.PathLike, model: nn.Module | None = Non
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: the quantized weights of {path} are missing")
     n_weights = sum(math.prod(entry["shape"]) for entry in config["linears"].values())
-    codes = meta = sparse = meta_fp32 = 0
+    stored = []
     try:
         with safe_open(file, framework="pt") as f:
             for name, entry in config["linears"].items():
                 for field in entry["fields"]:
                     view = f.get_slice(f"{name}.{field}")
                     dtype = _SAFETENSORS_DTYPES[view.get_dtype()]
-                    nbytes = math.prod(view.get_shape()) * dtype.itemsize
-                    if field == "codes":
-                        codes += nbytes
-                    elif field.startswith("sparse_"):
-                        sparse += nbytes
-                    else:
-                        meta += nbytes
-                        meta_fp32 += nbytes if dtype == torch.float32 else 0
+                    stored.append((field, math.prod(view.get_shape()) * dtype.itemsize, dtype))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{file} is not a readable safetensors file: {e}") from e
+    codes, meta, sparse, meta_fp32, _ = _tally(stored)
 
     if model is not None:
         n_params = sum(p.numel() for name, p in model.named_parameters() if ".lora_" not in name)
@@ -443,4 +437,46 @@ def quantized_size_report(path: str | os.PathLike, model: nn.Module | None = Non
         "tokenizer_bytes": tokenizer_bytes,
         "fp16_model_bytes": 2 * n_params,
         "total_ratio": total / (2 * n_params),
+    }
+
+
+def _tally(stored: list[tuple[str, int, torch.dtype]]) -> tuple[int, int, int, int, int]:
+    """Bytes of (codes, metadata, sparse part, float32 metadata, float32 sparse values) from
+    (field name, stored bytes, stored dtype) of every stored field."""
+    codes = meta = sparse = meta_fp32 = sparse_fp32 = 0
+    for field, nbytes, dtype in stored:
+        if field == "codes":
+            codes += nbytes
+        elif field.startswith("sparse_"):
+            sparse += nbytes
+            sparse_fp32 += nbytes if dtype == torch.float32 else 0
+        else:
+            meta += nbytes
+            meta_fp32 += nbytes if dtype == torch.float32 else 0
+    return codes, meta, sparse, meta_fp32, sparse_fp32
+
+
+def encoding_size(fields: Mapping[str, Mapping[str, Tensor]], bits: int, n_weights: int) -> dict[str, float | int]:
+    """Effective bits per weight of encoded linears (canonical name -> the fields ``encode_model`` returns).
+
+    Each field is counted in the form :func:`save_quantized` stores it (bit-packed codes, float32 or exact
+    half-precision floats, int32 positions), so ``bits_per_weight`` equals the artefact's
+    ``linear_bits_per_weight``: dense codes + scales / zero points / tables + sparse values and positions,
+    over the ``n_weights`` weights of these linears. ``bits_per_weight_16bit_floats`` counts every float32
+    field (scales, tables, sparse values) at 2 bytes, as papers usually count fp16 scales and values.
+    """
+    stored = []
+    for payload in fields.values():
+        for field, value in payload.items():
+            t, _ = _store(value, bits)
+            stored.append((field, t.numel() * t.element_size(), t.dtype))
+    codes, meta, sparse, meta_fp32, sparse_fp32 = _tally(stored)
+    total = codes + meta + sparse
+    entries = sum(int(p["sparse_index"].numel()) for p in fields.values() if "sparse_index" in p)
+    return {
+        "codes_bytes": codes, "meta_bytes": meta, "sparse_bytes": sparse, "linear_bytes": total,
+        "linear_weights": n_weights, "sparse_entries": entries,
+        "sparse_percent": 100 * entries / n_weights if n_weights else 0.0,
+        "bits_per_weight": 8 * total / n_weights if n_weights else 0.0,
+        "bits_per_weight_16bit_floats": 8 * (total - (meta_fp32 + sparse_fp32) // 2) / n_weights if n_weights else 0.0,
     }

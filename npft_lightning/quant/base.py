@@ -70,6 +70,12 @@ class WeightQuantizer:
             for name, linear in linears.items()
         }
 
+    @property
+    def stores_weights(self) -> bool:
+        """Whether :meth:`encode_model` gives a stored form (what the export writes and effective bits count)."""
+        cls = type(self)
+        return cls.encode_weight is not WeightQuantizer.encode_weight or cls.encode_model is not WeightQuantizer.encode_model
+
     def activation_hooks(self, linears: Mapping[str, nn.Linear]) -> AbstractContextManager:
         """What the quantized model needs at run time while it is evaluated: a context that installs it
         on ``linears`` and removes it on exit. Nothing for weight-only quantizers; activation
@@ -104,6 +110,25 @@ def weights_restored(linears: Mapping[str, nn.Linear]) -> Iterator[None]:
                 linear.weight.copy_(originals[name])
 
 
+@torch.no_grad()
+def quantize_encoded(
+    model: nn.Module,
+    linears: Mapping[str, nn.Linear],
+    quantizer: WeightQuantizer,
+    calibration: Tensor | None = None,
+) -> dict[str, dict[str, Tensor]]:
+    """Write the decoded :meth:`~WeightQuantizer.encode_model` fields into ``linears`` and return the fields.
+
+    The weights are the ones :meth:`~WeightQuantizer.quantize_model` writes (the export's guarantee); this
+    way the stored form is at hand too, without quantizing twice.
+    """
+    fields = quantizer.encode_model(model, linears, calibration)
+    for name, linear in linears.items():
+        weight = quantizer.decode_weight(fields[name])
+        linear.weight.copy_(weight.to(device=linear.weight.device, dtype=linear.weight.dtype))
+    return fields
+
+
 @contextmanager
 def fake_quantized(
     model: nn.Module,
@@ -111,8 +136,13 @@ def fake_quantized(
     quantizer: WeightQuantizer,
     deltas: Mapping[str, Tensor] | None = None,
     calibration: Tensor | None = None,
+    sizes: dict | None = None,
 ) -> Iterator[None]:
     """Within the block, ``linears`` hold ``Q(W + delta)``; on exit the exact original ``W``.
+
+    ``sizes``: a dict to fill with the stored size and effective bits per weight of the quantized
+    linears (:func:`~npft_lightning.quant.artefact.encoding_size`); left empty for quantizers without
+    a stored form (activation quantization).
 
     ``deltas`` are the merged adapter updates (LoRA ``B @ A * scaling``), so the quantizer sees
     the weights a user would export; the caller disables the adapters meanwhile. The quantizer's
@@ -124,7 +154,15 @@ def fake_quantized(
             for name, delta in (deltas or {}).items():
                 linears[name].weight.add_(delta.to(linears[name].weight.dtype))
         _check_finite(linears, quantizer, before=True)
-        quantizer.quantize_model(model, linears, calibration)
+        if sizes is not None and quantizer.stores_weights:
+            from npft_lightning.quant.artefact import code_bits, encoding_size
+
+            fields = quantize_encoded(model, linears, quantizer, calibration)
+            n_weights = sum(linear.weight.numel() for linear in linears.values())
+            sizes.update(encoding_size(fields, code_bits(quantizer), n_weights))
+            del fields
+        else:
+            quantizer.quantize_model(model, linears, calibration)
         _check_finite(linears, quantizer, before=False)
         with quantizer.activation_hooks(linears):
             yield

@@ -87,8 +87,15 @@ def gptq_encode_matrix(
     block_size: int = 128,
     percdamp: float = 0.01,
     static_groups: bool = False,
+    keep: Tensor | None = None,
 ) -> GPTQCodes:
-    """GPTQ-quantize one weight matrix [out, in] given its input Hessian [in, in]; returns the codes."""
+    """GPTQ-quantize one weight matrix [out, in] given its input Hessian [in, in]; returns the codes.
+
+    ``keep`` (bool [out, in]): entries that stay at their original value (the sparse part of a
+    dense-and-sparse split). They take no part in the grid ranges (counted as 0, always on the grid),
+    and each one's "rounding" is to its original value, so the error compensation absorbed there
+    on the way is passed on to the later columns like any rounding error. Their codes are meaningless.
+    """
     rows, cols = weight.shape
     if hessian.shape != (cols, cols):
         raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match the {cols} input features")
@@ -104,17 +111,21 @@ def gptq_encode_matrix(
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
+    keep = None if keep is None or not bool(keep.any()) else keep.to(W.device) & ~dead[None, :]
+    exact = None if keep is None else W.clone()  # the values kept entries return to
 
     scale = torch.zeros(rows, n_groups, dtype=torch.float32, device=W.device)
     zero = torch.zeros_like(scale)
     dynamic = group_size is not None and not static_groups
     if not dynamic:  # per-channel: whole (dead-zeroed) rows; static groups: original contiguous groups
-        scale, zero = rtn_params(W, bits, group_size, sym)
+        scale, zero = rtn_params(W if keep is None else W.masked_fill(keep, 0), bits, group_size, sym)
     ready = [not dynamic] * n_groups
 
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(cols, device=W.device)
     if act_order:
         W, H = W[:, perm], H[perm][:, perm]
+        if keep is not None:
+            keep, exact = keep[:, perm], exact[:, perm]
     inv_perm = torch.argsort(perm)
     group_of_pos = (perm // g).tolist()  # group of each processing position
     positions_of_group = inv_perm.reshape(n_groups, g).sort(dim=1).values  # processing positions of each group
@@ -139,6 +150,8 @@ def gptq_encode_matrix(
                 current[:, inside] = W1[:, pos[inside] - i1]
                 later = pos[~inside]
                 current[:, ~inside] = W[:, later] - Err1 @ Hinv[i1:i2, later]
+                if keep is not None:
+                    current.masked_fill_(keep[:, pos], 0)
                 s, z = rtn_params(current, bits, None, sym)
                 scale[:, grp], zero[:, grp] = s[:, 0], z[:, 0]
                 ready[grp] = True
@@ -148,7 +161,8 @@ def gptq_encode_matrix(
             w = W1[:, i]
             q = torch.clamp(torch.round(w / s) + z, 0, maxq)
             codes[:, i1 + i] = q.to(torch.uint8)
-            err = (w - s * (q - z)) / Hinv1[i, i]
+            target = s * (q - z) if keep is None else torch.where(keep[:, i1 + i], exact[:, i1 + i], s * (q - z))
+            err = (w - target) / Hinv1[i, i]
             W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # the remaining columns absorb the error
             Err1[:, i] = err
         # Lazy batch update: the columns after this block absorb its errors in one matmul.
@@ -311,6 +325,8 @@ class GPTQ(WeightQuantizer):
         self.percdamp = float(percdamp)
         self.static_groups = bool(static_groups)
         self.batch_size = int(batch_size)
+        # Canonical name -> bool mask of entries kept at their exact value (set by a dense-and-sparse wrapper).
+        self.kept: dict[str, Tensor] | None = None
         if name is None:
             name = default_name("gptq", self.bits, self.group_size, self.sym)
             if not self.act_order:
@@ -327,11 +343,11 @@ class GPTQ(WeightQuantizer):
     def encode_weight(self, weight: Tensor, *, name: str | None = None) -> dict[str, Tensor]:
         raise NotImplementedError("GPTQ needs calibration activations: call encode_model(model, linears, calibration)")
 
-    def encode_matrix(self, weight: Tensor, hessian: Tensor) -> GPTQCodes:
+    def encode_matrix(self, weight: Tensor, hessian: Tensor, keep: Tensor | None = None) -> GPTQCodes:
         """This quantizer's settings applied to one matrix and its Hessian: the codes."""
         return gptq_encode_matrix(
             weight, hessian, self.bits, self.group_size, self.sym, self.act_order,
-            self.block_size, self.percdamp, self.static_groups,
+            self.block_size, self.percdamp, self.static_groups, keep,
         )
 
     def quantize_matrix(self, weight: Tensor, hessian: Tensor) -> Tensor:
@@ -432,9 +448,13 @@ class GPTQ(WeightQuantizer):
                         hessians = self._hessians(block, inputs, {n: block_linears[n] for n in stage})
                         for name in stage:
                             weight = block_linears[name].weight
-                            enc = self.encode_matrix(weight.float(), hessians.pop(name))
+                            keep = None if self.kept is None else self.kept.get(name)
+                            enc = self.encode_matrix(weight.float(), hessians.pop(name), keep)
                             encoded = {"codes": enc.codes, "scale": enc.scale, "zero": enc.zero}
-                            weight.copy_(self.decode_weight(encoded).to(device=weight.device, dtype=weight.dtype))
+                            decoded = self.decode_weight(encoded).to(device=weight.device, dtype=weight.dtype)
+                            if keep is not None:  # later stages and blocks calibrate on the dense + sparse weights
+                                decoded = torch.where(keep.to(weight.device), weight, decoded)
+                            weight.copy_(decoded)
                             if record:
                                 fields[name] = {field: t.cpu() for field, t in encoded.items()}
                     if b < last:  # the next block's inputs come from this (quantized) block
