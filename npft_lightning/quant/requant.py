@@ -38,8 +38,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from npft_lightning.quant.base import WeightQuantizer, quantize_encoded, weights_restored
-from npft_lightning.quant.sparse import DenseAndSparse, decode_dense_and_sparse, encode_dense, masked_base_sensitivity, with_sparse
+from npft_lightning.quant.base import WeightQuantizer, weights_restored
+from npft_lightning.quant.sparse import SparseParts, encode_dense, masked_base_sensitivity, with_sparse
 from npft_lightning.quant.uniform import RTN
 
 
@@ -120,7 +120,7 @@ def allocate_outliers(curves: Mapping[str, Sequence[tuple[int, float]]], total: 
     return counts
 
 
-class ReQuant(WeightQuantizer):
+class ReQuant(SparseParts):
     """PQI-guided dense-and-sparse around ``base`` (see the module docstring for the six steps).
 
     Budgets are percentages of all decoder weights quantized together: ``outlier_ratio`` (r_o,
@@ -149,7 +149,7 @@ class ReQuant(WeightQuantizer):
     ):
         if not isinstance(base, WeightQuantizer):
             raise ValueError(f"requant base={base!r} is not a weight quantizer; pick one from conf/quant/ (rtn4, gptq3_g32, kmeans3, nf4)")
-        if isinstance(base, (ReQuant, DenseAndSparse)) or not base.stores_weights or getattr(base, "activation", None) is not None:
+        if isinstance(base, SparseParts) or not base.stores_weights or getattr(base, "activation", None) is not None:
             raise ValueError(f"requant base {base.name} must be a plain weight-only quantizer with a stored form "
                              "(rtn*, gptq*, kmeans*, nf4), not a sparse or activation quantizer")
         self.base = base
@@ -192,22 +192,11 @@ class ReQuant(WeightQuantizer):
             )
         return RTN(bits, group, bool(sym))
 
-    @property
-    def stores_weights(self) -> bool:
-        return True
-
     def quantize_weight(self, weight: Tensor, *, name: str | None = None) -> Tensor:
         raise NotImplementedError("ReQuant needs the model and calibration windows: call quantize_model(model, linears, calibration)")
 
     def encode_weight(self, weight: Tensor, *, name: str | None = None) -> dict[str, Tensor]:
         raise NotImplementedError("ReQuant needs the model and calibration windows: call encode_model(model, linears, calibration)")
-
-    def decode_weight(self, payload: Mapping[str, Tensor]) -> Tensor:
-        return decode_dense_and_sparse(self.base, payload)
-
-    @torch.no_grad()
-    def quantize_model(self, model: nn.Module, linears: Mapping[str, nn.Linear], calibration: Tensor | None = None) -> None:
-        quantize_encoded(model, linears, self, calibration)
 
     @torch.no_grad()
     def encode_model(

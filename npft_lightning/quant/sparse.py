@@ -31,7 +31,25 @@ def top_fraction_mask(score: Tensor, keep_ratio: float) -> Tensor:
     return mask.reshape(score.shape)
 
 
-class DenseAndSparse(WeightQuantizer):
+class SparseParts(WeightQuantizer):
+    """A quantizer whose stored form is ``base``'s dense fields plus one sparse part (``sparse_index``,
+    ``sparse_value``): subclasses say in :meth:`encode_model` which entries the sparse part holds."""
+
+    base: WeightQuantizer
+
+    @property
+    def stores_weights(self) -> bool:
+        return self.base.stores_weights
+
+    def decode_weight(self, payload: Mapping[str, Tensor]) -> Tensor:
+        return decode_dense_and_sparse(self.base, payload)
+
+    @torch.no_grad()
+    def quantize_model(self, model: nn.Module, linears: Mapping[str, nn.Linear], calibration: Tensor | None = None) -> None:
+        quantize_encoded(model, linears, self, calibration)
+
+
+class DenseAndSparse(SparseParts):
     """Keep the most sensitive ``keep_ratio`` % of each matrix exact; quantize the rest with ``base``.
 
     Set ``sensitivity`` (canonical name -> scores shaped like the weight, e.g. NPFT's Fisher) to
@@ -54,10 +72,6 @@ class DenseAndSparse(WeightQuantizer):
         self.name = name or f"{base.name}_sparse{self.keep_ratio:g}" + ("_mag" if selector == "magnitude" else "")
         self.needs_calibration = base.needs_calibration
         self.sensitivity: dict[str, Tensor] | None = None
-
-    @property
-    def stores_weights(self) -> bool:
-        return self.base.stores_weights
 
     def mask(self, weight: Tensor, name: str | None = None) -> Tensor:
         """Entries of ``weight`` kept in full precision."""
@@ -87,18 +101,6 @@ class DenseAndSparse(WeightQuantizer):
         with self._base_sensitivity({key: mask}, {key: weight.shape}):
             dense = self.base.encode_weight(weight.masked_fill(mask, 0), name=key)
         return with_sparse(dense, mask, weight[mask])
-
-    def decode_weight(self, payload: Mapping[str, Tensor]) -> Tensor:
-        return decode_dense_and_sparse(self.base, payload)
-
-    @torch.no_grad()
-    def quantize_model(
-        self,
-        model: nn.Module,
-        linears: Mapping[str, nn.Linear],
-        calibration: Tensor | None = None,
-    ) -> None:
-        quantize_encoded(model, linears, self, calibration)
 
     @torch.no_grad()
     def encode_model(
