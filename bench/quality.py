@@ -87,6 +87,7 @@ ROW_LABELS = {
 QUANTIZERS = ["rtn4", "rtn3_g32", "gptq4", "gptq3_g32", "kmeans3", "cuberoot4", "nf4"]
 CORPORA = {"wiki": "Wikipedia test split", "pydoc": "Python 3.11 manual (out of domain)",
            "wiki_val": "Wikipedia validation split (screening)"}
+DEFAULT_CORPORA = ["wiki", "pydoc"]  # the final study's columns; wiki_val is for screening only
 # Training is done once per row and seed; validation during training is redundant with eval.py (one window
 # keeps the before/after table cheap).
 TRAIN_FIXED = ["quant=none", "curvature=null", "data.max_eval_windows=1"]
@@ -476,7 +477,7 @@ def plot_gap_vs_steps(result: dict[str, Any], path: Path, quantizer: str = "rtn4
     ax.set_xscale("log", base=2)
     ax.set_xlabel("training steps (optimizer steps of 2 × 512 tokens)")
     ax.set_ylabel(f"{quantizer} gap closed beyond the control (%)")
-    ax.set_title(f"{CORPORA.get(corpus, corpus)}: does longer training close more?")
+    ax.set_title(f"{CORPORA.get(corpus, corpus)}: does longer training close more?", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
     return save_figure(fig, path)
@@ -505,12 +506,15 @@ def plot_frontier(result: dict[str, Any], path: Path, quantizer: str = "rtn4") -
                    edgecolors="black" if key in marked else "none", s=60 if key in marked else 25, zorder=3)
         label = key + (f" ({marked[key]})" if key in marked else "") + (" (the paper's noise)" if paper else "")
         ax.annotate(label, (cost, 100 * closed), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.axvline(1.0, color="grey", linestyle="--", linewidth=0.8)
-    ax.text(1.0, ax.get_ylim()[1], " +1 % unquantized", fontsize=7, va="top", color="grey")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xlabel("unquantized PPL vs the control (%; right = costs more)")
     ax.set_ylabel(f"{quantizer} gap closed beyond the control (%)")
-    ax.set_title(f"{CORPORA.get(corpus, corpus)}: what the quantized model gains against what the unquantized one pays")
+    costs = [p[1] for p in points]
+    ax.set_xlim(min(0.0, *costs) - 0.5, max(1.5, *costs) + 0.5)  # the control (0) and the +1 % line always in view
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_title(f"{CORPORA.get(corpus, corpus)}:\nwhat the quantized model gains against what the unquantized one pays", fontsize=10)
+    ax.axvline(1.0, color="grey", linestyle="--", linewidth=0.8)
+    ax.text(1.0, ax.get_ylim()[1], " +1 % unquantized", fontsize=7, va="top", color="grey")
     ax.grid(alpha=0.3)
     return save_figure(fig, path)
 
@@ -564,14 +568,16 @@ def corpus_setup(args: argparse.Namespace, cache: Path, common: list[str]) -> tu
     return corpora, split_of_corpus, splits, corpus_overrides
 
 
-def run_plan(plan: list[dict[str, Any]], lock: str | None, dry_run: bool, desc: str) -> tuple[list[tuple[dict[str, Any], dict[str, Any]]], int, int, list[str]]:
+def run_plan(plan: list[dict[str, Any]], lock: str | None, dry_run: bool, desc: str,
+             finished_only: bool = False) -> tuple[list[tuple[dict[str, Any], dict[str, Any]]], int, int, list[str]]:
     """Run a study's cells in order and return (eval step, its metrics) of every finished eval, the number of
     cells run and reused, and the failures.
 
     A ``train`` step is skipped when its folder holds a finished run of the same config; its ``reuse`` (the
     --reuse argument it came from) makes an unusable run stop the study. An ``eval`` step is skipped when its
     metrics exist for the same command, and left out when the training in its ``after`` folder failed.
-    ``dry_run`` prints the commands still to run instead.
+    ``dry_run`` prints the commands still to run instead; ``finished_only`` runs nothing and returns the
+    evals that have finished (to write the tables of a study that is still running).
     """
     from npft_lightning.io import atomic_write_json
 
@@ -584,6 +590,8 @@ def run_plan(plan: list[dict[str, Any]], lock: str | None, dry_run: bool, desc: 
                 raise StudyError(f"--reuse {step['reuse']} cannot be used: {why}")
             if done:
                 skipped += 1
+            elif finished_only:
+                failed_train.add(step["dir"])  # not trained yet: its eval is left out
             elif dry_run:
                 print(shlex.join(step["command"]))
             else:
@@ -600,7 +608,7 @@ def run_plan(plan: list[dict[str, Any]], lock: str | None, dry_run: bool, desc: 
             if dry_run:
                 print(shlex.join(command))
                 continue
-            if step.get("after") in failed_train:
+            if step.get("after") in failed_train or finished_only:
                 continue
             try:
                 run_cell(command, step["dir"] / "driver.log", lock)
@@ -641,6 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", default="docs/bench/quality.png", help="the PPL-vs-control bar chart")
     parser.add_argument("--steps-plot", default=None, help="gap closed vs training steps (default: beside --plot, *_steps.png)")
     parser.add_argument("--frontier-plot", default=None, help="gap closed vs unquantized cost (default: beside --plot, *_frontier.png)")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="run nothing: write the tables and plots of the cells finished so far (a partial study)")
     parser.add_argument("--default-row", default=None, help="the row (ROW or ROW@STEPS) that experiment=npft_smollm2 runs")
     parser.add_argument("--deploy-row", default=None, help="the row that the deployment recipe runs")
     return parser
@@ -648,7 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_study_arguments(parser: argparse.ArgumentParser, several_steps: bool = False) -> None:
     """The options every study driver shares: model, corpora, calibration, Hydra overrides, lock, dry run."""
-    parser.add_argument("--corpora", nargs="+", default=list(CORPORA), choices=list(CORPORA))
+    parser.add_argument("--corpora", nargs="+", default=DEFAULT_CORPORA, choices=list(CORPORA))
     parser.add_argument("--model", default="smollm2-135m")
     if several_steps:
         parser.add_argument("--steps", type=int, nargs="+", default=None,
@@ -723,7 +733,7 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
                              "command": [sys.executable, "eval.py", *eval_common, f"adapter={run_dir / 'adapter'}"]})
 
     cells: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
-    evals, ran, skipped, failures = run_plan(plan, args.lock, args.dry_run, "quality study")
+    evals, ran, skipped, failures = run_plan(plan, args.lock, args.dry_run, "quality study", args.finished_only)
     for step, metrics in evals:
         seed_key = "-" if step["seed"] is None else str(step["seed"])
         for corpus, split in split_of_corpus.items():
@@ -737,7 +747,7 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
     for failure in failures:
         print(f"FAILED: {failure}", file=sys.stderr)
     reduced = (args.rows != list(ROWS) or args.seeds != [0, 1, 2] or args.quantizers != QUANTIZERS or args.max_eval_windows is not None
-               or args.calib_windows is not None or args.steps is not None or args.corpora != list(CORPORA))
+               or args.calib_windows is not None or args.steps is not None or args.corpora != DEFAULT_CORPORA)
     result = {
         "bench": "quality", "date": date.today().isoformat(), "machine": machine(),
         "command": "python bench/quality.py " + shlex.join(argv),

@@ -37,6 +37,7 @@ from typing import Any
 from common import ROOT, machine, write_json
 from quality import (
     CORPORA,
+    DEFAULT_CORPORA,
     ROWS,
     TRAIN_FIXED,
     StudyError,
@@ -206,7 +207,7 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"cells: {ran} run, {skipped} reused from earlier runs, {len(failures)} failed")
     for failure in failures:
         print(f"FAILED: {failure}", file=sys.stderr)
-    reduced = (args.bases != BASES or args.rows != STUDY_ROWS or args.corpora != list(CORPORA) or args.calib_windows is not None
+    reduced = (args.bases != BASES or args.rows != STUDY_ROWS or args.corpora != DEFAULT_CORPORA or args.calib_windows is not None
                or args.pqi_windows is not None or args.pqi_intervals is not None or args.steps is not None)
     result = {
         "bench": "requant", "date": date.today().isoformat(), "machine": machine(),

@@ -116,6 +116,13 @@ def test_mask_memory_counts_index_bytes(tiny_llama):
 
 
 @pytest.mark.slow
+def _with_rows(args: list[str], rows: list[str]) -> list[str]:
+    """``args`` with the values of --rows replaced by ``rows``."""
+    start = args.index("--rows") + 1
+    end = next(i for i in range(start, len(args)) if args[i].startswith("--"))
+    return [*args[:start], *rows, *args[end:]]
+
+
 def test_quality_study_end_to_end_on_tiny_llama(tmp_path):
     """Train control + NPFT, evaluate them and the pretrained model on two corpora, aggregate; a rerun runs nothing."""
     ood = tmp_path / "ood.txt"
@@ -155,6 +162,13 @@ def test_quality_study_end_to_end_on_tiny_llama(tmp_path):
     second = subprocess.run([sys.executable, "bench/quality.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
     assert second.returncode == 0 and "cells: 0 run, 5 reused" in second.stdout
     assert json.loads((tmp_path / "q.json").read_text())["cells"] == result["cells"]
+
+    # a row not trained yet: --finished-only writes the tables of what exists and runs nothing
+    partial = subprocess.run([sys.executable, "bench/quality.py", *_with_rows(args, ["pretrained", "control", "npft_fisher", "qerr_all"]), "--finished-only"],
+                             cwd=ROOT, env=env, capture_output=True, text=True)
+    assert partial.returncode == 0 and "cells: 0 run, 5 reused" in partial.stdout, partial.stderr[-2000:]
+    assert set(json.loads((tmp_path / "q.json").read_text())["cells"]) == {"pretrained", "control", "npft_fisher"}
+    assert not (study / "qerr_all").exists()
 
     # a trained run of another config cannot stand in for the control
     bad = subprocess.run([sys.executable, "bench/quality.py", *args, "--reuse", f"control:0={study / 'npft_fisher' / 'seed0' / 'train'}"],
