@@ -7,6 +7,10 @@ the model in every ``--quantizers`` ggml type (``gguf_out=``) and scores each fi
 
     python bench/gguf_llamacpp.py --max-eval-windows 4 --out-dir /tmp/gguf_bench
     python bench/gguf_llamacpp.py --adapter control=logs/train/runs/<a>/adapter --adapter npft=logs/train/runs/<b>/adapter
+    python bench/gguf_llamacpp.py --add-to docs/bench/gguf_llamacpp.json --adapter control=<run>/adapter   # add rows only
+
+``--add-to FILE`` keeps the rows (and the wheel's row) already in an earlier result FILE, runs only the rows it
+lacks, and writes the union back to FILE (the windows and quantizers must match: they are checked).
 """
 
 from __future__ import annotations
@@ -74,11 +78,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out-dir", default=str(ROOT / "logs" / "gguf_bench"))
     parser.add_argument("--out-json", default=None)
+    parser.add_argument("--add-to", default=None, help="an earlier result JSON: keep its rows, run only the missing ones")
     args = parser.parse_args()
     rows = {"pretrained": None, **dict(a.split("=", 1) for a in args.adapter)}
-    results = {"machine": machine(), "rows": {name: run_row(name, adapter, args) for name, adapter in rows.items()},
-               "bundled": bundled_row(args), "args": vars(args)}
-    write_json(args.out_json or Path(args.out_dir) / "gguf_llamacpp.json", results)
+    earlier = json.loads(Path(args.add_to).read_text()) if args.add_to else {"rows": {}}
+    if args.add_to:
+        before = earlier["args"]
+        for key in ("max_eval_windows", "quantizers"):
+            if before[key] != getattr(args, key):
+                raise SystemExit(f"error: --add-to {args.add_to} was measured with {key}={before[key]}, not {getattr(args, key)}; "
+                                 f"pass --{key.replace('_', '-')} {before[key]}")
+    measured = {name: earlier["rows"][name] if name in earlier["rows"] else run_row(name, adapter, args) for name, adapter in rows.items()}
+    results = {"machine": machine(), "rows": {**earlier["rows"], **measured},
+               "bundled": earlier.get("bundled") or bundled_row(args),
+               "args": {**vars(args), "adapter": sorted(set(earlier.get("args", {}).get("adapter", [])) | set(args.adapter))}}
+    write_json(args.out_json or args.add_to or Path(args.out_dir) / "gguf_llamacpp.json", results)
     print(table(results))
 
 
