@@ -327,6 +327,9 @@ def apply_noise(
             seen = weight.detach().float() + deltas[name].to(weight.device, torch.float32)
         delta = distribution.sample(seen, idx, generator).to(weight.device)
         work = torch.promote_types(weight.dtype, torch.float32)  # bf16/fp16 weights: add in float32
+        if idx is None and work == weight.dtype:
+            flat.add_(delta.to(work))  # dense fp32: in place, the same sum as original + delta
+            continue
         perturbed = (original.to(work) + delta.to(work)).to(weight.dtype)
         if idx is None:
             flat.copy_(perturbed)
