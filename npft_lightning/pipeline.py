@@ -15,6 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 def build_callbacks(cfg: DictConfig, quantizers: dict[str, Any]) -> tuple[list[pl.Callback], dict[str, pl.Callback]]:
     """Lightning's callbacks from ``cfg.callbacks`` plus the NPFT ones, in life-cycle order."""
     callbacks: list[pl.Callback] = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    if not cfg.trainer.get("enable_progress_bar", True):
+        # Lightning refuses a progress-bar callback beside enable_progress_bar=false; the flag wins.
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     noise: NoisePerturbation = instantiate(cfg.noise)
     probe: CurvatureProbe | None = instantiate(cfg.curvature) if cfg.get("curvature") else None
     npft: dict[str, pl.Callback] = {}
