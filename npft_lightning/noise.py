@@ -212,13 +212,14 @@ class GaussianNoise(NoiseDistribution):
         return torch.randn(k, generator=generator) * sigma * self.scale
 
 
-def quantization_error(quantizer: WeightQuantizer, weight: Tensor) -> Tensor:
-    """Q(w) − w in float32: the quantizer's own fused form when it has one (RTN), else quantize and subtract."""
+def quantization_error(quantizer: WeightQuantizer, weight: Tensor, indices: Tensor | None = None) -> Tensor:
+    """Q(w) − w in float32, flat at ``indices`` (the whole matrix for ``None``): the quantizer's own fused
+    form when it has one (RTN: only the selected entries are rounded), else quantize all and subtract."""
     fused = getattr(quantizer, "quantization_error", None)
     if callable(fused):
-        return fused(weight)
+        return fused(weight, indices) if indices is not None else fused(weight)
     w = weight.float()
-    return quantizer.quantize_weight(w).float() - w
+    return _at(quantizer.quantize_weight(w).float() - w, indices)
 
 
 class QuantErrorNoise(NoiseDistribution):
@@ -252,7 +253,7 @@ class QuantErrorNoise(NoiseDistribution):
         k = _count(weight, indices)
         if k == 0:
             return torch.zeros(0)
-        error = _at(quantization_error(self.quantizer, weight.detach()), indices)
+        error = quantization_error(self.quantizer, weight.detach(), indices).reshape(-1)
         if self.probability < 1.0:
             keep = torch.rand(k, generator=generator) < self.probability
             error = error * keep.to(error.device)

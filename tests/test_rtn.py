@@ -68,3 +68,16 @@ def test_rtn_names():
     assert RTN(4).name == "rtn4"
     assert RTN(3, 32).name == "rtn3_g32"
     assert RTN(4, 32, sym=True).name == "rtn4_sym_g32"
+
+
+@pytest.mark.parametrize("group_size,sym", [(None, False), (16, False), (16, True), (None, True)])
+def test_error_at_indices_is_the_full_error_there_bit_for_bit(group_size, sym):
+    from npft_lightning.quant.rtn import rtn_error, rtn_error_at
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 64, generator=g) * torch.rand(24, 1, generator=g)
+    w[5] = 0.0  # an all-zero row takes the [-1, 1] range
+    idx = torch.randperm(w.numel(), generator=g)[:300]
+    full = rtn_error(w, 4, group_size, sym).reshape(-1)
+    assert torch.equal(rtn_error_at(w, idx, 4, group_size, sym), full[idx])
+    assert torch.equal(rtn_error_at(w, idx.to(torch.int32), 3, group_size, sym), rtn_error(w, 3, group_size, sym).reshape(-1)[idx])

@@ -81,3 +81,21 @@ def rtn_error(weight: Tensor, bits: int, group_size: int | None = None, sym: boo
     q = torch.div(w, scale)
     q.round_().add_(zero).clamp_(0, 2**bits - 1).sub_(zero).mul_(scale).sub_(w)
     return q.reshape(weight.shape)
+
+
+def rtn_error_at(weight: Tensor, indices: Tensor, bits: int, group_size: int | None = None, sym: bool = False) -> Tensor:
+    """``rtn_error(weight).reshape(-1)[indices]``, bit for bit, without the full-size error.
+
+    The grid (scale, zero per row or group) needs the min/max of every group; the rounding is
+    then done only at the flat ``indices``, with the same float32 operations as ``rtn_error``.
+    This is what makes sparse exact-error noise cost a reduction instead of a quantization.
+    """
+    scale, zero = rtn_params(weight, bits, group_size, sym)
+    cols = weight.shape[1]
+    g = cols if group_size is None else group_size
+    idx = indices.to(weight.device, torch.long)
+    group = (idx // cols) * (cols // g) + (idx % cols) // g  # flat (row, group) of each index
+    s, z = scale.reshape(-1)[group], zero.reshape(-1)[group]
+    w = weight.reshape(-1)[idx].float()
+    q = torch.div(w, s)
+    return q.round_().add_(z).clamp_(0, 2**bits - 1).sub_(z).mul_(s).sub_(w)

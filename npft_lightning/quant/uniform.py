@@ -7,7 +7,7 @@ from typing import Mapping
 from torch import Tensor
 
 from npft_lightning.quant.base import WeightQuantizer
-from npft_lightning.quant.rtn import rtn_decode, rtn_encode, rtn_error, rtn_step
+from npft_lightning.quant.rtn import rtn_decode, rtn_encode, rtn_error, rtn_error_at, rtn_step
 
 
 class UniformGridQuantizer(WeightQuantizer):
@@ -42,8 +42,11 @@ class RTN(UniformGridQuantizer):
         """Per-element quantization step Δ (used by the ``uniform_step`` noise)."""
         return rtn_step(weight, self.bits, self.group_size, self.sym)
 
-    def quantization_error(self, weight: Tensor) -> Tensor:
-        """``quantize_weight(w) - w`` in float32 (used by the ``quant_error`` noise), computed in place."""
+    def quantization_error(self, weight: Tensor, indices: Tensor | None = None) -> Tensor:
+        """``quantize_weight(w) - w`` in float32 (used by the ``quant_error`` noise), computed in place;
+        with flat ``indices``, only those entries (flat, in their order), at the cost of the grid's min/max."""
+        if indices is not None:
+            return rtn_error_at(weight, indices, self.bits, self.group_size, self.sym)
         return rtn_error(weight, self.bits, self.group_size, self.sym)
 
 
