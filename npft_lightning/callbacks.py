@@ -40,13 +40,6 @@ def _shard(windows: Tensor, trainer: pl.Trainer) -> Tensor:
     return windows[trainer.global_rank :: trainer.world_size] if trainer.world_size > 1 else windows
 
 
-def _masked_values(weight: Tensor, mask: mask_ops.Mask) -> Tensor:
-    """The weight's entries selected by ``mask`` (any form), flattened."""
-    idx = mask_ops.index(mask, weight.device)
-    flat = weight.detach().reshape(-1)
-    return flat if idx is None else flat[idx]
-
-
 def _total_steps(trainer: pl.Trainer) -> int:
     return trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
 
@@ -263,7 +256,7 @@ class CurvatureProbe(Callback):
             return
         linears = pl_module.decoder_linears()
         if self.sigma is None:
-            values = torch.cat([_masked_values(linears[n].weight, m).float().abs() for n, m in masks.items()])
+            values = torch.cat([mask_ops.values(m, linears[n].weight.detach()).float().abs() for n, m in masks.items()])
             self.sigma = self.sigma_rel * float(values.mean())
         windows = trainer.datamodule.calibration_windows(self.windows, self.length, seed=self.seed).to(pl_module.device)
         was_training = pl_module.model.training

@@ -54,12 +54,6 @@ def outlier_sigma(linears: Mapping[str, nn.Linear], masks: Mapping[str, Tensor],
     return c * total / count
 
 
-def _flat_index(mask: mask_ops.Mask, weight: Tensor) -> Tensor:
-    """Flat indices of any mask form on the weight's device (every entry spelled out for ``AllEntries``)."""
-    idx = mask_ops.index(mask, weight.device)
-    return torch.arange(weight.numel(), device=weight.device) if idx is None else idx
-
-
 def perturbation_trace_estimate(
     model: nn.Module,
     linears: Mapping[str, nn.Linear],
@@ -91,7 +85,7 @@ def perturbation_trace_estimate(
     batches = window_batches(windows, batch_size)
     names = [name for name in sorted(masks) if masks[name].numel() > 0]
     weights = {name: linears[name].weight for name in names}
-    index = {name: _flat_index(masks[name], w) for name, w in weights.items()}
+    index = {name: mask_ops.explicit_index(masks[name], w) for name, w in weights.items()}
     saved = {name: w.detach().reshape(-1)[index[name]].clone() for name, w in weights.items()}
     generator = torch.Generator().manual_seed(int(seed))
 
@@ -152,7 +146,7 @@ def hutchinson_trace(
     batches = window_batches(windows, batch_size)
     names = [name for name in sorted(masks) if masks[name].numel() > 0]
     weights = {name: linears[name].weight for name in names}
-    index = {name: _flat_index(masks[name], w) for name, w in weights.items()}
+    index = {name: mask_ops.explicit_index(masks[name], w) for name, w in weights.items()}
     if not weights:
         raise ValueError("the masks select no weights; there is no curvature to estimate")
     params = list(weights.values())

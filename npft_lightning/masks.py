@@ -16,8 +16,9 @@ so they load with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -81,6 +82,30 @@ def index(mask: Mask, device: Any = None) -> Tensor | None:
     if isinstance(mask, BitMask):
         return mask.to(device).indices()
     return mask.to(device)
+
+
+def values(mask: Mask, tensor: Tensor) -> Tensor:
+    """The entries of ``tensor`` that ``mask`` selects, flattened (a view of all of them for ``AllEntries``)."""
+    idx = index(mask, tensor.device)
+    flat = tensor.reshape(-1)
+    return flat if idx is None else flat[idx]
+
+
+def explicit_index(mask: Mask, tensor: Tensor) -> Tensor:
+    """Flat indices of ``mask`` on ``tensor``'s device, every entry spelled out for ``AllEntries``."""
+    idx = index(mask, tensor.device)
+    return torch.arange(tensor.numel(), device=tensor.device) if idx is None else idx
+
+
+def boolean(mask: Mask, shape: Sequence[int], device: Any = None) -> Tensor:
+    """A boolean tensor of ``shape``, True at the entries ``mask`` selects."""
+    out = torch.zeros(math.prod(shape), dtype=torch.bool, device=device)
+    idx = index(mask, out.device)
+    if idx is None:
+        out.fill_(True)
+    else:
+        out[idx.long()] = True
+    return out.reshape(tuple(shape))
 
 
 def count(mask: Mask) -> int:

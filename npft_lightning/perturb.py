@@ -76,17 +76,6 @@ def row_top_fraction_mask(x: Tensor, ratio: float) -> Tensor:
     return mask
 
 
-def index_mask(shape: Sequence[int], indices: "Tensor | mask_ops.Mask", device: torch.device | str | None = None) -> Tensor:
-    """Boolean mask of ``shape`` that is True at the flat (row-major) ``indices`` (any ``masks`` form)."""
-    mask = torch.zeros(math.prod(shape), dtype=torch.bool, device=device)
-    idx = mask_ops.index(indices, mask.device)
-    if idx is None:
-        mask.fill_(True)
-    else:
-        mask[idx.long()] = True
-    return mask.reshape(tuple(shape))
-
-
 def perturb_values(
     x: Tensor,
     magnitude: float,
@@ -209,7 +198,7 @@ def perturbed_weights(
                 if perturbation.mask == "outliers":
                     if name not in outliers:
                         continue
-                    mask = index_mask(weight.shape, outliers[name], weight.device)
+                    mask = mask_ops.boolean(outliers[name], weight.shape, weight.device)
                 elif perturbation.mask == "topk":
                     mask = top_fraction_mask(weight.abs(), perturbation.ratio)
                 # Only the masked values are kept for the restore (all of them for mask=all).

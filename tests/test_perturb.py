@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from npft_lightning import masks as mask_ops
 from npft_lightning.layers import decoder_linears
 from npft_lightning.perturb import (
     Perturbation,
     group_range,
-    index_mask,
     perturb_values,
     perturbed_activations,
     perturbed_weights,
@@ -91,7 +91,7 @@ def test_topk_masks_pick_the_largest_magnitudes():
 
 
 def test_index_mask_from_flat_outlier_indices():
-    mask = index_mask((2, 3), torch.tensor([1, 5]))
+    mask = mask_ops.boolean(torch.tensor([1, 5]), (2, 3))
     assert torch.equal(mask, torch.tensor([[False, True, False], [False, False, True]]))
 
 
@@ -150,7 +150,7 @@ def test_perturbed_weights_touch_the_mask_and_restore_bit_exactly(mask):
         if mask == "outliers":
             assert touched == 4
             for k, c in changed.items():
-                expected = index_mask(c.shape, outliers[k]) if k in outliers else torch.zeros_like(c)
+                expected = mask_ops.boolean(outliers[k], c.shape) if k in outliers else torch.zeros_like(c)
                 assert torch.equal(c, expected)
     after = _snapshot(linears)
     assert all(torch.equal(after[k], clean[k]) for k in clean)
