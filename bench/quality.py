@@ -346,6 +346,38 @@ def aggregate(cells: dict[str, dict[str, dict[str, dict[str, float]]]], quantize
     return {"table": table, "derived": derived}
 
 
+def train_timing(plan: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """``timing[row][seed]``: the training wall time and median batch time each finished run recorded
+    (runs older than the step clock recorded none and are left out)."""
+    timing: dict[str, dict[str, dict[str, float]]] = {}
+    for step in plan:
+        path = Path(step["dir"]) / "metrics.json"
+        if step["kind"] != "train" or not path.is_file():
+            continue
+        train = json.loads(path.read_text()).get("train", {})
+        if train.get("median_batch_seconds") and train.get("train_seconds"):
+            timing.setdefault(step["row"], {})[str(step["seed"])] = {
+                k: float(train[k]) for k in ("train_seconds", "median_batch_seconds")}
+    return timing
+
+
+def render_timing(timing: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """Markdown lines: per row the median batch time, its ratio to the control of the same seed and length, and the
+    training wall time (runs made one after the other on one machine: the ratios, not the seconds, carry over)."""
+    if not timing:
+        return []
+    lines = ["", "Training time (median seconds per batch; ratio to the control of the same seed and length; training "
+             "wall time in minutes, mean over seeds):", "", "| row | s / batch | ratio vs control | training min |", "|---|---:|---:|---:|"]
+    for row, seeds in timing.items():
+        control = timing.get(control_of(row), {})
+        ratios = [t["median_batch_seconds"] / control[s]["median_batch_seconds"] for s, t in seeds.items() if s in control]
+        per_batch = statistics.fmean(t["median_batch_seconds"] for t in seeds.values())
+        minutes = statistics.fmean(t["train_seconds"] for t in seeds.values()) / 60
+        ratio = f"{statistics.fmean(ratios):.3f}" if ratios and base_row(row) != "control" else "—"
+        lines.append(f"| {row_label(row)} | {per_batch:.2f} | {ratio} | {minutes:.1f} |")
+    return lines
+
+
 def row_label(key: str) -> str:
     label = ROW_LABELS.get(base_row(key), "`" + " ".join(ROWS.get(base_row(key)) or []) + "`" if ROWS.get(base_row(key)) else base_row(key))
     return label + (f", {steps_of(key)} steps" if steps_of(key) else "")
@@ -394,6 +426,7 @@ def render_markdown(result: dict[str, Any]) -> str:
                       f"({next(iter(reach.values()))['pretrained_gptq4']:.2f}): " + "; ".join(
                           f"{row_label(r)} {v['rtn4']:.2f} ({'reaches it' if v['reaches'] else 'does not'})"
                           for r, v in reach.items() if r != "pretrained")]
+    lines += render_timing(result.get("timing", {}))
     lines += ["", BLOCK_END]
     return "\n".join(lines)
 
@@ -741,6 +774,7 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
             corpora[corpus]["tokens"] = ppl.get("_tokens")
             cells.setdefault(step["row"], {}).setdefault(seed_key, {})[corpus] = {q: v for q, v in ppl.items() if not q.startswith("_")}
 
+    timing = train_timing(plan)
     if args.dry_run:
         return 0
     print(f"cells: {ran} run, {skipped} reused from earlier runs, {len(failures)} failed")
@@ -761,6 +795,7 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
         "cells": cells,
         "aggregate": aggregate({k: cells[k] for k in sorted(cells, key=lambda k: (steps_of(k) or 0, args.rows.index(base_row(k))))
                                 if base_row(k) in args.rows}, args.quantizers),
+        "timing": timing,
         "failures": failures,
     }
     write_json(root(args.out_json), result)

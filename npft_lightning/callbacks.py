@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Mapping
@@ -393,6 +395,40 @@ class FakeQuantValidation(Callback):
         self.results = dict(state_dict.get("results", {}))
 
 
+# ------------------------------------------------------------------------------------------ timing
+class StepClock(Callback):
+    """Wall time of the training: in total, and per batch as the time between consecutive batch ends.
+
+    Measured between batch ends so that everything a step costs is inside (data, the noise draw and
+    restore, forward, backward, optimizer); the first batch (warm-up) has no interval. Benchmarks
+    compare these times between runs made one after the other on the same machine.
+    """
+
+    def __init__(self) -> None:
+        self.batch_seconds: list[float] = []
+        self.train_seconds: float | None = None
+        self._started: float | None = None
+        self._last: float | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started, self._last = time.perf_counter(), None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self.batch_seconds.append(now - self._last)
+        self._last = now
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._started is not None:
+            self.train_seconds = time.perf_counter() - self._started
+
+    def summary(self) -> dict[str, float | None]:
+        """``train_seconds`` (this process's training, resumed parts not included) and ``median_batch_seconds``."""
+        median = statistics.median(self.batch_seconds) if self.batch_seconds else None
+        return {"train_seconds": self.train_seconds, "median_batch_seconds": median}
+
+
 # ------------------------------------------------------------------------------------------ run artifacts
 def collect_metrics(trainer: pl.Trainer) -> dict[str, Any]:
     """``{"ppl": {"before": {...}, "after": {...}}, "curvature": {...}, "outliers": {...}, "train": {...}}``.
@@ -415,6 +451,8 @@ def collect_metrics(trainer: pl.Trainer) -> dict[str, Any]:
         "last_loss": None if loss is None else float(loss),
         "world_size": trainer.world_size,
     }
+    if StepClock in found:
+        metrics["train"].update(found[StepClock].summary())
     return metrics
 
 

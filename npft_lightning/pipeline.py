@@ -26,6 +26,7 @@ from npft_lightning.callbacks import (
     NoisePerturbation,
     OutlierSelection,
     RunArtifacts,
+    StepClock,
 )
 from npft_lightning.config import validate_against_model
 from npft_lightning.errors import UserError
@@ -83,7 +84,7 @@ def build(cfg: DictConfig) -> tuple[NPFTModule, pl.LightningDataModule, pl.Train
     # Resolved here: under ddp_spawn the workers that write the artifacts have no Hydra context.
     npft["artifacts"] = RunArtifacts(cfg.paths.output_dir, OmegaConf.to_container(cfg, resolve=True), cfg.get("save_adapter", True))
     # Run safety: skip non-finite steps, Ctrl-C saves a checkpoint, a resumed run continues its CSV log.
-    safety = [NonFiniteGuard(cfg.get("max_nonfinite_steps", 5)),
+    safety = [StepClock(), NonFiniteGuard(cfg.get("max_nonfinite_steps", 5)),
               GracefulInterrupt(resume_args(), str(cfg.paths.output_dir)), AlignLogOnResume()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
     trainer: pl.Trainer = instantiate(

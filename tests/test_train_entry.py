@@ -38,6 +38,8 @@ def test_short_training_run_writes_before_and_after(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics["ppl"]["after"]) == {"fp", "rtn4", "rtn3"}
     assert metrics["train"]["global_step"] == 3
+    # Timing: 3 batches give 2 intervals between batch ends; their median lies within the whole training time.
+    assert 0 < metrics["train"]["median_batch_seconds"] < metrics["train"]["train_seconds"]
     assert set(metrics["curvature"]) == {"before", "after"}
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
