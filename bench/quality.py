@@ -70,6 +70,7 @@ ROWS: dict[str, list[str] | None] = {
     "qerr_all_p0.25": ["noise=quant_error", "outliers=all", "noise.distribution.probability=0.25"],
     "qerr_all_mix0.5": ["noise=quant_error", "outliers=all", "noise.step_probability=0.5"],
     "qerr_all_mix0.25": ["noise=quant_error", "outliers=all", "noise.step_probability=0.25"],
+    "qerr_all_mix0.15": ["noise=quant_error", "outliers=all", "noise.step_probability=0.15"],
     "qerr_all_mix0.1": ["noise=quant_error", "outliers=all", "noise.step_probability=0.1"],
     "qerr_all_s0.5": ["noise=quant_error", "outliers=all", "noise.scale=0.5"],
     "qerr_all_ramp": ["noise=quant_error", "outliers=all", "noise.ramp=linear"],
