@@ -206,3 +206,12 @@ def test_quality_plot_draws_a_bar_per_row_and_column(tmp_path, monkeypatch):
     # nothing to compare without an NPFT row
     only_control = {"settings": {"quantizers": ["rtn4"], "seeds": [0]}, "aggregate": quality.aggregate({"control": cells["control"]}, ["rtn4"])}
     assert quality.plot_quality(only_control, tmp_path / "none.png") is None
+
+
+@pytest.mark.parametrize("experiment,row", [("qat_rtn4", "qerr_all"), ("mixed_rtn4", "qerr_all_mix0.15")])
+def test_candidate_recipes_train_what_the_screening_measured(experiment, row):
+    """experiment=qat_rtn4 / mixed_rtn4 train exactly the study's row at the screening's lr 2e-4 and 64 steps."""
+    recipe = quality.expected_train_signature([f"experiment={experiment}"])
+    measured = quality.expected_train_signature([*quality.ROWS[row], "optimizer.lr=2e-4", "trainer.max_steps=64"])
+    assert quality.config_difference(recipe, measured) is None
+    assert quality.config_difference(recipe, quality.expected_train_signature([*quality.ROWS[row]])) is not None
