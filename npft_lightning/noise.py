@@ -217,7 +217,7 @@ def quantization_error(quantizer: WeightQuantizer, weight: Tensor, indices: Tens
     form when it has one (RTN: only the selected entries are rounded), else quantize all and subtract."""
     fused = getattr(quantizer, "quantization_error", None)
     if callable(fused):
-        return fused(weight, indices) if indices is not None else fused(weight)
+        return fused(weight, indices)
     w = weight.float()
     return _at(quantizer.quantize_weight(w).float() - w, indices)
 

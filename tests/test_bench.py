@@ -116,7 +116,6 @@ def test_mask_memory_counts_index_bytes(tiny_llama):
     assert row["pct_of_model_weight_bytes"] == pytest.approx(100 * expected * 4 / result["model_weight_bytes"])
 
 
-@pytest.mark.slow
 def _with_rows(args: list[str], rows: list[str]) -> list[str]:
     """``args`` with the values of --rows replaced by ``rows``."""
     start = args.index("--rows") + 1
@@ -124,6 +123,7 @@ def _with_rows(args: list[str], rows: list[str]) -> list[str]:
     return [*args[:start], *rows, *args[end:]]
 
 
+@pytest.mark.slow
 def test_quality_study_end_to_end_on_tiny_llama(tmp_path):
     """Train control + NPFT, evaluate them and the pretrained model on two corpora, aggregate; a rerun runs nothing."""
     ood = tmp_path / "ood.txt"
