@@ -23,6 +23,10 @@ block of --results-md.
     python bench/quality.py --rows pretrained control npft_fisher --seeds 0 --quantizers rtn4 gptq4 \\
         --max-eval-windows 4 --calib-windows 32                    # a reduced study
     python bench/quality.py --reuse control:0=/runs/control --reuse npft_fisher:0=/runs/npft   # reuse trained runs
+    python bench/quality.py --rows control qerr_all --steps 256 --merge docs/bench/screen_lr.json   # add a length to a study
+
+``--merge`` joins an earlier study's cells (its --out-json) to this one's tables and plots when both were
+measured the same way (model, windows, corpora, overrides): studies run in separate folders or sessions.
 """
 
 from __future__ import annotations
@@ -311,6 +315,54 @@ def control_of(key: str) -> str:
     return "control" + (key[key.index("@"):] if "@" in key else "")
 
 
+# What two studies must share for their cells to stand in one table (rows and seeds may differ).
+MERGE_SETTINGS = ("model", "max_eval_windows", "calib_windows", "eval_seq_len", "overrides", "train_overrides", "eval_overrides")
+
+
+def keyed_by_steps(table: dict[str, Any], steps: list[int] | None) -> dict[str, Any]:
+    """Key the rows of a one-length study (``--steps N``: cells ``row``) as ``row@N``, like a study over several
+    lengths, so that studies of different lengths can be merged; other tables are returned as they are."""
+    if not steps or len(steps) != 1:
+        return table
+    return {k if k == "pretrained" or "@" in k else f"{k}@{steps[0]}": v for k, v in table.items()}
+
+
+def load_merged_study(path: Path, settings: dict[str, Any], corpora: list[str]) -> dict[str, Any]:
+    """An earlier study's --out-json, checked to be measured like this one (``MERGE_SETTINGS``, corpora, quantizers)."""
+    try:
+        other = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise StudyError(f"--merge {path}: cannot read it ({err}); give the --out-json of an earlier bench/quality.py run") from None
+    if not isinstance(other, dict) or other.get("bench") != "quality" or not isinstance(other.get("cells"), dict):
+        raise StudyError(f"--merge {path}: not a quality study's JSON (no bench=quality with cells); give an earlier --out-json")
+    theirs = other.get("settings", {})
+    for key in MERGE_SETTINGS:
+        if theirs.get(key) != settings[key]:
+            raise StudyError(f"--merge {path}: its {key} is {theirs.get(key)!r}, this study's {settings[key]!r}; "
+                             f"only studies measured the same way share a table")
+    if sorted(other.get("corpora", {})) != sorted(corpora):
+        raise StudyError(f"--merge {path}: it scored corpora {sorted(other.get('corpora', {}))}, this study {sorted(corpora)}; "
+                         f"pass the same --corpora")
+    missing = [q for q in settings["quantizers"] if q not in theirs.get("quantizers", [])]
+    if missing:
+        raise StudyError(f"--merge {path}: it has no {', '.join(missing)} column; drop {' '.join(missing)} from --quantizers or merge a study that has them")
+    return other
+
+
+def merge_studies(cells: dict[str, Any], timing: dict[str, Any], others: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """This study's cells and step clocks plus those of ``others`` for the (row, seed) pairs this study lacks:
+    a cell measured here wins over an earlier copy of it."""
+    cells = {k: dict(v) for k, v in cells.items()}
+    timing = {k: dict(v) for k, v in timing.items()}
+    for other in others:
+        steps = other.get("settings", {}).get("steps")
+        for mine, theirs in ((cells, keyed_by_steps(other["cells"], steps)), (timing, keyed_by_steps(other.get("timing", {}), steps))):
+            for key, seeds in theirs.items():
+                for seed, value in seeds.items():
+                    mine.setdefault(key, {}).setdefault(seed, value)
+    return cells, timing
+
+
 def aggregate(cells: dict[str, dict[str, dict[str, dict[str, float]]]], quantizers: list[str]) -> dict[str, Any]:
     """``cells[row][seed][corpus][quantizer or 'fp']`` -> per-row mean ± std and the derived comparisons.
 
@@ -398,6 +450,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     quantizers, agg = s["quantizers"], result["aggregate"]
     names = ["unquantized" if q == "fp" else q for q in ["fp", *quantizers]]
     lines = [BLOCK_BEGIN, "", f"Generated {result['date']} by:", "", "```bash", result["command"], "```", ""]
+    for merged in s.get("merged", []):
+        lines += [f"with the cells of `{merged['json']}`, made by:", "", "```bash", merged["command"], "```", ""]
     lines.append(f"{'**Reduced study.** ' if s['reduced'] else ''}Model `{s['model']}`; seeds {s['seeds']}; "
                  f"training steps {s['steps'] or 'the recipe default'}; eval windows per corpus "
                  f"{s['max_eval_windows'] or 'all'} × {s['eval_seq_len']} tokens; GPTQ calibration "
@@ -686,6 +740,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--frontier-plot", default=None, help="gap closed vs unquantized cost (default: beside --plot, *_frontier.png)")
     parser.add_argument("--finished-only", action="store_true",
                         help="run nothing: write the tables and plots of the cells finished so far (a partial study)")
+    parser.add_argument("--merge", action="append", default=[], metavar="JSON",
+                        help="an earlier study's --out-json whose cells join this one's tables and plots (same model, windows, "
+                             "corpora and overrides; a one-length study's rows become ROW@STEPS); repeatable")
     parser.add_argument("--default-row", default=None, help="the row (ROW or ROW@STEPS) that experiment=npft_smollm2 runs")
     parser.add_argument("--deploy-row", default=None, help="the row that the deployment recipe runs")
     return parser
@@ -779,6 +836,22 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
     timing = train_timing(plan)
     if args.dry_run:
         return 0
+    settings = {"model": args.model, "rows": args.rows, "seeds": args.seeds, "quantizers": args.quantizers,
+                "steps": args.steps, "max_eval_windows": args.max_eval_windows, "calib_windows": args.calib_windows,
+                "eval_seq_len": args.eval_seq_len, "overrides": args.overrides, "train_overrides": args.train_overrides,
+                "eval_overrides": args.eval_overrides,
+                "reused_runs": {f"{r}:{s}": str(p) for (r, s), p in reuse.items()},
+                "default_row": args.default_row, "deploy_row": args.deploy_row}
+    rows = list(args.rows)
+    if args.merge:
+        others = [load_merged_study(root(p), settings, list(corpora)) for p in args.merge]
+        cells, timing = merge_studies(keyed_by_steps(cells, args.steps), keyed_by_steps(timing, args.steps), others)
+        rows += [r for other in others for r in other["settings"].get("rows", []) if r not in rows]
+        settings["merged"] = [{"json": str(p), "command": other.get("command", "")} for p, other in zip(args.merge, others)]
+        # the settings describe the merged tables: every row, seed and length in them
+        settings["rows"] = rows
+        settings["seeds"] = sorted({int(seed) for seeds in cells.values() for seed in seeds if seed != "-"} | set(args.seeds))
+        settings["steps"] = sorted({n for k in cells if (n := steps_of(k))} | set(args.steps or [])) or None
     print(f"cells: {ran} run, {skipped} reused from earlier runs, {len(failures)} failed")
     for failure in failures:
         print(f"FAILED: {failure}", file=sys.stderr)
@@ -787,16 +860,11 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
     result = {
         "bench": "quality", "date": date.today().isoformat(), "machine": machine(),
         "command": "python bench/quality.py " + shlex.join(argv),
-        "settings": {"model": args.model, "rows": args.rows, "seeds": args.seeds, "quantizers": args.quantizers,
-                     "steps": args.steps, "max_eval_windows": args.max_eval_windows, "calib_windows": args.calib_windows,
-                     "eval_seq_len": args.eval_seq_len, "overrides": args.overrides, "train_overrides": args.train_overrides,
-                     "eval_overrides": args.eval_overrides,
-                     "reused_runs": {f"{r}:{s}": str(p) for (r, s), p in reuse.items()}, "reduced": reduced,
-                     "default_row": args.default_row, "deploy_row": args.deploy_row},
+        "settings": {**settings, "reduced": reduced},
         "corpora": corpora, "eval_split_of_corpus": split_of_corpus,
         "cells": cells,
-        "aggregate": aggregate({k: cells[k] for k in sorted(cells, key=lambda k: (steps_of(k) or 0, args.rows.index(base_row(k))))
-                                if base_row(k) in args.rows}, args.quantizers),
+        "aggregate": aggregate({k: cells[k] for k in sorted(cells, key=lambda k: (steps_of(k) or 0, rows.index(base_row(k))))
+                                if base_row(k) in rows}, args.quantizers),
         "timing": timing,
         "failures": failures,
     }

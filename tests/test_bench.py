@@ -215,3 +215,49 @@ def test_candidate_recipes_train_what_the_screening_measured(experiment, row):
     measured = quality.expected_train_signature([*quality.ROWS[row], "optimizer.lr=2e-4", "trainer.max_steps=64"])
     assert quality.config_difference(recipe, measured) is None
     assert quality.config_difference(recipe, quality.expected_train_signature([*quality.ROWS[row]])) is not None
+
+
+def _fake_evals(ppl: dict[tuple[str, int | None], tuple[float, float]]):
+    """A ``run_plan`` stand-in: every eval of the plan "finished" with the validation PPL given for its (row, seed)."""
+    def run_plan(plan, lock, dry_run, desc, finished_only=False):
+        evals = [(step, {"ppl": {"validation": {"fp": ppl[step["row"], step["seed"]][0], "rtn4": ppl[step["row"], step["seed"]][1],
+                                                "_tokens": 16384}}})
+                 for step in plan if step["kind"] == "eval" and (step["row"], step["seed"]) in ppl]
+        return evals, len(evals), 0, []
+    return run_plan
+
+
+def test_merge_joins_an_earlier_study_of_another_length(tmp_path, monkeypatch, capsys):
+    """A 64-step study merged with an earlier 16-step one: one table with both lengths, paired per length, and the
+    steps plot; the earlier command is quoted; a study measured otherwise is refused with one line."""
+    common = ["--corpora", "wiki_val", "--quantizers", "rtn4", "--max-eval-windows", "8", "--train-set", "optimizer.lr=2e-4"]
+    out = lambda name: ["--study-dir", str(tmp_path / name), "--out-json", str(tmp_path / f"{name}.json"),  # noqa: E731
+                        "--results-md", str(tmp_path / f"{name}.md"), "--plot", str(tmp_path / f"{name}.png")]
+    monkeypatch.setattr(quality, "run_plan", _fake_evals({("pretrained", None): (14.0, 24.0), ("control", 0): (13.0, 22.0),
+                                                          ("qerr_all", 0): (13.5, 19.0)}))
+    assert quality.main(["--rows", "pretrained", "control", "qerr_all", "--seeds", "0", "--steps", "16", *common, *out("early")]) == 0
+    monkeypatch.setattr(quality, "run_plan", _fake_evals({("control", 0): (12.0, 20.0), ("qerr_all", 0): (13.0, 16.0)}))
+    assert quality.main(["--rows", "control", "qerr_all", "--seeds", "0", "--steps", "64", *common, *out("late"),
+                         "--merge", str(tmp_path / "early.json")]) == 0
+    result = json.loads((tmp_path / "late.json").read_text())
+    assert set(result["cells"]) == {"pretrained", "control@16", "qerr_all@16", "control@64", "qerr_all@64"}
+    derived = result["aggregate"]["derived"]["wiki_val"]
+    assert derived["qerr_all@16"]["rtn4"]["gap_closed"]["mean"] == pytest.approx(3 / 9)  # (22-19)/(22-13)
+    assert derived["qerr_all@64"]["rtn4"]["gap_closed"]["mean"] == pytest.approx(0.5)    # (20-16)/(20-12)
+    assert result["settings"]["steps"] == [16, 64] and result["settings"]["rows"] == ["control", "qerr_all", "pretrained"]
+    text = (tmp_path / "late.md").read_text()
+    assert f"with the cells of `{tmp_path / 'early.json'}`" in text and "--steps 16" in text
+    assert (tmp_path / "late_steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a cell measured here wins over the earlier copy of it
+    monkeypatch.setattr(quality, "run_plan", _fake_evals({("control", 0): (12.5, 21.0)}))
+    assert quality.main(["--rows", "control", "--seeds", "0", "--steps", "16", *common, *out("again"), "--merge", str(tmp_path / "early.json")]) == 0
+    assert json.loads((tmp_path / "again.json").read_text())["cells"]["control@16"]["0"]["wiki_val"]["fp"] == 12.5
+
+    # measured with other windows: not one table
+    other = [*common[:5], "4", *common[6:]]
+    assert quality.main(["--rows", "control", "--seeds", "0", "--steps", "64", *other, *out("bad"), "--merge", str(tmp_path / "early.json")]) == 2
+    assert not (tmp_path / "bad.json").exists()
+    assert "its max_eval_windows is 8, this study's 4" in capsys.readouterr().err
+    assert quality.main(["--rows", "control", "--seeds", "0", "--steps", "64", *common, *out("bad"), "--merge", str(tmp_path / "early.md")]) == 2
+    assert "cannot read it" in capsys.readouterr().err
