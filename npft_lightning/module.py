@@ -13,6 +13,7 @@ import math
 import warnings
 from contextlib import contextmanager
 from functools import partial
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Iterator
 
 import lightning.pytorch as pl
@@ -25,6 +26,37 @@ from tqdm.auto import tqdm
 
 from npft_lightning.layers import canonical_name, decoder_linears
 from npft_lightning.perplexity import causal_lm_nll, perplexity
+
+
+class LoraDeltas(Mapping[str, Tensor]):
+    """Canonical name -> ``B @ A * scaling`` of the active adapters: what merging adds to that base weight.
+
+    Each update is computed when it is read (under ``no_grad``), not all at once: the merged-weight noise and the
+    fake-quant passes visit one matrix at a time, and holding every update would add a full copy of the decoder's
+    weights to peak memory (28 GB in float32 for a 7B model). Read an entry once per use.
+    """
+
+    def __init__(self, model: nn.Module):
+        self._layers: dict[str, list[tuple[LoraLayer, str]]] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer):
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        self._layers.setdefault(canonical_name(name), []).append((module, adapter))
+
+    @torch.no_grad()
+    def __getitem__(self, name: str) -> Tensor:
+        total = None
+        for module, adapter in self._layers[name]:
+            delta = module.get_delta_weight(adapter)
+            total = delta if total is None else total + delta
+        return total
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, decay: str = "linear") -> float:
@@ -100,18 +132,10 @@ class NPFTModule(pl.LightningModule):
         """Canonical name -> frozen base ``nn.Linear`` of every decoder-block linear layer."""
         return decoder_linears(self.model)
 
-    @torch.no_grad()
-    def lora_deltas(self) -> dict[str, Tensor]:
-        """Canonical name -> ``B @ A * scaling``: what merging the adapters adds to each base weight."""
-        deltas: dict[str, Tensor] = {}
-        for name, module in self.model.named_modules():
-            if isinstance(module, LoraLayer):
-                for adapter in module.active_adapters:
-                    if adapter in module.lora_A:
-                        delta = module.get_delta_weight(adapter)
-                        key = canonical_name(name)
-                        deltas[key] = deltas[key] + delta if key in deltas else delta
-        return deltas
+    def lora_deltas(self) -> LoraDeltas:
+        """Canonical name -> ``B @ A * scaling``: what merging the adapters adds to each base weight (computed per
+        matrix when read)."""
+        return LoraDeltas(self.model)
 
     @contextmanager
     def adapters_disabled(self) -> Iterator[None]:

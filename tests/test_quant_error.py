@@ -15,12 +15,35 @@ from npft_lightning.noise import QuantErrorNoise, UniformStepNoise, apply_noise,
 from npft_lightning.quant import RTN
 from npft_lightning.sensitivity import OutlierSelector, damage_scores, magnitude_scores, mask_bytes
 
-from test_callbacks import WeightSpy, make_datamodule, make_module
+from test_callbacks import TARGETS, WeightSpy, make_datamodule, make_module
 
 
 def _merged(module) -> dict[str, torch.Tensor]:
     deltas = module.lora_deltas()
     return {n: lin.weight.detach().float() + deltas[n] for n, lin in module.decoder_linears().items()}
+
+
+def test_lora_deltas_are_peft_merge_computed_per_read():
+    """The merged updates equal what PEFT's own merge adds to each base weight; they are computed when read
+    (a later adapter change shows in the next read) and carry no autograd graph."""
+    module = make_module()
+    deltas = module.lora_deltas()
+    before = {n: lin.weight.detach().clone() for n, lin in module.decoder_linears().items()}
+    merged = copy.deepcopy(module.model).merge_and_unload()
+    after = {n: lin.weight.detach() for n, lin in decoder_linears(merged).items()}
+    assert sorted(deltas) == sorted(n for n in before if n.split(".")[-1] in TARGETS) and len(deltas) > 0
+    for name in deltas:
+        assert torch.allclose(before[name] + deltas[name], after[name], atol=1e-6)
+        assert not deltas[name].requires_grad
+    lora_b = next(p for n, p in module.named_parameters() if "lora_B" in n)
+    name = next(iter(deltas))
+    first = deltas[name].clone()
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            if "lora_B" in n:
+                p.mul_(2)
+    assert torch.allclose(deltas[name], 2 * first)
+    assert lora_b.requires_grad
 
 
 # ------------------------------------------------------------------ masks
