@@ -847,7 +847,9 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
         others = [load_merged_study(root(p), settings, list(corpora)) for p in args.merge]
         cells, timing = merge_studies(keyed_by_steps(cells, args.steps), keyed_by_steps(timing, args.steps), others)
         rows += [r for other in others for r in other["settings"].get("rows", []) if r not in rows]
-        settings["merged"] = [{"json": str(p), "command": other.get("command", "")} for p, other in zip(args.merge, others)]
+        # provenance: every command whose cells are in the tables, through merges of merges (a study seed by seed)
+        settings["merged"] = [entry for p, other in zip(args.merge, others)
+                              for entry in [*other["settings"].get("merged", []), {"json": str(p), "command": other.get("command", "")}]]
         # the settings describe the merged tables: every row, seed and length in them
         settings["rows"] = rows
         settings["seeds"] = sorted({int(seed) for seeds in cells.values() for seed in seeds if seed != "-"} | set(args.seeds))

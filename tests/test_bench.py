@@ -253,6 +253,10 @@ def test_merge_joins_an_earlier_study_of_another_length(tmp_path, monkeypatch, c
     monkeypatch.setattr(quality, "run_plan", _fake_evals({("control", 0): (12.5, 21.0)}))
     assert quality.main(["--rows", "control", "--seeds", "0", "--steps", "16", *common, *out("again"), "--merge", str(tmp_path / "early.json")]) == 0
     assert json.loads((tmp_path / "again.json").read_text())["cells"]["control@16"]["0"]["wiki_val"]["fp"] == 12.5
+    # a merge of a merge keeps every command that made its cells
+    assert quality.main(["--rows", "control", "--seeds", "0", "--steps", "64", *common, *out("chain"), "--merge", str(tmp_path / "late.json")]) == 0
+    chain = json.loads((tmp_path / "chain.json").read_text())["settings"]["merged"]
+    assert [m["json"] for m in chain] == [str(tmp_path / "early.json"), str(tmp_path / "late.json")]
 
     # measured with other windows: not one table
     other = [*common[:5], "4", *common[6:]]
