@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
+from collections.abc import Mapping
 from contextlib import contextmanager
 from functools import partial
-from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Iterator
 
 import lightning.pytorch as pl
