@@ -97,6 +97,10 @@ DEFAULT_CORPORA = ["wiki", "pydoc"]  # the final study's columns; wiki_val is fo
 # Training is done once per row and seed; validation during training is redundant with eval.py (one window
 # keeps the before/after table cheap).
 TRAIN_FIXED = ["quant=none", "curvature=null", "data.max_eval_windows=1"]
+# The config every row overrides: NPFT as first built (16 steps of step noise on 0.5 % Fisher outliers). Pinned,
+# not train.py's default, so that the rows keep their meaning (and finished cells their reuse) when the default
+# recipe changes.
+STUDY_BASE = ["experiment=npft_fisher"]
 # The parts of a training config that determine the adapter (what a reused run must match).
 TRAIN_KEYS = ("seed", "model", "data", "peft", "outliers", "noise", "optimizer", "schedule", "trainer", "gradient_checkpointing")
 IGNORED_KEYS = {"cache_dir", "default_root_dir", "max_eval_windows", "eval_batch_size", "enable_progress_bar", "progress"}
@@ -743,7 +747,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--merge", action="append", default=[], metavar="JSON",
                         help="an earlier study's --out-json whose cells join this one's tables and plots (same model, windows, "
                              "corpora and overrides; a one-length study's rows become ROW@STEPS); repeatable")
-    parser.add_argument("--default-row", default=None, help="the row (ROW or ROW@STEPS) that experiment=npft_smollm2 runs")
+    parser.add_argument("--default-row", default=None, help="the row (ROW or ROW@STEPS) that experiment=npft_smollm2 (the default recipe) runs")
     parser.add_argument("--deploy-row", default=None, help="the row that the deployment recipe runs")
     return parser
 
@@ -815,7 +819,7 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
         for steps in lengths:
             for row in train_rows:
                 key = row if len(lengths) == 1 else f"{row}@{steps}"
-                train_overrides = [*common, *ROWS[row], *args.train_overrides, f"seed={seed}",
+                train_overrides = [*common, *STUDY_BASE, *ROWS[row], *args.train_overrides, f"seed={seed}",
                                    *([f"trainer.max_steps={steps}"] if steps else [])]
                 run_dir = reuse.get((row, seed), study_dir / key / f"seed{seed}" / "train")
                 plan.append({"row": key, "seed": seed, "kind": "train", "dir": run_dir, "overrides": train_overrides,

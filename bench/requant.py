@@ -39,6 +39,7 @@ from quality import (
     CORPORA,
     DEFAULT_CORPORA,
     ROWS,
+    STUDY_BASE,
     TRAIN_FIXED,
     StudyError,
     add_study_arguments,
@@ -168,7 +169,7 @@ def plan_cells(args: argparse.Namespace, study_dir: Path, eval_common: list[str]
                          "command": [sys.executable, "eval.py", *eval_common, f"quant=[{','.join(quantizers)}]",
                                      *requant_overrides(quantizers, args.pqi_windows, args.pqi_intervals)]})
     for row in (r for r in args.rows if r in ADAPTER_ROWS):
-        overrides = [*common, *ROWS[row], *args.train_overrides, f"seed={args.seed}", *([f"trainer.max_steps={args.steps}"] if args.steps else [])]
+        overrides = [*common, *STUDY_BASE, *ROWS[row], *args.train_overrides, f"seed={args.seed}", *([f"trainer.max_steps={args.steps}"] if args.steps else [])]
         run_dir = reuse.get(row, study_dir / row / f"seed{args.seed}" / "train")
         plan.append({"row": row, "kind": "train", "dir": run_dir, "overrides": overrides,
                      "reuse": f"{row}={run_dir}" if row in reuse else None,

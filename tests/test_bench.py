@@ -208,13 +208,18 @@ def test_quality_plot_draws_a_bar_per_row_and_column(tmp_path, monkeypatch):
     assert quality.plot_quality(only_control, tmp_path / "none.png") is None
 
 
-@pytest.mark.parametrize("experiment,row,steps", [("qat_rtn4", "qerr_all", 256), ("mixed_rtn4", "qerr_all_mix0.15", 256)])
-def test_candidate_recipes_train_what_the_screening_measured(experiment, row, steps):
-    """experiment=qat_rtn4 / mixed_rtn4 train exactly the study's row at the screening's lr 2e-4 and its length."""
-    recipe = quality.expected_train_signature([f"experiment={experiment}"])
-    measured = quality.expected_train_signature([*quality.ROWS[row], "optimizer.lr=2e-4", f"trainer.max_steps={steps}"])
-    assert quality.config_difference(recipe, measured) is None
-    assert quality.config_difference(recipe, quality.expected_train_signature([*quality.ROWS[row]])) is not None
+@pytest.mark.parametrize("recipe,row,steps", [([], "qerr_all_mix0.15", 256), (["experiment=qat_rtn4"], "qerr_all", 256),
+                                             (["experiment=mixed_rtn4"], "qerr_all_mix0.15", 256),
+                                             (["experiment=npft_fisher"], "npft_fisher", None)])
+def test_recipes_train_what_the_study_measured(recipe, row, steps):
+    """train.py's default (npft_smollm2), qat_rtn4 and mixed_rtn4 train exactly the final study's row at its lr 2e-4
+    and length; npft_fisher is the study's base itself."""
+    trained = quality.expected_train_signature(recipe)
+    length = [] if steps is None else ["optimizer.lr=2e-4", f"trainer.max_steps={steps}"]
+    measured = quality.expected_train_signature([*quality.STUDY_BASE, *quality.ROWS[row], *length])
+    assert quality.config_difference(trained, measured) is None
+    if steps is not None:  # the row's own length and lr are not the base's
+        assert quality.config_difference(trained, quality.expected_train_signature([*quality.STUDY_BASE, *quality.ROWS[row]])) is not None
 
 
 def _fake_evals(ppl: dict[tuple[str, int | None], tuple[float, float]]):
