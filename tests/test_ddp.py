@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # 8 training windows = 2 batches of 2 per rank, so the 2 steps end the epoch and its validation loop
 # (the SumMetric path) runs; 3 validation windows do not split evenly over 2 ranks.
-TINY = ["model=tiny-llama", "data.seq_len=64", "data.eval_seq_len=128", "data.max_eval_windows=3",
+# NPFT as first built (sparse Fisher masks, noise every step): the masks and the noise must agree across ranks.
+TINY = ["experiment=npft_fisher", "model=tiny-llama", "data.seq_len=64", "data.eval_seq_len=128", "data.max_eval_windows=3",
         "data.max_train_windows=8", "outliers.calibration_windows=2", "outliers.calibration_length=64",
         "curvature=null", "quant=[rtn4]", "callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false",
         "trainer.max_steps=2"]
