@@ -222,6 +222,17 @@ def test_recipes_train_what_the_study_measured(recipe, row, steps):
         assert quality.config_difference(trained, quality.expected_train_signature([*quality.STUDY_BASE, *quality.ROWS[row]])) is not None
 
 
+def test_mixed_q4_0_trains_the_gguf_measurement():
+    """experiment=mixed_q4_0 is the default recipe with the error of ggml's Q4_0 grid, as measured in
+    docs/gguf_llamacpp.md; nothing else differs from the study's mixed-objective row."""
+    trained = quality.expected_train_signature(["experiment=mixed_q4_0"])
+    length = ["optimizer.lr=2e-4", "trainer.max_steps=256"]
+    measured = [*quality.STUDY_BASE, *quality.ROWS["qerr_all_mix0.15"], *length]
+    assert quality.config_difference(trained, quality.expected_train_signature(
+        [*measured, "quant=[q4_0]", "noise.distribution.quantizer=${quant.q4_0}"])) is None
+    assert "noise" in (quality.config_difference(trained, quality.expected_train_signature(measured)) or "")
+
+
 def _fake_evals(ppl: dict[tuple[str, int | None], tuple[float, float]]):
     """A ``run_plan`` stand-in: every eval of the plan "finished" with the validation PPL given for its (row, seed)."""
     def run_plan(plan, lock, dry_run, desc, finished_only=False):
