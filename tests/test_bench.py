@@ -208,29 +208,25 @@ def test_quality_plot_draws_a_bar_per_row_and_column(tmp_path, monkeypatch):
     assert quality.plot_quality(only_control, tmp_path / "none.png") is None
 
 
-@pytest.mark.parametrize("recipe,row,steps", [([], "qerr_all_mix0.15", 256), (["experiment=qat_rtn4"], "qerr_all", 256),
-                                             (["experiment=mixed_rtn4"], "qerr_all_mix0.15", 256),
-                                             (["experiment=npft_fisher"], "npft_fisher", None)])
-def test_recipes_train_what_the_study_measured(recipe, row, steps):
+Q4_0_TARGET = ["quant=[q4_0]", "noise.distribution.quantizer=${quant.q4_0}"]
+
+
+@pytest.mark.parametrize("recipe,row,steps,target", [([], "qerr_all_mix0.15", 256, []), (["experiment=qat_rtn4"], "qerr_all", 256, []),
+                                                    (["experiment=mixed_rtn4"], "qerr_all_mix0.15", 256, []),
+                                                    (["experiment=mixed_q4_0"], "qerr_all_mix0.15", 256, Q4_0_TARGET),
+                                                    (["experiment=npft_fisher"], "npft_fisher", None, [])])
+def test_recipes_train_what_the_study_measured(recipe, row, steps, target):
     """train.py's default (npft_smollm2), qat_rtn4 and mixed_rtn4 train exactly the final study's row at its lr 2e-4
-    and length; npft_fisher is the study's base itself."""
+    and length; mixed_q4_0 is that row aimed at ggml's Q4_0 grid, as measured in docs/gguf_llamacpp.md; npft_fisher
+    is the study's base itself."""
     trained = quality.expected_train_signature(recipe)
     length = [] if steps is None else ["optimizer.lr=2e-4", f"trainer.max_steps={steps}"]
-    measured = quality.expected_train_signature([*quality.STUDY_BASE, *quality.ROWS[row], *length])
-    assert quality.config_difference(trained, measured) is None
+    measured = [*quality.STUDY_BASE, *quality.ROWS[row], *length]
+    assert quality.config_difference(trained, quality.expected_train_signature([*measured, *target])) is None
+    if target:  # the target quantizer is what differs from the row as the study ran it
+        assert "noise" in (quality.config_difference(trained, quality.expected_train_signature(measured)) or "")
     if steps is not None:  # the row's own length and lr are not the base's
         assert quality.config_difference(trained, quality.expected_train_signature([*quality.STUDY_BASE, *quality.ROWS[row]])) is not None
-
-
-def test_mixed_q4_0_trains_the_gguf_measurement():
-    """experiment=mixed_q4_0 is the default recipe with the error of ggml's Q4_0 grid, as measured in
-    docs/gguf_llamacpp.md; nothing else differs from the study's mixed-objective row."""
-    trained = quality.expected_train_signature(["experiment=mixed_q4_0"])
-    length = ["optimizer.lr=2e-4", "trainer.max_steps=256"]
-    measured = [*quality.STUDY_BASE, *quality.ROWS["qerr_all_mix0.15"], *length]
-    assert quality.config_difference(trained, quality.expected_train_signature(
-        [*measured, "quant=[q4_0]", "noise.distribution.quantizer=${quant.q4_0}"])) is None
-    assert "noise" in (quality.config_difference(trained, quality.expected_train_signature(measured)) or "")
 
 
 def _fake_evals(ppl: dict[tuple[str, int | None], tuple[float, float]]):
