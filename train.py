@@ -14,7 +14,7 @@ import warnings
 import hydra
 from omegaconf import DictConfig
 
-from npft_lightning.cli import set_offline_defaults
+from npft_lightning.core.env import set_offline_defaults
 
 set_offline_defaults()  # before any Hugging Face library is imported: this tool never downloads
 

@@ -51,7 +51,7 @@ def machine() -> dict[str, Any]:
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    from npft_lightning.io import atomic_write_json
+    from npft_lightning.core.io import atomic_write_json
 
     atomic_write_json(path, data)
     print(f"wrote {path}")

@@ -31,10 +31,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from common import ROOT, load_config, machine, median, write_json
 from hydra.utils import instantiate
 from tqdm.auto import tqdm
-
-from common import ROOT, load_config, machine, median, write_json
 
 SECTIONS = ["sensitivity", "mask_memory", "fake_quant", "eval_speed", "train_memory", "npft_step"]
 TARGETS = {"sensitivity": 1.10, "mask_memory_pct": 0.2, "fake_quant": 1.10, "eval_speed": 0.95, "npft_step": 1.03}
@@ -90,7 +89,12 @@ def explain_if_missed(row: dict[str, Any], arms: dict[str, Callable[[], Any]]) -
 
 def sensitivity_cost(model, linears, windows, rounds: int) -> dict[str, Any]:
     """Fisher diagonal over the windows vs the same backward passes into the same weights, nothing else."""
-    from npft_lightning.sensitivity import causal_lm_loss, eval_mode, fisher_diagonal, grads_only_on
+    from npft_lightning.core.gradients import (
+        causal_lm_loss,
+        eval_mode,
+        fisher_diagonal,
+        grads_only_on,
+    )
 
     weights = {name: lin.weight for name, lin in linears.items()}
 
@@ -114,7 +118,11 @@ def sensitivity_cost(model, linears, windows, rounds: int) -> dict[str, Any]:
 
 def mask_memory(model, linears, ratios: list[float]) -> dict[str, Any]:
     """Bytes of the index masks at each ratio, against all model weights and against the decoder linears."""
-    from npft_lightning.sensitivity import magnitude_scores, mask_bytes, select_outliers
+    from npft_lightning.npft.outliers import (
+        magnitude_scores,
+        mask_bytes,
+        select_outliers,
+    )
 
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     linear_bytes = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears.values())
@@ -133,7 +141,7 @@ def mask_memory(model, linears, ratios: list[float]) -> dict[str, Any]:
 
 def fake_quant_cost(model, linears, windows, rounds: int) -> dict[str, Any]:
     """Scoring under RTN-4 fake quantization (quantize, score, restore) vs plain scoring, same windows."""
-    from npft_lightning.perplexity import dataset_nll
+    from npft_lightning.core.perplexity import dataset_nll
     from npft_lightning.quant import RTN, fake_quantized
 
     rtn = RTN(bits=4, name="rtn4")
@@ -163,7 +171,7 @@ def fake_quant_cost(model, linears, windows, rounds: int) -> dict[str, Any]:
 
 def eval_speed(model, windows, rounds: int) -> dict[str, Any]:
     """Tokens/s of the project's perplexity path (as eval.py runs it) vs a bare Hugging Face loss loop."""
-    from npft_lightning.perplexity import dataset_nll, perplexity
+    from npft_lightning.core.perplexity import dataset_nll, perplexity
 
     results: dict[str, float] = {}
 
@@ -278,7 +286,7 @@ def main() -> None:
             cfg = load_config([f"model={args.model}", *args.overrides], tmp)
         model, tokenizer = instantiate(cfg.model).load()
         datamodule = instantiate(cfg.data, tokenizer=tokenizer, eval_seq_len=args.eval_seq_len, max_eval_windows=args.eval_windows)
-        from npft_lightning.layers import decoder_linears
+        from npft_lightning.core.layers import decoder_linears
 
         linears = decoder_linears(model)
         calib = datamodule.calibration_windows(args.calib_windows, args.seq_len, seed=0)

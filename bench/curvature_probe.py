@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
-
 from common import ROOT, load_config, machine, write_json
+from tqdm.auto import tqdm
 
 
 def load_probe_state(run: Path) -> dict[str, Any]:
-    from npft_lightning.errors import UserError
+    from npft_lightning.core.errors import UserError
 
     ckpt = run / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
@@ -42,8 +41,11 @@ def load_probe_state(run: Path) -> dict[str, Any]:
 
 
 def probe(model, masks, windows, sigma: float, args) -> dict[str, float]:
-    from npft_lightning.curvature import hutchinson_trace, perturbation_trace_estimate
-    from npft_lightning.layers import decoder_linears
+    from npft_lightning.core.curvature import (
+        hutchinson_trace,
+        perturbation_trace_estimate,
+    )
+    from npft_lightning.core.layers import decoder_linears
 
     linears = decoder_linears(model)
     est = perturbation_trace_estimate(model, linears, masks, windows, sigma, draws=args.draws, seed=args.seed, progress=True)
@@ -70,7 +72,7 @@ def main() -> None:
     from hydra.utils import instantiate
     from peft import PeftModel
 
-    from npft_lightning.errors import UserError
+    from npft_lightning.core.errors import UserError
 
     runs = {"pretrained": None}
     for item in args.runs:

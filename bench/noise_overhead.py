@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from tqdm.auto import tqdm
-
 from common import StepClock, load_config, machine, median, write_json
+from tqdm.auto import tqdm
 
 
 def timed_fit(overrides: list[str], steps: int) -> list[float]:
-    from npft_lightning.callbacks import CurvatureProbe, FakeQuantValidation
-    from npft_lightning.pipeline import build
+    from npft_lightning.tasks.train import build
+    from npft_lightning.training.callbacks import CurvatureProbe, FakeQuantValidation
 
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config([*overrides, f"trainer.max_steps={steps}", "logger=none", "callbacks=none",

@@ -49,9 +49,8 @@ from datetime import date
 from pathlib import Path
 from typing import Any, Iterator
 
-from tqdm.auto import tqdm
-
 from common import ROOT, load_config, machine, write_json
+from tqdm.auto import tqdm
 
 ROWS: dict[str, list[str] | None] = {
     "pretrained": None,
@@ -139,7 +138,7 @@ def prepare_python_doc(cache: Path, max_chars: int) -> tuple[Path, dict[str, Any
 
     Downloads the Debian package once (apt-get download + dpkg-deb -x: no install, no system change).
     """
-    from npft_lightning.data import split_of
+    from npft_lightning.lm.corpora import split_of
 
     folder = cache / "corpora" / PYDOC_DEB
     out = folder / f"test-{max_chars}.jsonl"
@@ -165,7 +164,7 @@ def prepare_python_doc(cache: Path, max_chars: int) -> tuple[Path, dict[str, Any
     kept = [(n, b) for i, (n, b) in enumerate(nodes) if math.floor((i + 1) * fraction) > math.floor(i * fraction)]
     records = [json.dumps({"node": name, "text": body}, ensure_ascii=False) for name, body in kept]
     total = sum(len(body) for _, body in kept)
-    from npft_lightning.io import atomic_write_text
+    from npft_lightning.core.io import atomic_write_text
 
     atomic_write_text(out, "\n".join(records) + "\n")
     meta = {"source": deb[-1].name if deb else PYDOC_DEB, "file": PYDOC_INFO, "nodes": len(records), "chars": total,
@@ -181,8 +180,8 @@ def prepare_wiki_split(cache: Path, corpus_overrides: list[str], split: str) -> 
     (the train split calibrates GPTQ / k-means, the test split is the in-domain column)."""
     from hydra.utils import instantiate
 
-    from npft_lightning.data import TextFiles
-    from npft_lightning.io import atomic_write_text
+    from npft_lightning.core.io import atomic_write_text
+    from npft_lightning.lm.corpora.text_files import TextFiles
 
     with tempfile.TemporaryDirectory() as tmp:
         corpus = instantiate(load_config(corpus_overrides, tmp).data.corpus)
@@ -501,7 +500,7 @@ def plot_quality(result: dict[str, Any], path: Path) -> Path | None:
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    from npft_lightning.io import save_figure
+    from npft_lightning.tasks.figures import save_figure
 
     quantizers = result["settings"]["quantizers"]
     columns = ["fp", *quantizers]
@@ -559,7 +558,7 @@ def plot_gap_vs_steps(result: dict[str, Any], path: Path, quantizer: str = "rtn4
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from npft_lightning.io import save_figure
+    from npft_lightning.tasks.figures import save_figure
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for i, (row, points) in enumerate(sorted(lines.items())):
@@ -589,7 +588,7 @@ def plot_frontier(result: dict[str, Any], path: Path, quantizer: str = "rtn4") -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from npft_lightning.io import save_figure
+    from npft_lightning.tasks.figures import save_figure
 
     marked = {result["settings"].get("default_row"): "default recipe", result["settings"].get("deploy_row"): "deployment recipe"}
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -614,7 +613,7 @@ def plot_frontier(result: dict[str, Any], path: Path, quantizer: str = "rtn4") -
 
 def write_results_block(path: Path, block: str, begin: str = BLOCK_BEGIN, end: str = BLOCK_END) -> None:
     """Replace the generated block (``begin`` ... ``end``) of ``path`` (or append it), keeping the hand-written text around it."""
-    from npft_lightning.io import atomic_write_text
+    from npft_lightning.core.io import atomic_write_text
 
     text = path.read_text() if path.is_file() else "# Results\n"
     if begin in text and end in text:
@@ -672,7 +671,7 @@ def run_plan(plan: list[dict[str, Any]], lock: str | None, dry_run: bool, desc: 
     ``dry_run`` prints the commands still to run instead; ``finished_only`` runs nothing and returns the
     evals that have finished (to write the tables of a study that is still running).
     """
-    from npft_lightning.io import atomic_write_json
+    from npft_lightning.core.io import atomic_write_json
 
     evals, failures, ran, skipped = [], [], 0, 0
     failed_train: set[Path] = set()
@@ -791,7 +790,7 @@ def study_main(parser: argparse.ArgumentParser, study: Any, argv: list[str] | No
 
 
 def study(args: argparse.Namespace, argv: list[str]) -> int:
-    from npft_lightning.models import default_cache_dir
+    from npft_lightning.core.env import default_cache_dir
 
     root = lambda p: Path(p) if Path(p).is_absolute() else ROOT / p  # noqa: E731
     study_dir = root(args.study_dir).resolve()

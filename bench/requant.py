@@ -181,7 +181,7 @@ def plan_cells(args: argparse.Namespace, study_dir: Path, eval_common: list[str]
 
 
 def study(args: argparse.Namespace, argv: list[str]) -> int:
-    from npft_lightning.models import default_cache_dir
+    from npft_lightning.core.env import default_cache_dir
 
     root = lambda p: Path(p) if Path(p).is_absolute() else ROOT / p  # noqa: E731
     study_dir = root(args.study_dir).resolve()

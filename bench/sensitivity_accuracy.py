@@ -37,9 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
-
 from common import ROOT, load_config, machine, write_json
+from tqdm.auto import tqdm
 
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METRICS = ("fisher", "taylor", "hvp", "integral", "calibration")
@@ -55,8 +54,8 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 def pick_matrices(linears: dict[str, Any], layers: list[int], kinds: list[str]) -> list[str]:
-    from npft_lightning.errors import UserError
-    from npft_lightning.layers import block_index
+    from npft_lightning.core.errors import UserError
+    from npft_lightning.core.layers import block_index
 
     names = [n for n in linears if block_index(n) in layers and n.rsplit(".", 1)[-1] in kinds]
     if not names:
@@ -65,9 +64,10 @@ def pick_matrices(linears: dict[str, Any], layers: list[int], kinds: list[str]) 
 
 
 def part_one(model, linears, names, quantizer, calib, heldout, args, base: dict[str, float], grad, fisher) -> list[dict]:
-    from npft_lightning.curvature import hessian_quadratic_form, mean_loss
+    from npft_lightning.core.curvature import hessian_quadratic_form, mean_loss
+    from npft_lightning.core.gradients import taylor_loss_change
+    from npft_lightning.npft.outliers import pqi_scores
     from npft_lightning.quant import fake_quantized
-    from npft_lightning.sensitivity import pqi_scores, taylor_loss_change
 
     rows = []
     for name in tqdm(names, desc=f"{quantizer.name}: matrices"):
@@ -117,9 +117,9 @@ def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
 
 def part_two(model, linears, quantizer, calib, heldout, args, fisher_all) -> dict[str, Any]:
     """Held-out PPL of the whole model quantized with the top ``keep_ratio`` % of each matrix kept, per selector."""
-    from npft_lightning.curvature import mean_loss
+    from npft_lightning.core.curvature import mean_loss
+    from npft_lightning.npft.outliers import pqi_scores
     from npft_lightning.quant import DenseAndSparse, fake_quantized
-    from npft_lightning.sensitivity import pqi_scores
 
     t0 = time.perf_counter()
     pqi = pqi_scores(model, linears, quantizer, calib, intervals=args.intervals, progress=True)
@@ -147,7 +147,7 @@ def part_two(model, linears, quantizer, calib, heldout, args, fisher_all) -> dic
 
 
 def write_markdown(path: Path, report: dict[str, Any]) -> None:
-    from npft_lightning.io import atomic_write_text
+    from npft_lightning.core.io import atomic_write_text
 
     cfg = report["config"]
     lines = [
@@ -231,10 +231,10 @@ def main() -> None:
 
     from hydra.utils import instantiate
 
-    from npft_lightning.curvature import mean_loss
-    from npft_lightning.layers import decoder_linears
-    from npft_lightning.pipeline import build_quantizers
-    from npft_lightning.sensitivity import gradient_moments
+    from npft_lightning.core.curvature import mean_loss
+    from npft_lightning.core.gradients import gradient_moments
+    from npft_lightning.core.layers import decoder_linears
+    from npft_lightning.tasks.build import build_quantizers
 
     start = time.perf_counter()
     overrides = [f"model={args.model}", f"quant=[{','.join(args.quantizers)}]", f"seed={args.seed}",

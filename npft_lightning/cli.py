@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import sys
-from contextlib import contextmanager
-from typing import Any, Iterator, NoReturn
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.syntax import Syntax
 from rich.tree import Tree
 
-from npft_lightning.errors import UserError
+from npft_lightning.tasks.one_line_errors import one_line_errors
 
 log = logging.getLogger("npft_lightning")
 
@@ -34,10 +31,6 @@ def print_config_tree(cfg: DictConfig, console: Console | None = None) -> None:
     console.print(tree)
 
 
-def set_offline_defaults() -> None:
-    """Offline by default for every Hugging Face library, set before they are imported (a value the user exported stands)."""
-    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-        os.environ.setdefault(key, "1")
 
 
 def run(cfg: DictConfig, task: str) -> Any:
@@ -46,27 +39,29 @@ def run(cfg: DictConfig, task: str) -> Any:
     A run stopped by Ctrl-C after saving its checkpoint exits with 130 (the resume line is already
     printed); Ctrl-C before training started (or during eval) exits with 130 and one line.
     """
-    from npft_lightning.errors import RunInterrupted
+    from npft_lightning.core.errors import RunInterrupted
 
     try:
         with one_line_errors():
-            from npft_lightning.config import validate_config
+            from npft_lightning.tasks.checks import validate_config
+            from npft_lightning.tasks.legacy import upgrade_targets
 
+            upgrade_targets(cfg)  # a config of a run written before the layering (--config-path <run>/.hydra)
             validate_config(cfg, task)
             from lightning.pytorch.utilities import rank_zero_only
 
             if rank_zero_only.rank == 0 and cfg.get("print_config", True):
                 print_config_tree(cfg)
             if task == "train":
-                from npft_lightning.pipeline import train
+                from npft_lightning.tasks.train import train
 
                 return train(cfg)
             if task == "eval":
-                from npft_lightning.evaluation import evaluate
+                from npft_lightning.tasks.evaluate import evaluate
 
                 return evaluate(cfg)
             if task == "analyze":
-                from npft_lightning.analysis import analyze
+                from npft_lightning.tasks.analyze import analyze
 
                 return analyze(cfg)
             raise ValueError(f"unknown task {task!r}")
@@ -77,47 +72,10 @@ def run(cfg: DictConfig, task: str) -> Any:
         sys.exit(130)
 
 
-@contextmanager
-def one_line_errors() -> Iterator[None]:
-    """A user error inside the block (see :func:`user_message`) becomes one ``error:`` line on stderr and exit code 2;
-    anything else, or everything with ``HYDRA_FULL_ERROR=1``, keeps its traceback."""
-    try:
-        yield
-    except Exception as err:  # noqa: BLE001 - only user errors are shortened, everything else re-raises
-        message = user_message(err)
-        if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse for the ``python -m npft_lightning.<module>`` tools: a bad command line is one ``error:`` line, exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
-        sys.exit(2)
 
 
-def user_message(err: BaseException) -> str | None:
-    """The one-line message of a user error, also when Hydra's ``instantiate`` wrapped it; else None.
-
-    A ``ValueError`` raised by one of our constructors while Hydra builds it from the config names
-    the bad value and the fix, so it is shown the same way as a :class:`UserError`.
-    """
-    from hydra.errors import InstantiationException
-
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, UserError):
-            return str(err).splitlines()[0]
-        if isinstance(err, InstantiationException):
-            cause = err.__cause__ or err.__context__
-            if isinstance(cause, (UserError, ValueError)):
-                return str(cause).splitlines()[0]
-        err = err.__cause__ or err.__context__
-    return None
 
 
 def check_group_choices(argv: list[str], conf_dir: str) -> None:
@@ -190,8 +148,8 @@ def check_overrides(argv: list[str], conf_dir: str, config_name: str) -> None:
     except Exception:  # noqa: BLE001 - an interpolation only Hydra's run can resolve
         return
     if run_dir:
-        from npft_lightning.config import check_writable_dir
-        from npft_lightning.errors import UserError
+        from npft_lightning.core.errors import UserError
+        from npft_lightning.core.fs import check_writable_dir
 
         try:
             check_writable_dir(key, run_dir, f"point {key} (or paths.log_dir) to a writable folder", create=False)

@@ -8,17 +8,21 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_tiny_llama
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-
-from npft_lightning.callbacks import FakeQuantValidation
-from npft_lightning.layers import decoder_linears
-from npft_lightning.quant import RTN, CubeRoot
-from npft_lightning.quant.activation import ActivationQuantizer, WeightActivationQuantizer, per_token_cuberoot, per_token_rtn
-from npft_lightning.quant.base import fake_quantized
-
-from conftest import make_tiny_llama
 from test_callbacks import make_datamodule, make_module
+
+from npft_lightning.core.layers import decoder_linears
+from npft_lightning.quant import RTN, CubeRoot
+from npft_lightning.quant.activation import (
+    ActivationQuantizer,
+    WeightActivationQuantizer,
+    per_token_cuberoot,
+    per_token_rtn,
+)
+from npft_lightning.quant.base import fake_quantized
+from npft_lightning.training.callbacks import FakeQuantValidation
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "quant"
 

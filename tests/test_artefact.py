@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from npft_lightning.layers import decoder_linears
+from npft_lightning.core.layers import decoder_linears
 from npft_lightning.quant import (
     GPTQ,
     NF4,
@@ -27,7 +27,13 @@ from npft_lightning.quant import (
     save_quantized,
     unpack_bits,
 )
-from npft_lightning.quant.artefact import CONFIG_FILE, QUANTIZED_FILE, packed_numel, quantizer_config, quantizer_from_config
+from npft_lightning.quant.artefact import (
+    CONFIG_FILE,
+    QUANTIZED_FILE,
+    quantizer_config,
+    quantizer_from_config,
+)
+from npft_lightning.quant.packing import packed_numel
 
 # ---------------------------------------------------------------------------------------------
 # bit packing
@@ -208,7 +214,7 @@ def test_size_report(tiny_llama: nn.Module, tmp_path: Path) -> None:
 def test_artefact_with_tokenizer_loads_on_its_own(tiny_llama: nn.Module, token_windows: Tensor, tmp_path: Path) -> None:
     """With the tokenizer inside, the folder is a model of its own: model=local model.path=<folder> loads it
     (decoded linears, not a random init), and the size report leaves the tokenizer files out."""
-    from npft_lightning.models import ByteTokenizer, CausalLMSpec
+    from npft_lightning.lm.models import ByteTokenizer, CausalLMSpec
 
     weights, logits = _reference(tiny_llama, GGMLQuantizer("q4_0"), token_windows[:2])
     save_quantized(tiny_llama, decoder_linears(tiny_llama), GGMLQuantizer("q4_0"), tmp_path / "a", tokenizer=ByteTokenizer())

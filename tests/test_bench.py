@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import re
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,7 +105,7 @@ def test_ratio_row_and_missed_target():
 
 
 def test_mask_memory_counts_index_bytes(tiny_llama):
-    from npft_lightning.layers import decoder_linears
+    from npft_lightning.core.layers import decoder_linears
 
     linears = decoder_linears(tiny_llama)
     result = cost.mask_memory(tiny_llama, linears, [1.0])
@@ -188,7 +188,7 @@ def test_quality_plot_draws_a_bar_per_row_and_column(tmp_path, monkeypatch):
         "npft_pqi": {"0": {"wiki": {"fp": 10.1, "rtn4": 13.0}}, "1": {"wiki": {"fp": 12.1, "rtn4": 19.0}}},
     }
     result = {"settings": {"quantizers": ["rtn4"], "seeds": [0, 1]}, "aggregate": quality.aggregate(cells, ["rtn4"])}
-    from npft_lightning import io as project_io
+    from npft_lightning.tasks import figures as project_io
 
     heights, save = [], project_io.save_figure
 

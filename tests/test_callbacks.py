@@ -8,21 +8,24 @@ import types
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import make_tiny_llama
 from lightning.pytorch.callbacks import Callback
 from peft import LoraConfig
 
-from npft_lightning import masks as mask_ops
-from npft_lightning.callbacks import FakeQuantValidation, NoisePerturbation, OutlierSelection
-from npft_lightning.data import CausalLMDataModule
-from npft_lightning.layers import decoder_linears
-from npft_lightning.models import ByteTokenizer
-from npft_lightning.module import NPFTModule
-from npft_lightning.noise import NoNoise, UniformStepNoise
-from npft_lightning.perplexity import dataset_nll, perplexity
+from npft_lightning.core import masks as mask_ops
+from npft_lightning.core.layers import decoder_linears
+from npft_lightning.core.perplexity import dataset_nll, perplexity
+from npft_lightning.lm.datamodule import CausalLMDataModule
+from npft_lightning.lm.models import ByteTokenizer
+from npft_lightning.npft.noise import NoNoise, UniformStepNoise
+from npft_lightning.npft.outliers import OutlierSelector
 from npft_lightning.quant import RTN
-from npft_lightning.sensitivity import OutlierSelector
-
-from conftest import make_tiny_llama
+from npft_lightning.training.callbacks import (
+    FakeQuantValidation,
+    NoisePerturbation,
+    OutlierSelection,
+)
+from npft_lightning.training.module import NPFTModule
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -177,8 +180,11 @@ class RecordingLogger(pl.loggers.Logger):
 
 
 def test_curvature_probe_logs_both_estimators_before_and_after():
-    from npft_lightning.callbacks import CurvatureProbe
-    from npft_lightning.curvature import hutchinson_trace, perturbation_trace_estimate
+    from npft_lightning.core.curvature import (
+        hutchinson_trace,
+        perturbation_trace_estimate,
+    )
+    from npft_lightning.training.callbacks import CurvatureProbe
 
     module, dm = make_module(), make_datamodule()
     selector = OutlierSelector(method="magnitude", ratio=5.0)

@@ -1,7 +1,7 @@
 """The bad-input catalogue: each entry through the real entry point in a subprocess -> exit code 2, one line, no traceback.
 
-``CASES`` drive ``train.py``; ``ENTRY_CASES`` drive ``eval.py``, ``analyze.py``, ``python -m npft_lightning.report``
-and ``python -m npft_lightning.export``. The README's Troubleshooting tables list the same entries. Every
+``CASES`` drive ``train.py``; ``ENTRY_CASES`` drive ``eval.py``, ``analyze.py``, ``python -m npft_lightning report``
+and ``python -m npft_lightning export``. The README's Troubleshooting tables list the same entries. Every
 error here fires before training or scoring starts: most before the model loads (about 2 s), the rest
 right after a tiny model loads.
 """
@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 from _pytest.mark.structures import ParameterSet
-
 from test_train_entry import ROOT, run_train
 
 TINY = ["model=tiny-llama", "data.eval_seq_len=128", "data.max_eval_windows=1"]
@@ -116,7 +115,7 @@ ENTRY_CASES = {
     "eval: one-token windows": ("eval.py", [*UNLOADABLE, "data.eval_seq_len=1"], "data.eval_seq_len=1 must be an integer >= 2"),
     "eval: adapter missing": ("eval.py", [*UNLOADABLE, "adapter={tmp}/nothing"], "adapter={tmp}/nothing does not exist; give the adapter/ folder"),
     "eval: checkpoint given as adapter": ("eval.py", [*UNLOADABLE, "adapter={ckpt}"],
-                                          "adapter={ckpt} is a file, not an adapter folder; export it first: python -m npft_lightning.export {ckpt}"),
+                                          "adapter={ckpt} is a file, not an adapter folder; export it first: python -m npft_lightning export {ckpt}"),
     "eval: adapter without weights": ("eval.py", [*UNLOADABLE, "adapter={noweights}"],
                                       "adapter={noweights} has no adapter weights (adapter_model.safetensors or adapter_model.bin)"),
     "eval: adapter config not JSON": ("eval.py", [*UNLOADABLE, "adapter={badjson}"], "adapter={badjson}: adapter_config.json cannot be read (JSONDecodeError)"),
@@ -172,13 +171,13 @@ ENTRY_CASES = {
                                                       "perturb.w_uniform_range.group_size=48 does not divide the 64 input features"),
     "analyze: a later variant's adapter does not fit": ("analyze.py", [*SCORE_TINY, "model.tiny.num_layers=1", "adapters={{base:null,lora:{adapter}}}"],
                                                         "adapters.lora={adapter} adapts model.layers.1.mlp.down_proj, which model=tiny-llama does not have"),
-    # --- python -m npft_lightning.report
-    "report: no arguments": ("report", [], "the following arguments are required: sweep_dir; see python -m npft_lightning.report --help"),
+    # --- python -m npft_lightning report
+    "report: no arguments": ("report", [], "the following arguments are required: sweep_dir; see python -m npft_lightning report --help"),
     "report: sweep folder missing": ("report", ["{tmp}/nosweep"], "sweep_dir={tmp}/nosweep does not exist"),
     "report: folder without jobs": ("report", ["{notamodel}"], "sweep_dir={notamodel} holds no Hydra job (no .hydra/overrides.yaml below it)"),
     "report: unreadable metrics.json": ("report", ["{sweep}"], "{sweep}/1/metrics.json cannot be read as JSON (JSONDecodeError)"),
     "report: --out under a file": ("report", ["{sweep}", "--out", "{afile}/report"], "--out={afile}/report cannot be created or written ({afile} is a file"),
-    # --- python -m npft_lightning.export
+    # --- python -m npft_lightning export
     "export: checkpoint missing": ("export", ["{tmp}/nothing.ckpt"], "checkpoint={tmp}/nothing.ckpt does not exist"),
     "export: checkpoint corrupt": ("export", ["{garbage}"], "checkpoint={garbage} is not a usable checkpoint: it is truncated"),
     "export: no run config beside it": ("export", ["{lonely}"], "no run config at {tmp}/.hydra/config.yaml; pass --config"),
@@ -200,10 +199,10 @@ def assets(tmp_path_factory) -> dict[str, str]:
 
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
+    from test_analyze_entry import tiny_adapter
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from npft_lightning.models import ByteTokenizer
-    from test_analyze_entry import tiny_adapter
+    from npft_lightning.lm.models import ByteTokenizer
 
     root = tmp_path_factory.mktemp("bad_inputs")
     (root / "afile").write_text("a file, not a folder\n")
@@ -266,10 +265,10 @@ def test_bad_input_gives_one_clear_line(tmp_path, monkeypatch, assets, overrides
 
 
 def run_entry(entry: str, tmp_path: Path, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
-    """``eval.py`` / ``analyze.py`` (run folder ``tmp_path``), or ``python -m npft_lightning.<entry>``, from this checkout."""
+    """``eval.py`` / ``analyze.py`` (run folder ``tmp_path``), or ``python -m npft_lightning <entry>``, from this checkout."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
     env.pop("HYDRA_FULL_ERROR", None)
-    head = [str(ROOT / entry), f"hydra.run.dir={tmp_path}"] if entry.endswith(".py") else ["-m", f"npft_lightning.{entry}"]
+    head = [str(ROOT / entry), f"hydra.run.dir={tmp_path}"] if entry.endswith(".py") else ["-m", "npft_lightning", entry]
     return subprocess.run([sys.executable, *head, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -320,8 +319,8 @@ def test_no_surprises_offline_and_no_remote_code(monkeypatch):
     model config runs code from a model repository."""
     from omegaconf import OmegaConf
 
-    from npft_lightning.cli import set_offline_defaults
-    from npft_lightning.models import CausalLMSpec
+    from npft_lightning.core.env import set_offline_defaults
+    from npft_lightning.lm.models import CausalLMSpec
 
     keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
     for key in keys:

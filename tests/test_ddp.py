@@ -17,18 +17,17 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import make_tiny_llama
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 from peft import LoraConfig, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from npft_lightning import masks as mask_ops
-from npft_lightning.callbacks import FakeQuantValidation
-from npft_lightning.module import NPFTModule
-from npft_lightning.pipeline import build_quantizers
-
-from conftest import make_tiny_llama
+from npft_lightning.core import masks as mask_ops
+from npft_lightning.tasks.build import build_quantizers
+from npft_lightning.training.callbacks import FakeQuantValidation
+from npft_lightning.training.module import NPFTModule
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -48,8 +48,8 @@ def test_an_export_that_fails_midway_keeps_the_measured_results(tmp_path, monkey
     and metrics.json holds every PPL measured before it. (``splits=test``, a bare name, is taken as ``[test]``.)"""
     from hydra import compose, initialize_config_dir
 
-    import npft_lightning.evaluation as evaluation
-    from npft_lightning.errors import UserError
+    import npft_lightning.tasks.evaluate as evaluation
+    from npft_lightning.core.errors import UserError
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("eval", overrides=[*TINY, "quant=[rtn4,rtn3]", "splits=test", f"export_dir={tmp_path / 'exports'}",

@@ -11,8 +11,8 @@ from gguf import GGMLQuantizationType, GGUFReader, quants
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from npft_lightning.errors import UserError
-from npft_lightning.models import package_dir
+from npft_lightning.core.env import package_dir
+from npft_lightning.core.errors import UserError
 from npft_lightning.quant.ggml import FORMATS, GGMLQuantizer, ggml_blocks
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "quant"

@@ -11,9 +11,9 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from torch import nn
 
-from npft_lightning.errors import UserError
-from npft_lightning.layers import decoder_linears
-from npft_lightning.models import ByteTokenizer
+from npft_lightning.core.errors import UserError
+from npft_lightning.core.layers import decoder_linears
+from npft_lightning.lm.models import ByteTokenizer
 from npft_lightning.quant import RTN, fake_quantized
 from npft_lightning.quant.ggml import FORMATS, GGMLQuantizer
 from npft_lightning.quant.gguf_export import (
@@ -132,7 +132,7 @@ def test_unsupported_models(tiny_opt: nn.Module, tiny_llama: nn.Module, tmp_path
 def test_rtn_is_not_a_ggml_type(tiny_llama: nn.Module) -> None:
     from omegaconf import OmegaConf
 
-    from npft_lightning.quant.gguf_export import plan_gguf_export
+    from npft_lightning.tasks.gguf_plan import plan_gguf_export
 
     cfg = OmegaConf.create({"gguf_out": "/tmp/x.gguf", "model": {"name": "tiny-llama", "tiny": {"arch": "llama"}}})
     with pytest.raises(UserError, match="quant.rtn4 \\(RTN\\) has no ggml type"):
@@ -144,10 +144,10 @@ def test_pretrained_smollm2_as_q4_1_is_the_bundled_file(tmp_path: Path) -> None:
     """SmolLM2's weights lie on the Q4_1 grid of the GGUF they came from: exporting the pretrained model as Q4_1
     must give that file back, tensor for tensor and byte for byte (names, Q/K permutation, the Q8_0 embedding),
     with the same metadata."""
+    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from hydra.utils import instantiate
-    from npft_lightning.quant.gguf_export import plan_gguf_export
+    from npft_lightning.tasks.gguf_plan import plan_gguf_export
 
     spec_cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / "smollm2-135m.yaml")
     spec_cfg.cache_dir = None

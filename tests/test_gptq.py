@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from npft_lightning.layers import decoder_blocks, decoder_linears
+from npft_lightning.core.layers import decoder_blocks, decoder_linears
 from npft_lightning.quant import RTN, fake_quantized
 from npft_lightning.quant.gptq import (
     GPTQ,

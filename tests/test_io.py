@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from npft_lightning.callbacks import RunArtifacts
-from npft_lightning.io import atomic_dir, atomic_file, atomic_write_json
+from npft_lightning.core.io import atomic_dir, atomic_file, atomic_write_json
+from npft_lightning.training.run_artifacts import RunArtifacts
 
 
 class Crash(Exception):

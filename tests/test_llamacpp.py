@@ -17,13 +17,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from npft_lightning.layers import decoder_linears
-from npft_lightning.llamacpp import llama_cpp_installed, window_nll
-from npft_lightning.models import ByteTokenizer
-from npft_lightning.perplexity import causal_lm_nll, dataset_nll, perplexity
+from npft_lightning.core.layers import decoder_linears
+from npft_lightning.core.perplexity import causal_lm_nll, dataset_nll, perplexity
+from npft_lightning.lm.models import ByteTokenizer
 from npft_lightning.quant import fake_quantized
 from npft_lightning.quant.ggml import GGMLQuantizer
 from npft_lightning.quant.gguf_export import BYTES, write_gguf
+from npft_lightning.quant.llamacpp import llama_cpp_installed, window_nll
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_extra = pytest.mark.skipif(not llama_cpp_installed(), reason="the llamacpp extra is not installed (make llamacpp)")
@@ -44,8 +44,8 @@ def test_window_nll_conventions() -> None:
 def test_missing_extra_is_one_line(monkeypatch) -> None:
     from importlib import metadata
 
-    from npft_lightning.errors import UserError
-    from npft_lightning.llamacpp import require_llama_cpp
+    from npft_lightning.core.errors import UserError
+    from npft_lightning.quant.llamacpp import require_llama_cpp
 
     def missing(name):
         raise metadata.PackageNotFoundError(name)
@@ -89,7 +89,7 @@ def exported(tmp_path_factory) -> dict[str, Path]:
 @needs_extra
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])
 def test_llama_cpp_matches_our_fake_quant(qtype: str, exported: dict[str, Path]) -> None:
-    from npft_lightning.llamacpp import llamacpp_perplexity
+    from npft_lightning.quant.llamacpp import llamacpp_perplexity
 
     model = _peaked_tiny_llama()
     g = torch.Generator().manual_seed(1)

@@ -10,10 +10,23 @@ import time
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaForCausalLM, OPTForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaForCausalLM,
+    OPTForCausalLM,
+)
 
-from npft_lightning.errors import UserError
-from npft_lightning.models import ByteTokenizer, CausalLMSpec, default_lora_targets, max_context, set_offline
+from npft_lightning.core.env import set_offline
+from npft_lightning.core.errors import UserError
+from npft_lightning.lm.models import (
+    ByteTokenizer,
+    CausalLMSpec,
+    default_lora_targets,
+    max_context,
+)
 
 TINY = {
     "hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-
 from conftest import make_tiny_llama
-from npft_lightning.layers import decoder_linears
-from npft_lightning.noise import (
+
+from npft_lightning.core.layers import decoder_linears
+from npft_lightning.npft.noise import (
     GaussianNoise,
     NoNoise,
     NPFTPaperNoise,
@@ -19,8 +19,8 @@ from npft_lightning.noise import (
     restore_noise,
     scale_schedule,
 )
+from npft_lightning.npft.outliers import magnitude_scores, select_outliers
 from npft_lightning.quant import RTN, rtn_params
-from npft_lightning.sensitivity import magnitude_scores, select_outliers
 
 
 def _weight(rows: int = 8, cols: int = 16, seed: int = 0) -> torch.Tensor:

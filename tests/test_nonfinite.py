@@ -9,14 +9,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from test_callbacks import make_datamodule, make_module, snapshot
 
-from npft_lightning.callbacks import FakeQuantValidation
-from npft_lightning.errors import UserError
-from npft_lightning.nonfinite import NonFiniteGuard
+from npft_lightning.core.errors import UserError
 from npft_lightning.quant import RTN, fake_quantized
 from npft_lightning.quant.base import NonFiniteQuantization, WeightQuantizer
-
-from test_callbacks import make_datamodule, make_module, snapshot
+from npft_lightning.training.callbacks import FakeQuantValidation
+from npft_lightning.training.nonfinite import NonFiniteGuard
 
 
 class PoisonLoss(Callback):

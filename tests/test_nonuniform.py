@@ -6,15 +6,16 @@ import pytest
 import torch
 from torch import Tensor
 
-from npft_lightning.layers import decoder_linears
+from npft_lightning.core.layers import decoder_linears
+from npft_lightning.core.topk import top_fraction_mask
 from npft_lightning.quant import RTN, fake_quantized
 from npft_lightning.quant.gptq import GPTQ
 from npft_lightning.quant.nonuniform import (
+    NF,
     NF4,
     NF4_LEVELS,
     CubeRoot,
     KMeans,
-    NF,
     cuberoot_quantize,
     kmeans_encode,
     kmeans_quantize,
@@ -23,7 +24,7 @@ from npft_lightning.quant.nonuniform import (
     nf_quantize,
 )
 from npft_lightning.quant.rtn import rtn_quantize
-from npft_lightning.quant.sparse import DenseAndSparse, top_fraction_mask
+from npft_lightning.quant.sparse import DenseAndSparse
 
 
 def _gauss(rows: int = 64, cols: int = 256, seed: int = 0) -> Tensor:

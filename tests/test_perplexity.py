@@ -5,7 +5,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from npft_lightning.perplexity import causal_lm_nll, cut_windows, dataset_nll, perplexity
+from npft_lightning.core.perplexity import (
+    causal_lm_nll,
+    cut_windows,
+    dataset_nll,
+    perplexity,
+)
 
 
 def test_cut_windows_drops_the_tail():

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 
-from npft_lightning import masks as mask_ops
-from npft_lightning.layers import decoder_linears
-from npft_lightning.perturb import (
+from npft_lightning.core import masks as mask_ops
+from npft_lightning.core.layers import decoder_linears
+from npft_lightning.core.topk import row_top_fraction_mask
+from npft_lightning.npft.perturb import (
     Perturbation,
     group_range,
     perturb_values,
     perturbed_activations,
     perturbed_weights,
-    row_top_fraction_mask,
     unit_noise,
 )
-
-from conftest import make_tiny_llama
 
 
 def gen(seed: int = 0) -> torch.Generator:

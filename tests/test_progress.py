@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from npft_lightning.progress import StepLimitedRichProgressBar
+from npft_lightning.training.progress import StepLimitedRichProgressBar
 
 
 class RecordingBar(StepLimitedRichProgressBar):
@@ -41,9 +41,10 @@ def test_without_max_steps_the_epoch_is_the_total(tmp_path):
 def test_enable_progress_bar_false_drops_the_bar_callback():
     """trainer.enable_progress_bar=false wins over callbacks.rich_progress_bar (Lightning would refuse the pair)."""
     from hydra import compose, initialize_config_dir
-
-    from npft_lightning.pipeline import build_callbacks, build_quantizers
     from test_train_entry import ROOT
+
+    from npft_lightning.tasks.build import build_quantizers
+    from npft_lightning.tasks.train import build_callbacks
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         for flag, expected in (("true", 1), ("false", 0)):

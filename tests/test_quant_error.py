@@ -6,16 +6,26 @@ import copy
 
 import pytest
 import torch
+from test_callbacks import TARGETS, WeightSpy, make_datamodule, make_module
 from torch import nn
 
-from npft_lightning import masks as mask_ops
-from npft_lightning.callbacks import NoisePerturbation
-from npft_lightning.layers import decoder_linears
-from npft_lightning.noise import QuantErrorNoise, UniformStepNoise, apply_noise, noise_generator, restore_noise
+from npft_lightning.core import masks as mask_ops
+from npft_lightning.core.layers import decoder_linears
+from npft_lightning.npft.noise import (
+    QuantErrorNoise,
+    UniformStepNoise,
+    apply_noise,
+    noise_generator,
+    restore_noise,
+)
+from npft_lightning.npft.outliers import (
+    OutlierSelector,
+    damage_scores,
+    magnitude_scores,
+    mask_bytes,
+)
 from npft_lightning.quant import RTN
-from npft_lightning.sensitivity import OutlierSelector, damage_scores, magnitude_scores, mask_bytes
-
-from test_callbacks import TARGETS, WeightSpy, make_datamodule, make_module
+from npft_lightning.training.callbacks import NoisePerturbation
 
 
 def _merged(module) -> dict[str, torch.Tensor]:
@@ -152,7 +162,7 @@ def test_quant_error_in_training_leaves_base_weights_bit_exact():
     module, dm = make_module(), make_datamodule()
     import lightning.pytorch as pl
 
-    from npft_lightning.callbacks import OutlierSelection
+    from npft_lightning.training.callbacks import OutlierSelection
 
     clean = {k: v.weight.detach().clone() for k, v in module.decoder_linears().items()}
     spy = WeightSpy()
@@ -256,7 +266,7 @@ def test_damage_selector_picks_high_fisher_in_wide_rows(token_windows):
     windows = token_windows[:2]
     with torch.enable_grad():
         scores = selector.scores(module.model, linears, windows, deltas=module.lora_deltas())
-        from npft_lightning.sensitivity import fisher_diagonal
+        from npft_lightning.core.gradients import fisher_diagonal
 
         fisher = fisher_diagonal(module.model, linears, windows, progress=False)
     merged = _merged(module)
@@ -269,7 +279,7 @@ def test_damage_selector_picks_high_fisher_in_wide_rows(token_windows):
 
 @pytest.mark.parametrize("group_size,sym", [(None, False), (16, False), (16, True)])
 def test_fused_rtn_error_is_bit_identical_to_quantize_minus_weight(group_size, sym):
-    from npft_lightning.noise import quantization_error
+    from npft_lightning.npft.noise import quantization_error
 
     w = torch.randn(48, 64, generator=torch.Generator().manual_seed(9)) * 0.05
     w[3] = 0.0  # an all-zero row takes the [-1, 1] range
@@ -278,7 +288,7 @@ def test_fused_rtn_error_is_bit_identical_to_quantize_minus_weight(group_size, s
 
 
 def test_checkpoint_state_of_every_mask_form_loads_with_weights_only(tmp_path):
-    from npft_lightning.callbacks import OutlierSelection
+    from npft_lightning.training.callbacks import OutlierSelection
 
     callback = OutlierSelection(OutlierSelector(method="all"))
     callback.masks = {"a": mask_ops.AllEntries(64), "b": mask_ops.compact(torch.arange(0, 64, 2, dtype=torch.int32), 64),

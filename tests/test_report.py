@@ -8,7 +8,14 @@ from pathlib import Path
 
 import yaml
 
-from npft_lightning.report import load_sweep, main, parse_value, print_summary, swept_keys, write_sweep_report
+from npft_lightning.tasks.report import (
+    load_sweep,
+    main,
+    parse_value,
+    print_summary,
+    swept_keys,
+    write_sweep_report,
+)
 
 
 def fake_job(root: Path, num: int, overrides: list[str], scale: float, after: dict[str, float] | None, none: bool = False) -> None:
@@ -17,7 +24,7 @@ def fake_job(root: Path, num: int, overrides: list[str], scale: float, after: di
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     if after is None:
         return  # an unfinished job
-    noise = {"scale": scale, "distribution": {"_target_": "npft_lightning.noise." + ("NoNoise" if none else "UniformStepNoise")}}
+    noise = {"scale": scale, "distribution": {"_target_": "npft_lightning.npft.noise." + ("NoNoise" if none else "UniformStepNoise")}}
     metrics = {"ppl": {"before": {"fp": 20.0, "rtn4": 30.0}, "after": after},
                "curvature": {"before": {"curvature_outliers": 5.0}, "after": {"curvature_outliers": 4.0}},
                "config": {"noise": noise}}

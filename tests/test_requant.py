@@ -8,17 +8,28 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import QuadraticModel
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from test_artefact import _assert_export_exact
 from torch import Tensor, nn
 
-from conftest import QuadraticModel
-from npft_lightning.layers import decoder_linears
-from npft_lightning.quant import GPTQ, NF4, RTN, KMeans, ReQuant, WeightQuantizer, fake_quantized, quantized_size_report, save_quantized
-from npft_lightning.quant.artefact import encoding_size, quantizer_config, quantizer_from_config
+from npft_lightning.core.gradients import pqi_along
+from npft_lightning.core.layers import decoder_linears
+from npft_lightning.quant import (
+    GPTQ,
+    NF4,
+    RTN,
+    KMeans,
+    ReQuant,
+    WeightQuantizer,
+    fake_quantized,
+    quantized_size_report,
+    save_quantized,
+)
+from npft_lightning.quant.artefact import quantizer_config, quantizer_from_config
+from npft_lightning.quant.packing import encoding_size
 from npft_lightning.quant.requant import allocate_outliers, detach_steps, lower_hull
-from npft_lightning.sensitivity import pqi_along
-from test_artefact import _assert_export_exact
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,7 +154,7 @@ def test_stepwise_detach_recomputes_pqi_between_steps() -> None:
 
     quantizer = ReQuant(FixedError(delta), outlier_ratio=0, significant_ratio=50, significant_step=25, pqi_intervals=1, progress=False)
     calls = []
-    import npft_lightning.sensitivity as sensitivity
+    import npft_lightning.core.gradients as sensitivity
 
     original = sensitivity.pqi_along
 

@@ -16,8 +16,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
-from npft_lightning.callbacks import AtomicCheckpointIO
-from npft_lightning.export import adapter_from_checkpoint
+from npft_lightning.tasks.export import adapter_from_checkpoint
+from npft_lightning.training.run_artifacts import AtomicCheckpointIO
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,7 +148,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_printed_command_resumes_it(tmp_path, 
 
 def test_resumed_csv_log_keeps_the_rows_before_the_checkpoint(tmp_path):
     """Rows the interrupted run logged after its checkpoint are dropped; the resumed run logs them again."""
-    from npft_lightning.loggers import ResumableCSVLogger
+    from npft_lightning.training.loggers import ResumableCSVLogger
 
     first = ResumableCSVLogger(tmp_path, name="csv", version="")
     for step in range(6):
@@ -184,3 +184,21 @@ def test_checkpoint_write_is_atomic(tmp_path):
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
     assert io.load_checkpoint(path)["step"] == 1
+
+
+def test_a_run_written_before_the_layering_still_exports(tmp_path, full_run):
+    """A run folder of the flat package (``_target_: npft_lightning.noise.QuantErrorNoise`` ...) exports its checkpoint."""
+    from npft_lightning.tasks.legacy import LEGACY_TARGETS
+
+    text = (full_run / ".hydra" / "config.yaml").read_text()
+    for old, new in LEGACY_TARGETS.items():
+        text = text.replace(f"_target_: {new}\n", f"_target_: {old}\n")
+    assert "npft_lightning.lm." not in text and "npft_lightning.models.CausalLMSpec" in text
+    old_config = tmp_path / "config.yaml"
+    old_config.write_text(text)
+    proc = run([sys.executable, "-m", "npft_lightning", "export", str(full_run / "checkpoints" / "last.ckpt"),
+                "--config", str(old_config), "--out", str(tmp_path / "adapter")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = Path(proc.stdout.strip().splitlines()[-1])
+    weights, expected = load_file(exported / "adapter_model.safetensors"), adapter_weights(full_run)
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)

@@ -4,31 +4,29 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import QuadraticModel, make_tiny_llama
 from peft import LoraConfig, get_peft_model
-from types import SimpleNamespace
-
 from torch import nn
 
-from conftest import make_tiny_llama
-from conftest import QuadraticModel
-from npft_lightning.layers import canonical_name, decoder_linears
-from npft_lightning.quant import RTN
-from npft_lightning.sensitivity import (
-    OutlierSelector,
+from npft_lightning.core.gradients import (
     causal_lm_loss,
     fisher_diagonal,
     gradient_moments,
+    taylor_loss_change,
+)
+from npft_lightning.core.layers import canonical_name, decoder_linears
+from npft_lightning.npft.outliers import (
+    OutlierSelector,
     magnitude_scores,
     mask_bytes,
     pqi_scores,
     select_outliers,
-    taylor_loss_change,
 )
-
-
+from npft_lightning.quant import RTN
 
 
 def _lora_model(seed: int = 0) -> nn.Module:

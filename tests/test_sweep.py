@@ -37,7 +37,7 @@ def test_noise_scale_sweep_writes_each_job_and_the_report(tmp_path):
         assert metrics["ppl"]["after"].keys() == {"fp", "rtn4"}
         assert (job / ".hydra" / "config.yaml").is_file() and (job / "adapter" / "adapter_config.json").is_file()
 
-    proc = run([sys.executable, "-m", "npft_lightning.report", str(root)], ROOT)
+    proc = run([sys.executable, "-m", "npft_lightning", "report", str(root)], ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader((root / "report.csv").open()))
     assert [(r["noise.scale"], r["control"]) for r in rows] == [("0", "True"), ("1", "False")]

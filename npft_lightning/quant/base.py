@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any, Iterator, Mapping
+from typing import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from npft_lightning.errors import UserError
+from npft_lightning.core.errors import UserError
 
 
 class WeightQuantizer:
@@ -87,15 +87,6 @@ class WeightQuantizer:
         return f"{type(self).__name__}({fields})"
 
 
-def build_quantizers(cfg: Any) -> dict[str, WeightQuantizer]:
-    """``cfg.quant`` is a dict of named quantizer configs (``quant=[rtn4,rtn3_g32]`` selects several); name -> quantizer."""
-    from hydra.utils import instantiate
-
-    quantizers = {}
-    for qcfg in (cfg.get("quant") or {}).values():
-        quantizer = instantiate(qcfg)
-        quantizers[quantizer.name] = quantizer
-    return quantizers
 
 
 @contextmanager
@@ -141,7 +132,7 @@ def fake_quantized(
     """Within the block, ``linears`` hold ``Q(W + delta)``; on exit the exact original ``W``.
 
     ``sizes``: a dict to fill with the stored size and effective bits per weight of the quantized
-    linears (:func:`~npft_lightning.quant.artefact.encoding_size`); left empty for quantizers without
+    linears (:func:`~npft_lightning.quant.packing.encoding_size`); left empty for quantizers without
     a stored form (activation quantization).
 
     ``deltas`` are the merged adapter updates (LoRA ``B @ A * scaling``), so the quantizer sees
@@ -155,7 +146,7 @@ def fake_quantized(
                 linears[name].weight.add_(delta.to(linears[name].weight.dtype))
         _check_finite(linears, quantizer, before=True)
         if sizes is not None and quantizer.stores_weights:
-            from npft_lightning.quant.artefact import code_bits, encoding_size
+            from npft_lightning.quant.packing import code_bits, encoding_size
 
             fields = quantize_encoded(model, linears, quantizer, calibration)
             n_weights = sum(linear.weight.numel() for linear in linears.values())

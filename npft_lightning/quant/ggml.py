@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from npft_lightning.errors import UserError
+from npft_lightning.core.errors import UserError
 from npft_lightning.quant.base import WeightQuantizer
 
 BLOCK = 32  # weights per block in every legacy ggml type

@@ -23,20 +23,19 @@ The file is written to a temporary name beside the target and renamed into place
 from __future__ import annotations
 
 import functools
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from npft_lightning.errors import UserError
-from npft_lightning.io import atomic_file
-from npft_lightning.layers import decoder_linears
-from npft_lightning.quant.ggml import FORMATS, GGMLQuantizer, ggml_blocks
+from npft_lightning.core.errors import UserError
+from npft_lightning.core.io import atomic_file
+from npft_lightning.core.layers import decoder_linears
+from npft_lightning.quant.ggml import GGMLQuantizer, ggml_blocks
 
 SUPPORTED_ARCHS = ("llama",)
 BYTES = "bytes"  # the vocabulary source of the tiny byte-tokenizer models
@@ -46,7 +45,7 @@ _OWN_KEYS = ("general.architecture", "general.file_type", "general.quantization_
 
 
 # ---------------------------------------------------------------------------------------------
-# checks before anything heavy (config only)
+# the output file
 # ---------------------------------------------------------------------------------------------
 
 
@@ -66,92 +65,22 @@ def gguf_paths(out: str | os.PathLike, names: list[str]) -> dict[str, Path]:
     return {name: out.with_name(f"{out.stem}-{name}{out.suffix or '.gguf'}") for name in names}
 
 
-def plan_gguf_export(cfg, quantizers: Mapping[str, Any]) -> GGUFPlan | None:
-    """Check ``gguf_out`` against the config before the model loads; None when no GGUF is asked for.
-
-    Each problem is one :class:`UserError` line: a quantizer with no ggml type, a model whose
-    architecture or tokenizer cannot be written, an output path that cannot be written.
-    """
-    out = cfg.get("gguf_out")
-    if not out:
-        if cfg.get("llamacpp_ppl"):
-            raise UserError("llamacpp_ppl=true scores the GGUF file eval.py writes: set gguf_out=<file>.gguf too")
-        return None
-    names = list(quantizers)
-    if not names:
-        raise UserError(f"gguf_out={out} needs a ggml quantizer: add quant=q4_0 (or q4_1, q5_0, q5_1, q8_0)")
-    for name, q in quantizers.items():
-        if not isinstance(q, GGMLQuantizer):
-            raise UserError(f"gguf_out={out}: quant.{name} ({type(q).__name__}) has no ggml type; GGUF files hold "
-                            f"the ggml block types: use quant={'|'.join(FORMATS)} (or a list of them)")
-    arch = _config_architecture(cfg.model)
-    if arch is not None and arch not in SUPPORTED_ARCHS:
-        raise UserError(f"gguf_out={out}: model {cfg.model.get('name')} has architecture {arch!r}; "
-                        f"the GGUF export supports {', '.join(SUPPORTED_ARCHS)} (e.g. model=smollm2-135m or model=tiny-llama)")
-    vocab = _vocab_source(cfg)
-    paths = gguf_paths(out, names)
-    for path in paths.values():
-        _check_output(path)
-    if cfg.get("llamacpp_ppl"):
-        from npft_lightning.llamacpp import require_llama_cpp
-
-        require_llama_cpp()
-    return GGUFPlan(paths, vocab)
 
 
-def _config_architecture(model_cfg) -> str | None:
-    """The model_type the config will load, where it can be known without loading (None: check after loading)."""
-    tiny = model_cfg.get("tiny")
-    if model_cfg.get("path"):
-        config = Path(str(model_cfg.path)).expanduser() / "config.json"
-        try:
-            return json.loads(config.read_text(encoding="utf-8")).get("model_type")
-        except (OSError, ValueError):
-            return None  # the model config check reports a missing folder
-    if tiny is not None:
-        return str(tiny.get("arch", "llama"))
-    if model_cfg.get("gguf_package") and model_cfg.get("gguf_file"):
-        return _gguf_architecture(str(_source_gguf(model_cfg)))
-    return None
 
 
 @functools.lru_cache(maxsize=4)
-def _gguf_architecture(path: str) -> str:
+def gguf_architecture(path: str) -> str:
     """``general.architecture`` of a GGUF file (read once per process: the config check and the export both ask)."""
     return str(_reader(path).fields["general.architecture"].contents())
 
 
-def _source_gguf(model_cfg) -> Path:
-    from npft_lightning.models import package_dir
-
-    path = package_dir(str(model_cfg.gguf_package), f"model {model_cfg.get('name')!r}") / str(model_cfg.gguf_file)
-    if not path.is_file():
-        raise UserError(f"model {model_cfg.get('name')!r}: {path} does not exist; check model.gguf_file")
-    return path
 
 
-def _vocab_source(cfg) -> str:
-    """The GGUF whose tokenizer metadata is copied, or BYTES for the byte-tokenizer models."""
-    if cfg.get("gguf_vocab"):
-        path = Path(str(cfg.gguf_vocab)).expanduser()
-        if not path.is_file():
-            raise UserError(f"gguf_vocab={cfg.gguf_vocab} does not exist; give a .gguf file with this model's tokenizer")
-        return str(path)
-    model_cfg = cfg.model
-    if model_cfg.get("path"):
-        if (Path(str(model_cfg.path)).expanduser() / "byte_tokenizer.json").is_file():
-            return BYTES
-    elif model_cfg.get("tiny") is not None:
-        return BYTES
-    elif model_cfg.get("gguf_package") and model_cfg.get("gguf_file"):
-        return str(_source_gguf(model_cfg))
-    raise UserError(f"gguf_out: llama.cpp needs the tokenizer in the file, and model {model_cfg.get('name')!r} "
-                    f"has no GGUF to copy it from; set gguf_vocab=<a .gguf with the same tokenizer> "
-                    f"(for SmolLM2: the bundled SmolLM2-135M-Instruct.Q4_1.gguf)")
 
 
-def _check_output(path: Path) -> None:
-    from npft_lightning.config import check_writable_dir
+def check_gguf_output(path: Path) -> None:
+    from npft_lightning.core.fs import check_writable_dir
 
     if path.is_dir():
         raise UserError(f"gguf_out={path} is a folder; give a file name, e.g. {path / 'model.gguf'}")
@@ -241,7 +170,7 @@ def unpermute_rows(weight: Tensor, n_head: int) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _same_bits(a: Tensor, b: Tensor) -> bool:
+def same_bits(a: Tensor, b: Tensor) -> bool:
     return torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
 
 
@@ -253,9 +182,9 @@ def lossless_tensor(weight: Tensor) -> tuple[np.ndarray, Any]:
     if w.dim() == 2 and w.shape[1] % 32 == 0:
         q8 = GGMLQuantizer("q8_0")
         fields = q8.encode_weight(w)
-        if _same_bits(q8.decode_weight(fields), w):
+        if same_bits(q8.decode_weight(fields), w):
             return ggml_blocks(fields, "q8_0"), GGMLQuantizationType.Q8_0
-    if w.dim() >= 2 and _same_bits(w.half().float(), w):
+    if w.dim() >= 2 and same_bits(w.half().float(), w):
         return w.half().numpy(), GGMLQuantizationType.F16
     return w.numpy(), GGMLQuantizationType.F32
 

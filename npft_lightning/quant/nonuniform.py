@@ -18,7 +18,11 @@ from torch import Tensor
 
 from npft_lightning.quant.base import WeightQuantizer
 from npft_lightning.quant.rtn import _grouped, rtn_quantize
-from npft_lightning.quant.uniform import UniformGridQuantizer, decode_rtn_fields, rtn_fields
+from npft_lightning.quant.uniform import (
+    UniformGridQuantizer,
+    decode_rtn_fields,
+    rtn_fields,
+)
 
 # ---------------------------------------------------------------------------------------------
 # k-means (SqueezeLLM-style)

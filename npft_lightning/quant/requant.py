@@ -39,7 +39,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from npft_lightning.quant.base import WeightQuantizer, weights_restored
-from npft_lightning.quant.sparse import SparseParts, encode_dense, masked_base_sensitivity, with_sparse
+from npft_lightning.quant.sparse import (
+    SparseParts,
+    encode_dense,
+    masked_base_sensitivity,
+    with_sparse,
+)
 from npft_lightning.quant.uniform import RTN
 
 
@@ -212,7 +217,7 @@ class ReQuant(SparseParts):
         fisher = self.sensitivity
         with weights_restored(linears):
             if self.outlier_ratio > 0 and fisher is None:
-                from npft_lightning.sensitivity import fisher_diagonal
+                from npft_lightning.core.gradients import fisher_diagonal
 
                 fisher = fisher_diagonal(model, linears, self._windows(calibration), self.batch_size, self.progress)
             outliers = self.select_outliers(originals, fisher, round(n_weights * self.outlier_ratio / 100))
@@ -299,7 +304,8 @@ class ReQuant(SparseParts):
         The linears hold ``originals`` meanwhile. Each step scores the path originals → current by PQI and
         takes the highest scores over all layers together, never a position already detached.
         """
-        from npft_lightning.sensitivity import global_top_k, pqi_along
+        from npft_lightning.core.gradients import pqi_along
+        from npft_lightning.core.topk import global_top_k
 
         if total <= 0 or self.steps == 0:
             return []

@@ -16,19 +16,17 @@ from typing import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from npft_lightning.quant.base import WeightQuantizer, quantize_encoded, weights_restored
+from npft_lightning.core.topk import top_fraction_mask
+from npft_lightning.quant.base import (
+    WeightQuantizer,
+    quantize_encoded,
+    weights_restored,
+)
 
 # Fields the sparse part adds to the base quantizer's stored form.
 SPARSE_FIELDS = ("sparse_index", "sparse_value")
 
 
-def top_fraction_mask(score: Tensor, keep_ratio: float) -> Tensor:
-    """Boolean mask of the ``round(numel · keep_ratio / 100)`` largest entries of ``score``."""
-    k = min(score.numel(), int(round(score.numel() * keep_ratio / 100)))
-    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
-    if k > 0:
-        mask[score.detach().float().flatten().topk(k).indices] = True
-    return mask.reshape(score.shape)
 
 
 class SparseParts(WeightQuantizer):

@@ -7,7 +7,13 @@ from typing import Mapping
 from torch import Tensor
 
 from npft_lightning.quant.base import WeightQuantizer
-from npft_lightning.quant.rtn import rtn_decode, rtn_encode, rtn_error, rtn_error_at, rtn_step
+from npft_lightning.quant.rtn import (
+    rtn_decode,
+    rtn_encode,
+    rtn_error,
+    rtn_error_at,
+    rtn_step,
+)
 
 
 class UniformGridQuantizer(WeightQuantizer):

@@ -1,0 +1,18 @@
+"""Objects built from the config's groups with Hydra's ``instantiate``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from npft_lightning.quant.base import WeightQuantizer
+
+
+def build_quantizers(cfg: Any) -> dict[str, WeightQuantizer]:
+    """``cfg.quant`` is a dict of named quantizer configs (``quant=[rtn4,rtn3_g32]`` selects several); name -> quantizer."""
+    from hydra.utils import instantiate
+
+    quantizers = {}
+    for qcfg in (cfg.get("quant") or {}).values():
+        quantizer = instantiate(qcfg)
+        quantizers[quantizer.name] = quantizer
+    return quantizers

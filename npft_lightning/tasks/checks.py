@@ -1,0 +1,302 @@
+"""Checks on the composed config that run before anything heavy is loaded, so errors come in seconds.
+
+Each problem raises :class:`UserError` with one line naming the bad value and the fix. The checks
+that need the model's shapes are in :func:`validate_against_model` (run right after loading).
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from npft_lightning.core.errors import UserError
+from npft_lightning.core.fs import check_checkpoint, check_writable_dir
+from npft_lightning.tasks.check_values import (
+    check_length,
+    is_int,
+    is_number,
+    positive_int,
+    visible_gpus,
+)
+
+# Lightning's precision names (lightning.fabric.connector._PRECISION_INPUT_STR), the ones that make sense here first.
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32", "16", "bf16", "64")
+ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "tpu", "auto")
+LR_DECAYS = ("linear", "cosine", "constant")
+# ``ckpt_path`` values Lightning resolves itself instead of reading a file.
+CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
+
+
+
+
+
+
+
+
+
+
+
+
+# ------------------------------------------------------------------------------------------ groups
+def _check_quant(name: str, q: DictConfig) -> None:
+    # Nested parts: the base of dense-and-sparse, the weight and activation parts of W/A quantizers.
+    for part in ("base", "weight", "activation"):
+        if isinstance(q.get(part), DictConfig):
+            _check_quant(f"{name}.{part}", q[part])
+    clip = q.get("clip_ratio")
+    if clip is not None and not (isinstance(clip, (int, float)) and 0 < clip <= 1):
+        raise UserError(f"quant.{name}.clip_ratio={clip} must be in (0, 1]; 1 = no clipping")
+    bits = q.get("bits")
+    if bits is not None and not (is_int(bits) and 2 <= bits <= 8):
+        raise UserError(f"quant.{name}.bits={bits} is outside 2..8; use an integer from 2 to 8")
+    group = q.get("group_size")
+    if group is not None and not (is_int(group) and group > 0):
+        raise UserError(f"quant.{name}.group_size={group} must be a positive integer (a divisor of the input features) or null")
+    if str(q.get("_target_", "")).endswith(".ReQuant"):
+        _check_requant(name, q)
+
+
+def _check_requant(name: str, q: DictConfig) -> None:
+    """ReQuant's budgets, steps and base are checked by its constructor, which needs no model: build it now."""
+    from hydra.utils import instantiate
+
+    from npft_lightning.tasks.one_line_errors import user_message
+
+    try:
+        instantiate(q)
+    except Exception as err:  # noqa: BLE001 - only the constructor's one-line errors are re-worded
+        message = user_message(err)
+        if message is None:
+            raise
+        raise UserError(f"quant.{name}: {message}") from None
+
+
+def _check_noise_and_outliers(cfg: DictConfig) -> None:
+    from hydra.utils import instantiate
+
+    from npft_lightning.npft.noise import RAMPS
+
+    noise = cfg.get("noise")
+    if noise is not None:
+        scale = noise.get("scale")
+        if scale is not None and (not is_number(scale) or scale < 0):
+            raise UserError(f"noise.scale={scale} must be a finite number >= 0 (0 = no noise; noise=none is the control)")
+        if noise.get("schedule") not in (None, "per_step", "per_epoch"):
+            raise UserError(f"noise.schedule={noise.get('schedule')} is not one of per_step, per_epoch")
+        if noise.get("ramp") not in (None, *RAMPS):
+            raise UserError(f"noise.ramp={noise.get('ramp')} is not one of {', '.join(RAMPS)}")
+        warmup = noise.get("warmup_steps")
+        if warmup is not None and (not is_int(warmup) or warmup < 0):
+            raise UserError(f"noise.warmup_steps={warmup} must be an integer >= 0 (steps without noise at the start)")
+        for key, value in (("noise.step_probability", noise.get("step_probability")),
+                           ("noise.distribution.probability", (noise.get("distribution") or {}).get("probability"))):
+            if value is not None and (not is_number(value) or not 0 < value <= 1):
+                raise UserError(f"{key}={value} must be in (0, 1] (1 = every time; e.g. 0.5 for half)")
+        if "_target_" in noise:
+            instantiate(noise)  # the distribution checks its own settings (a quant_error target needs no calibration, ...)
+    outliers = cfg.get("outliers")
+    if outliers is not None:
+        ratio = outliers.get("ratio")
+        if not is_number(ratio) or not (0 < ratio <= 100):
+            raise UserError(f"outliers.ratio={ratio} must be a percentage in (0, 100]; 0.05 means 0.05 % of each matrix")
+        if "_target_" in outliers:
+            # The selector's constructor checks method, budget, refresh and calibration sizes; it is
+            # cheap to build (no model), so build it now rather than after the model has loaded.
+            instantiate(outliers)
+
+
+def _check_data(data: DictConfig) -> None:
+    for key in ("seq_len", "eval_seq_len"):
+        if key in data:
+            check_length(f"data.{key}", data.get(key))
+    for key in ("batch_size", "eval_batch_size"):
+        if key in data:
+            positive_int(f"data.{key}", data.get(key), "see conf/data/wiki_vital.yaml")
+    for key in ("max_train_windows", "max_eval_windows"):
+        if key in data:
+            positive_int(f"data.{key}", data.get(key), "null uses every window", allow_none=True)
+
+    corpus = data.get("corpus") or {}
+    if not str(corpus.get("_target_", "")).endswith("TextFiles"):
+        return
+    for split in ("train", "validation", "test"):
+        patterns = corpus.get(split) or []
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            path = Path(str(pattern)).expanduser()
+            matches = glob.glob(str(path)) if glob.has_magic(str(path)) else [str(path)]
+            files = [Path(m) for m in matches if Path(m).is_file()]
+            if not files:
+                raise UserError(f"data.corpus.{split}: {pattern} matches no readable file; give .txt or .jsonl paths or globs")
+            if all(f.stat().st_size == 0 for f in files):
+                raise UserError(f"data.corpus.{split}: {pattern} is empty (0 bytes); give files that hold text")
+
+
+def _check_model(model: DictConfig) -> None:
+    from npft_lightning.lm.models import DTYPES
+
+    dtype = model.get("dtype")
+    if dtype is not None and dtype not in (*DTYPES, "auto"):
+        raise UserError(f"model.dtype={dtype} is not one of {', '.join([*DTYPES, 'auto'])}")
+    if model.get("path"):
+        path = Path(str(model.path)).expanduser()
+        if not path.is_dir():
+            raise UserError(f"model.path={model.path} does not exist; give a folder with config.json and the weights")
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.path={model.path} has no config.json, so it is not a Hugging Face model folder "
+                            "(save one with save_pretrained)")
+
+
+def _check_peft(peft: DictConfig) -> None:
+    positive_int("peft.r", peft.get("r"), "the LoRA rank, e.g. peft.r=8")
+    alpha = peft.get("lora_alpha")
+    if alpha is not None and (not is_number(alpha) or alpha <= 0):
+        raise UserError(f"peft.lora_alpha={alpha} must be a positive number, e.g. 32 (the update is scaled by alpha / r)")
+    dropout = peft.get("lora_dropout")
+    if dropout is not None and (not is_number(dropout) or not 0 <= dropout < 1):
+        raise UserError(f"peft.lora_dropout={dropout} must be a probability in [0, 1), e.g. 0.05")
+
+
+def _check_training(cfg: DictConfig) -> None:
+    lr = (cfg.get("optimizer") or {}).get("lr")
+    if lr is not None and (not is_number(lr) or lr <= 0):
+        raise UserError(f"optimizer.lr={lr} must be a positive finite number, e.g. 5e-5")
+    decay = (cfg.get("schedule") or {}).get("lr_decay")
+    if decay is not None and decay not in LR_DECAYS:
+        raise UserError(f"schedule.lr_decay={decay} is not one of {', '.join(LR_DECAYS)}")
+    warmup = (cfg.get("schedule") or {}).get("warmup_steps")
+    if warmup is not None and (not is_int(warmup) or warmup < 0):
+        raise UserError(f"schedule.warmup_steps={warmup} must be an integer >= 0")
+    limit = cfg.get("max_nonfinite_steps")
+    if limit is not None and (not is_int(limit) or limit < 0):
+        raise UserError(f"max_nonfinite_steps={limit} must be an integer >= 0 (0 = never stop on NaN losses)")
+    curvature = cfg.get("curvature")
+    if isinstance(curvature, DictConfig):
+        positive_int("curvature.windows", curvature.get("windows"), "the windows the curvature probe averages over")
+        check_length("curvature.length", curvature.get("length"))
+        positive_int("curvature.draws", curvature.get("draws"), "noise draws per window of the curvature probe")
+
+
+def _check_trainer(trainer: DictConfig) -> None:
+    steps = trainer.get("max_steps")
+    if steps is not None and (not is_int(steps) or steps < -1):
+        raise UserError(f"trainer.max_steps={steps} must be -1 (no limit, use trainer.max_epochs) or a number of steps >= 0")
+    epochs = trainer.get("max_epochs")
+    if epochs is not None and (not is_int(epochs) or epochs < -1):
+        raise UserError(f"trainer.max_epochs={epochs} must be -1 (no limit) or a number of epochs >= 0")
+    if "accumulate_grad_batches" in trainer:
+        positive_int("trainer.accumulate_grad_batches", trainer.get("accumulate_grad_batches"), "1 = no accumulation")
+
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator not in ACCELERATORS:
+        raise UserError(f"trainer.accelerator={accelerator} is not one of {', '.join(ACCELERATORS)}")
+    strategy = str(trainer.get("strategy", "auto"))
+    gpus = visible_gpus()
+    if accelerator in ("gpu", "cuda") and gpus == 0:
+        fix = ("use trainer=ddp_cpu to try DDP with CPU processes, or trainer=cpu" if "ddp" in strategy
+               else "use trainer=cpu (the default)")
+        raise UserError(f"trainer.accelerator={accelerator} (strategy {strategy}) needs a CUDA GPU, but none is visible "
+                        f"(torch.cuda.is_available() is False); {fix}")
+    devices = trainer.get("devices")
+    if accelerator in ("gpu", "cuda") and is_int(devices) and devices > gpus:
+        raise UserError(f"trainer.devices={devices} but only {gpus} GPU(s) are visible; use trainer.devices={gpus} or -1 (all)")
+
+    precision = trainer.get("precision")
+    if precision is not None and str(precision) not in PRECISIONS:
+        raise UserError(f"trainer.precision={precision} is not one of {', '.join(PRECISIONS[:6])}")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and gpus == 0)
+    if on_cpu and str(precision) in ("16-mixed", "16", "16-true"):
+        raise UserError(f"trainer.precision={precision} (float16) is for CUDA GPUs; on the CPU use "
+                        "trainer.precision=32-true (the default) or bf16-mixed")
+
+
+def _check_ckpt(ckpt: Any) -> None:
+    """``ckpt_path`` must be an intact Lightning checkpoint: checked here in a second instead of after the model loads."""
+    if not ckpt or str(ckpt) in CKPT_KEYWORDS:
+        return
+    check_checkpoint("ckpt_path", ckpt, "resume from another one (the step_*.ckpt beside it, with "
+                                        "callbacks.model_checkpoint.save_top_k=-1) or start afresh")
+
+
+
+
+
+
+
+
+
+
+# ------------------------------------------------------------------------------------------ entry
+def validate_config(cfg: DictConfig, task: str = "train") -> None:
+    """Every check that needs only the config (and the file system): before the model is loaded.
+
+    The groups every entry point shares are checked here; ``eval`` and ``analyze`` add their own
+    options (:mod:`npft_lightning.tasks.checks_eval`).
+    """
+    for name, q in (cfg.get("quant") or {}).items():
+        if not isinstance(q, DictConfig) or "_target_" not in q:
+            raise UserError(f"quant.{name} is not a quantizer config (no _target_); pick one from conf/quant/")
+        _check_quant(name, q)
+    seed = cfg.get("seed")
+    if seed is not None and (not is_int(seed) or seed < 0):
+        raise UserError(f"seed={seed} must be an integer >= 0")
+    _check_noise_and_outliers(cfg)
+    if cfg.get("data") is not None:
+        _check_data(cfg.data)
+    if cfg.get("model") is not None:
+        _check_model(cfg.model)
+    if cfg.get("peft") is not None:
+        _check_peft(cfg.peft)
+    _check_training(cfg)
+    if cfg.get("trainer") is not None:
+        _check_trainer(cfg.trainer)
+    _check_ckpt(cfg.get("ckpt_path"))
+    paths = cfg.get("paths") or {}
+    if paths.get("output_dir"):
+        check_writable_dir("paths.output_dir", paths.output_dir, "point hydra.run.dir (or paths.output_dir) to a writable folder")
+    if paths.get("cache_dir"):
+        check_writable_dir("paths.cache_dir", paths.cache_dir, "set NPFT_CACHE (or paths.cache_dir) to a writable folder")
+    if task in ("eval", "analyze"):
+        from npft_lightning.tasks.checks_eval import validate_scoring_config
+
+        validate_scoring_config(cfg, task)
+
+
+def validate_against_model(cfg: DictConfig, model, lengths: tuple[str, ...] = ("data.seq_len", "data.eval_seq_len")) -> None:
+    """Checks that need the model's shapes (seconds after loading, before any training or evaluation).
+
+    ``lengths``: the dotted keys of the window lengths this run feeds the model, none longer than its context.
+    """
+    from omegaconf import OmegaConf
+
+    from npft_lightning.core.layers import decoder_linears
+    from npft_lightning.lm.models import max_context
+
+    context = max_context(model)
+    for key in lengths:
+        length = OmegaConf.select(cfg, key)
+        if length is not None and context and length > context:
+            raise UserError(f"{key}={length} is longer than the model's context of {context} tokens; use {key}<={context}")
+    linears = decoder_linears(model)
+    groups = []  # (key, group size): quantizers' (also a nested base or weight part) and weight perturbations'
+    for qname, q in (cfg.get("quant") or {}).items():
+        for part in (q, q.get("base") or {}, q.get("weight") or {}):
+            groups.append((f"quant.{qname}.group_size", part.get("group_size")))
+    for pname, p in (cfg.get("perturb") or {}).items():
+        groups.append((f"perturb.{pname}.group_size", p.get("group_size")))
+    for key, group in ((k, g) for k, g in groups if g):
+        for lname, linear in linears.items():
+            if linear.in_features % group:
+                raise UserError(
+                    f"{key}={group} does not divide the {linear.in_features} input features of "
+                    f"{lname}; pick a divisor of {linear.in_features} (e.g. 32 or 64) or null for per-channel"
+                )
+    peft = cfg.get("peft") or {}
+    targets = peft.get("target_modules")
+    if targets:
+        leaf_names = sorted({name.rsplit(".", 1)[-1] for name in linears})
+        missing = [t for t in targets if t not in leaf_names]
+        if missing:
+            raise UserError(f"peft.target_modules {missing} match no linear layer of this model; its decoder linears are {leaf_names}")

@@ -1,0 +1,143 @@
+"""Config checks of the scoring entry points, ``eval.py`` and ``analyze.py``: their own options, before the model loads.
+
+The groups they share with ``train.py`` (model, data, quant, outliers, paths) are checked by
+:func:`npft_lightning.tasks.checks.validate_config`, which calls :func:`validate_scoring_config` last. The
+checks against the loaded model (window lengths, group sizes, the adapter's shapes) run in
+:func:`npft_lightning.tasks.evaluate.load_for_eval`, before anything is scored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig, ListConfig
+
+from npft_lightning.core.errors import UserError
+from npft_lightning.core.fs import check_output_dir, check_writable_dir
+from npft_lightning.lm.adapters import check_adapter_folder
+from npft_lightning.lm.corpora import SPLITS
+from npft_lightning.tasks.check_values import (
+    check_device,
+    check_length,
+    is_int,
+    positive_int,
+)
+
+if TYPE_CHECKING:
+    from npft_lightning.npft.perturb import Perturbation
+
+OUTLIERS_ON = ("pretrained", "self")
+
+
+def splits_of(cfg: DictConfig) -> list[str]:
+    """``splits`` of eval.py as a list: ``splits=test`` is taken as ``splits=[test]``."""
+    splits = cfg.get("splits")
+    return [splits] if isinstance(splits, str) else list(splits or [])
+
+
+def variants_of(cfg: DictConfig) -> dict[str, str | None]:
+    """Variant name -> adapter folder (None = the pretrained model): ``cfg.adapters``, else the single ``cfg.adapter``."""
+    adapters = cfg.get("adapters") or {}
+    if adapters:
+        return {str(k): (None if v in (None, "", "null") else str(v)) for k, v in adapters.items()}
+    adapter = cfg.get("adapter")
+    return {"adapter" if adapter else "pretrained": adapter or None}
+
+
+def build_perturbations(cfg: DictConfig) -> list[Perturbation]:
+    """``cfg.perturb`` is a dict of named perturbation configs (``perturb=[w_uniform_element,...]`` selects several)."""
+    from hydra.utils import instantiate
+
+    out = []
+    for key, pcfg in (cfg.get("perturb") or {}).items():
+        if not isinstance(pcfg, DictConfig) or "_target_" not in pcfg:
+            raise UserError(f"perturb.{key} is not a perturbation config (no _target_); pick one from conf/perturb/")
+        out.append(instantiate(pcfg, name=pcfg.get("name") or key, _convert_="all"))
+    return out
+
+
+def adapter_key(cfg: DictConfig, variant: str) -> str:
+    """The option that named a variant's adapter folder, for messages: ``adapters.<variant>`` or ``adapter``."""
+    return f"adapters.{variant}" if cfg.get("adapters") else "adapter"
+
+
+def _check_split(key: str, split: Any) -> None:
+    if split not in SPLITS:
+        raise UserError(f"{key}: {split!r} is not a split; choose from {', '.join(SPLITS)}")
+
+
+def _check_calibration(calibration: DictConfig) -> None:
+    positive_int("calibration.windows", calibration.get("windows"), "the windows GPTQ calibrates on, e.g. 128")
+    check_length("calibration.length", calibration.get("length"))
+    positive_int("calibration.sensitivity_windows", calibration.get("sensitivity_windows"),
+                  "the windows of the Fisher that weights k-means, e.g. 16")
+    seed = calibration.get("seed")
+    if not is_int(seed) or seed < 0:
+        raise UserError(f"calibration.seed={seed} must be an integer >= 0")
+
+
+def _check_export_dir(cfg: DictConfig) -> None:
+    """The export folder is proven writable, and every quantizer exportable, before anything is scored."""
+    from npft_lightning.tasks.build import build_quantizers
+
+    export_dir = cfg.get("export_dir")
+    fix = "point export_dir to a writable folder of its own, or drop export_dir"
+    check_writable_dir("export_dir", export_dir, fix, create=False)
+    quantizers = build_quantizers(cfg)
+    if not quantizers:
+        raise UserError(f"export_dir={export_dir} has nothing to hold: quant selects no quantizer; pick one (e.g. quant=rtn4) "
+                        f"or drop export_dir")
+    runtime = [name for name, q in quantizers.items() if getattr(q, "activation", None) is not None]
+    if runtime:
+        raise UserError(f"export_dir cannot hold {', '.join(runtime)}: activation quantization happens at run time; "
+                        f"export the weight-only quantizers (e.g. quant=rtn4) or drop export_dir")
+    for name in quantizers:
+        check_output_dir("export_dir", Path(str(export_dir)).expanduser() / name, "quant_config.json", "a quantized artefact", fix)
+
+
+def _check_perturbations(cfg: DictConfig) -> None:
+    for name, p in (cfg.get("perturb") or {}).items():
+        magnitudes = p.get("magnitudes") if isinstance(p, DictConfig) else None
+        if magnitudes is not None and not isinstance(magnitudes, ListConfig):
+            raise UserError(f"perturb.{name}.magnitudes={magnitudes} must be a list, e.g. perturb.{name}.magnitudes=[{magnitudes}]")
+    build_perturbations(cfg)  # each kind's constructor checks its values (empty magnitudes among them)
+
+
+def validate_scoring_config(cfg: DictConfig, task: str) -> None:
+    """``eval.py`` / ``analyze.py`` options: splits, adapter folders, device, calibration, export folder, perturbations."""
+    if task == "eval":
+        splits = splits_of(cfg)
+        if not splits:
+            raise UserError("splits=[] selects no split to score; give one or more of "
+                            f"{', '.join(SPLITS)}, e.g. splits=[validation,test]")
+        for split in splits:
+            _check_split(f"splits={splits}", split)
+    else:
+        _check_split(f"split={cfg.get('split')}", cfg.get("split"))
+
+    adapters = cfg.get("adapters")
+    if adapters is not None and not isinstance(adapters, DictConfig):
+        raise UserError(f"adapters={adapters} must map names to adapter folders (null = the pretrained model), "
+                        "e.g. adapters='{pretrained:null,npft:logs/train/runs/<run>/adapter}'")
+    for variant, adapter in variants_of(cfg).items():
+        if adapter:
+            check_adapter_folder(adapter_key(cfg, variant), adapter)
+
+    check_device("device", cfg.get("device"))
+    if cfg.get("calibration") is not None:
+        _check_calibration(cfg.calibration)
+    if task == "eval" and cfg.get("export_dir"):
+        _check_export_dir(cfg)
+    if task == "eval" and (cfg.get("gguf_out") or cfg.get("llamacpp_ppl")):
+        from npft_lightning.tasks.build import build_quantizers
+        from npft_lightning.tasks.gguf_plan import plan_gguf_export
+
+        plan_gguf_export(cfg, build_quantizers(cfg))  # ggml quantizers, a supported model, a writable file
+
+    if task == "analyze":
+        if cfg.get("outliers_on") not in OUTLIERS_ON:
+            raise UserError(f"outliers_on={cfg.get('outliers_on')} is not one of {', '.join(OUTLIERS_ON)}")
+        _check_perturbations(cfg)
+        if not cfg.get("perturb") and not cfg.get("quant"):
+            raise UserError("nothing to analyze: select perturbations (perturb=[w_uniform_element,...]) and/or quantizers (quant=[w8a8,...])")
