@@ -338,6 +338,8 @@ class KQuantizer(ImportanceLookup, WeightQuantizer):
     (:meth:`quantize_weight`, :meth:`step`).
     """
 
+    rows_independent = True  # each row is quantized on its own (noise: only rows holding selected weights)
+
     def __init__(self, qtype: str = "q4_k", name: str | None = None):
         qtype = str(qtype).lower()
         if qtype not in FORMATS:

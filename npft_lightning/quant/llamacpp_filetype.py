@@ -196,6 +196,12 @@ def tensor_types(file_type: str, tensors: Iterable[Tensor2D], shape: ModelShape,
 
 def llama_model_shape(linears: Mapping[str, nn.Linear]) -> ModelShape:
     """The :class:`ModelShape` of a llama model from its decoder linears (canonical names)."""
+    for name in linears:
+        try:
+            gguf_weight_name(name)
+        except ValueError:
+            raise UserError(f"a llama.cpp file type plans the tensors of a llama-architecture model, but the layer {name} "
+                            f"has no llama GGUF name; use a single ggml type (e.g. quant=q4_0) for this model") from None
     n_layer = 1 + max(block_index(name) for name in linears)
     q = next((l for n, l in linears.items() if n.endswith("q_proj")), None)
     k = next((l for n, l in linears.items() if n.endswith("k_proj")), None)
@@ -240,6 +246,8 @@ class LlamaCppFileType(ImportanceLookup, WeightQuantizer):
     each tensor's quantization follow llama.cpp's ``--imatrix``. ``encode_weight`` adds a field
     ``ggml_type`` (the ``GGMLQuantizationType`` value) to the chosen type's fields.
     """
+
+    rows_independent = True  # each row is quantized on its own (noise: only rows holding selected weights)
 
     bits = 8  # codes of every type fit in a byte (the artefact packs them at this width)
 
