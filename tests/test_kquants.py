@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from npft_lightning.core.env import package_dir
 from npft_lightning.core.errors import UserError
+from npft_lightning.quant.ggml_search import div, nearest_int, sqrtf
 from npft_lightning.quant.iq4 import IQ4Quantizer
 from npft_lightning.quant.kquants import KQuantizer
 from npft_lightning.quant.llamacpp_filetype import ggml_bytes, twin
@@ -81,7 +82,9 @@ def _imatrix(cols: int, seed: int = 2) -> torch.Tensor:
 @pytest.mark.parametrize("qtype", SEARCHED + WEIGHTED)
 def test_bit_exact_random_and_edge_cases(ggml_quantize, qtype: str) -> None:
     g = torch.Generator().manual_seed(0)
-    weights = [torch.randn(32, 512, generator=g) * 0.02, _edge_cases()]
+    # and a row whose Q4_K codes change if sqrtf is one unit in the last place off (torch's float32 sqrt is)
+    weights = [torch.randn(32, 512, generator=g) * 0.02, _edge_cases(),
+               torch.randn(64, 512, generator=torch.Generator().manual_seed(0))[21:22]]
     for w in weights:
         if qtype in SEARCHED:
             _assert_bit_exact(ggml_quantize, w, qtype)
@@ -130,6 +133,17 @@ def test_imatrix_changes_the_codes_as_llama_cpp_does(ggml_quantize, smollm2_tens
     # a tensor the imatrix has no entry for is quantized without it (llama.cpp: "did not find weights")
     other = twin(qtype).with_importance({"model.layers.5.mlp.down_proj": imatrix})
     assert np.array_equal(ggml_bytes(other.encode_weight(w, name=NAME), qtype), ggml_bytes(plain, qtype))
+
+
+def test_float32_primitives_are_correctly_rounded() -> None:
+    """C's ``a / b`` and ``sqrtf`` are correctly rounded; torch's ``scalar / tensor`` (a rounded reciprocal times the
+    scalar) and CPU float32 ``sqrt`` (Sleef's) are not always: the twins use ``div`` and ``sqrtf``."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(100_000, generator=g).abs() + 1e-3
+    assert np.array_equal(div(63.0, t).numpy(), np.float32(63.0) / t.numpy())
+    assert np.array_equal(sqrtf(t).numpy(), np.sqrt(t.numpy()))
+    v = torch.tensor([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.49, -3.51])
+    assert nearest_int(v).tolist() == [-2, -2, 0, 0, 2, 2, 3, -4]  # half to even, as ggml's bit trick
 
 
 @pytest.mark.parametrize("qtype", ["q3_k", "q4_k", "q5_k", "q6_k"])

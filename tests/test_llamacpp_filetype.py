@@ -199,6 +199,29 @@ def test_quant_error_noise_targets_the_file_type(tiny_llama) -> None:
     assert not torch.equal(q.quantize_weight(w, name=down), LlamaCppFileType("Q4_0").bind(linears).quantize_weight(w, name=down))
 
 
+def test_file_type_is_a_noise_target_from_the_config(tiny_llama) -> None:
+    """noise=quant_error quant=[llamacpp_q4_k_m] noise.distribution.quantizer=${quant.llamacpp_q4_k_m}: one draw puts
+    every selected weight at its value in the file (apply_noise binds the plan to the model's linears)."""
+    from hydra import compose, initialize_config_dir
+
+    from npft_lightning.core import masks as mask_ops
+    from npft_lightning.npft.noise import apply_noise, noise_generator, restore_noise
+
+    with initialize_config_dir(config_dir=str(CONF.parent), version_base="1.3"):
+        cfg = compose("train", overrides=["model=tiny-llama", "paths.output_dir=/tmp", "noise=quant_error",
+                                          "quant=[llamacpp_q4_k_m]", "noise.distribution.quantizer=${quant.llamacpp_q4_k_m}"])
+    distribution = instantiate(cfg.noise).distribution
+    linears = decoder_linears(tiny_llama)
+    original = {name: linear.weight.detach().clone() for name, linear in linears.items()}
+    masks = {name: mask_ops.AllEntries(linear.weight.numel()) for name, linear in linears.items()}
+    saved = apply_noise(linears, masks, distribution, noise_generator(0, 0, 0))
+    reference = LlamaCppFileType("Q4_K_M").bind(linears)
+    for name, linear in linears.items():
+        assert torch.equal(linear.weight, reference.quantize_weight(original[name], name=name))
+    restore_noise(linears, masks, saved)
+    assert all(torch.equal(linear.weight, original[name]) for name, linear in linears.items())
+
+
 def test_artefact_round_trip(tiny_llama, tmp_path: Path) -> None:
     linears = decoder_linears(tiny_llama)
     q = LlamaCppFileType("IQ4_XS")
@@ -214,6 +237,9 @@ def test_errors(tiny_llama, tiny_opt) -> None:
         LlamaCppFileType("Q2_K")
     with pytest.raises(UserError, match="not in the plan; bind"):
         LlamaCppFileType("Q4_K_M").quantize_weight(torch.randn(4, 64), name="model.layers.0.mlp.up_proj")
+    with pytest.raises(UserError, match="no step size for uniform_step noise; use noise=quant_error"):
+        iq4 = LlamaCppFileType("IQ4_NL").bind(decoder_linears(tiny_llama))
+        iq4.step(torch.randn(64, 64), name="model.layers.0.self_attn.q_proj")
     with pytest.raises(UserError, match=r"model\.decoder\.layers\.0\.\S+ has no llama GGUF name"):
         LlamaCppFileType("Q4_K_M").bind(decoder_linears(tiny_opt))
 

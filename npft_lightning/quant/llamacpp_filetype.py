@@ -282,9 +282,10 @@ class LlamaCppFileType(ImportanceLookup, WeightQuantizer):
         return self._types[name]
 
     def _twin(self, ggml_type: str) -> WeightQuantizer | None:
+        """The twin of ``ggml_type``, sharing this quantizer's importance matrix."""
         quantizer = twin(ggml_type)
         if isinstance(quantizer, ImportanceLookup):
-            quantizer._importance = self._importance
+            quantizer._importance = self._importance  # the same table, already keyed by GGUF names
         return quantizer
 
     def encode_weight(self, weight: Tensor, *, name: str | None = None) -> dict[str, Tensor]:
@@ -307,9 +308,13 @@ class LlamaCppFileType(ImportanceLookup, WeightQuantizer):
 
     def step(self, weight: Tensor, *, name: str | None = None) -> Tensor:
         """The step of the tensor's chosen type (F16: 0, nothing to round at this scale)."""
-        quantizer = self._twin(self.type_of(name))
+        ggml_type = self.type_of(name)
+        quantizer = self._twin(ggml_type)
         if quantizer is None:
             return torch.zeros_like(weight, dtype=torch.float32)
+        if not callable(getattr(quantizer, "step", None)):
+            raise UserError(f"quant {self.name}: {name} is {ggml_type}, whose levels are not evenly spaced, so it has no "
+                            f"step size for uniform_step noise; use noise=quant_error for this file type")
         return quantizer.step(weight, name=name)
 
     @torch.no_grad()
