@@ -34,7 +34,7 @@ from torch import Tensor
 
 from npft_lightning.core.errors import UserError
 from npft_lightning.quant.base import WeightQuantizer
-from npft_lightning.quant.ggml_search import make_qkx_quants, make_qx_quants, running_sum, sqrtf
+from npft_lightning.quant.ggml_search import by_rows, make_qkx_quants, make_qx_quants, running_sum, sqrtf
 from npft_lightning.quant.importance import ImportanceLookup
 
 BLOCK = 32  # weights per block in every legacy ggml type
@@ -114,10 +114,14 @@ def ggml_encode_weighted(weight: Tensor, qtype: str, quant_weights: Tensor, name
     fmt = FORMATS[qtype]
     if fmt.bits == 8:
         return ggml_encode(weight, qtype, name)  # quantize_q8_0 ignores the importance
+    qw = quant_weights.detach().float().to(weight.device)
     x = _blocks(weight, qtype, name).reshape(weight.shape)
+    return by_rows(lambda rows: _encode_weighted_rows(rows, fmt, qw), x, 1 if fmt.affine else 18)  # make_qx_quants: 18 scales
+
+
+def _encode_weighted_rows(x: Tensor, fmt: BlockFormat, qw: Tensor) -> dict[str, Tensor]:
     rows, cols = x.shape
     sigma2 = running_sum((x * x).T) / cols  # [rows]: Σx² of the row in C's order, over n_per_row
-    qw = quant_weights.detach().float().to(x.device)
     weights = (qw[None, :] * sqrtf(sigma2[:, None] + x * x)).reshape(-1, BLOCK).T.contiguous()
     xt = x.reshape(-1, BLOCK).T.contiguous()
     if fmt.affine:

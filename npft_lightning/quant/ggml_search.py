@@ -23,6 +23,8 @@ The per-type drivers are in :mod:`~npft_lightning.quant.kquants` and :mod:`~npft
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -89,6 +91,17 @@ def signed_absmax(x: Tensor) -> tuple[Tensor, Tensor]:
     return peak.abs(), peak
 
 
+CHUNK_VALUES = 1 << 24  # weights x candidate scales searched at once: bounds each temporary to 64 MiB
+
+
+def by_rows(encode, x: Tensor, candidates: int) -> dict[str, Tensor]:
+    """``encode(rows)`` (fields whose first dimension is the row) over chunks of the rows of ``x``, concatenated:
+    each chunk holds at most :data:`CHUNK_VALUES` weights times the ``candidates`` scales searched side by side."""
+    rows, cols = x.shape
+    parts = [encode(chunk) for chunk in x.split(max(1, min(rows, CHUNK_VALUES // (cols * candidates))))]
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
 def _pick(better: Tensor, new: Tensor, old: Tensor) -> Tensor:
     return torch.where(better, new, old)
 
@@ -98,32 +111,36 @@ def make_qx_quants(x: Tensor, nmax: int, weights: Tensor | None) -> tuple[Tensor
 
     ``weights`` None is C's ``qw = NULL`` (weights ``x²``). Symmetric grid ``scale · (L - nmax)``;
     the first least-squares scale, then the 18 scales ``-(nmax + 0.1·is) / max`` for is = -9..9.
+    Here ``|iscale · x| <= nmax + 1`` (``max`` is the largest |x|), where C's ``nearest_int`` is
+    ``torch.round`` (half to even): codes are rounded in float32, and only for the winning scale.
     """
     amax, peak = signed_absmax(x)
     w = x * x if weights is None else weights
+    wx = w * x
     iscale = div(-nmax, peak)
-    l = nearest_int(iscale * x).clamp(-nmax, nmax - 1)
-    lf = l.float()
-    sumlx = running_sum(w * x * lf)
+    lf = torch.round(iscale * x).clamp_(-nmax, nmax - 1)
+    sumlx = running_sum(wx * lf)
     suml2 = running_sum(w * lf * lf)
     scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
     best = scale * sumlx
-    codes = l + nmax
     steps = [s for s in range(-9, 10) if s != 0]
     # every candidate at once: [n, candidates, B]
     numer = np.array([-(np.float32(nmax) + np.float32(0.1) * np.float32(s)) for s in steps], dtype=np.float32)
-    numer = torch.from_numpy(numer).to(x.device)
-    isc = numer[:, None] / peak[None, :]
-    lc = nearest_int(isc[None] * x[:, None]).clamp(-nmax, nmax - 1)
-    lcf = lc.float()
-    sumlx_c = running_sum(w[:, None] * x[:, None] * lcf)
-    suml2_c = running_sum(w[:, None] * lcf * lcf)
+    isc = torch.from_numpy(numer).to(x.device)[:, None] / peak[None, :]
+    lc = torch.round(isc[None] * x[:, None]).clamp_(-nmax, nmax - 1)
+    terms = x.new_empty(x.shape[0], 2, *isc.shape)
+    torch.mul(wx[:, None], lc, out=terms[:, 0])
+    torch.mul(w[:, None] * lc, lc, out=terms[:, 1])
+    del lc
+    sumlx_c, suml2_c = running_sum(terms).unbind(0)
+    winner = iscale
     for c in range(len(steps)):
         take = (suml2_c[c] > 0) & (sumlx_c[c] * sumlx_c[c] > best * suml2_c[c])
-        codes = _pick(take[None], lc[:, c] + nmax, codes)
         new_scale = sumlx_c[c] / suml2_c[c]
         scale = _pick(take, new_scale, scale)
         best = _pick(take, new_scale * sumlx_c[c], best)
+        winner = _pick(take, isc[c], winner)
+    codes = torch.round(winner * x).clamp_(-nmax, nmax - 1).to(torch.int32) + nmax
     zero = amax < GROUP_MAX_EPS
     return torch.where(zero, torch.zeros_like(scale), scale), torch.where(zero[None], torch.zeros_like(codes), codes)
 
@@ -256,11 +273,31 @@ def make_qp_quants(x: Tensor, nmax: int, weights: Tensor) -> tuple[Tensor, Tenso
     return torch.where(zero, torch.zeros_like(scale), scale), torch.where(zero[None], torch.zeros_like(codes), codes)
 
 
-def best_index(values: Tensor, x: Tensor) -> Tensor:
-    """``best_index_int8(16, values, x)``: index of the nearest of the sorted ``values`` (ties: the upper one)."""
-    n = values.numel()
-    upper = torch.searchsorted(values, x.contiguous(), right=True).clamp(1, n - 1)
-    below, above = values[upper - 1], values[upper]
-    index = torch.where(x - below < above - x, upper - 1, upper)
-    index = torch.where(x <= values[0], torch.zeros_like(index), index)
-    return torch.where(x >= values[-1], torch.full_like(index, n - 1), index)
+@functools.lru_cache(maxsize=None)
+def _index_thresholds(levels: tuple[int, ...]) -> np.ndarray:
+    """For sorted integer ``levels``: threshold k is the least float32 x that ``best_index_int8`` maps above level k.
+
+    C picks the upper of two neighbours a < b unless ``x - a < b - x`` (both rounded to float32); the choice
+    is monotone in x, so the index of x is the number of thresholds <= x.
+    """
+    out = []
+    for a, b in zip(levels, levels[1:]):
+        a32, b32 = np.float32(a), np.float32(b)
+
+        def upper(v: np.float32) -> bool:
+            return not (np.float32(v - a32) < np.float32(b32 - v))
+
+        v = np.float32((a + b) / 2)
+        while upper(np.nextafter(v, a32)):
+            v = np.nextafter(v, a32)
+        while not upper(v):
+            v = np.nextafter(v, b32)
+        out.append(v)
+    return np.array(out, dtype=np.float32)
+
+
+def best_index(levels: tuple[int, ...], x: Tensor) -> Tensor:
+    """``best_index_int8(n, levels, x)``: index (int64) of the nearest of the sorted integer ``levels``, C's
+    float32 comparison deciding near-ties (the upper one on a tie)."""
+    thresholds = torch.from_numpy(_index_thresholds(tuple(levels))).to(x.device)
+    return torch.searchsorted(thresholds, x.contiguous(), right=True)

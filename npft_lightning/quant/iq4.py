@@ -25,6 +25,7 @@ from npft_lightning.quant.base import WeightQuantizer
 from npft_lightning.quant.ggml_search import (
     GROUP_MAX_EPS,
     best_index,
+    by_rows,
     div,
     first_argmax,
     nearest_int,
@@ -48,10 +49,8 @@ def _levels(device) -> Tensor:
 def _block_scales(xt: Tensor, weights: Tensor, values: Tensor) -> Tensor:
     """The searched scale ``d`` [B] of each block of ``xt`` [32, B] (0 for an all-zero block)."""
     amax, peak = signed_absmax(xt)
-    first = float(values[0])
-    d = div(-peak, torch.full_like(peak, first))  # ntry > 0: d = -max / values[0]
-    al = div(1, d) * xt
-    q = values[best_index(values, al)]
+    d = div(-peak, torch.full_like(peak, float(KVALUES[0])))  # ntry > 0: d = -max / values[0]
+    q = values[best_index(KVALUES, div(1, d) * xt)]
     wq = weights * q
     sumqx = running_sum(wq * xt)
     sumq2 = running_sum(wq * q)
@@ -59,10 +58,12 @@ def _block_scales(xt: Tensor, weights: Tensor, values: Tensor) -> Tensor:
     best = d * sumqx
     tries = torch.tensor([itry + KVALUES[0] for itry in range(-NTRY, NTRY + 1)], dtype=torch.float32, device=xt.device)
     ids = tries[:, None] / peak[None, :]  # [tries, B]: (itry + values[0]) / max
-    qc = values[best_index(values, ids[None] * xt[:, None])]  # [32, tries, B]
-    wqc = weights[:, None] * qc
-    sumqx_c = running_sum(wqc * xt[:, None])
-    sumq2_c = running_sum(wqc * qc)
+    qc = values[best_index(KVALUES, ids[None] * xt[:, None])]  # [32, tries, B]
+    terms = xt.new_empty(xt.shape[0], 2, *ids.shape)
+    wqc = torch.mul(weights[:, None], qc, out=terms[:, 1])
+    torch.mul(wqc, xt[:, None], out=terms[:, 0])
+    terms[:, 1].mul_(qc)
+    sumqx_c, sumq2_c = running_sum(terms).unbind(0)
     for c in range(tries.numel()):
         take = (sumq2_c[c] > 0) & (sumqx_c[c] * sumqx_c[c] > best * sumq2_c[c])
         new_d = sumqx_c[c] / sumq2_c[c]
@@ -88,7 +89,13 @@ def iq4_encode(weight: Tensor, qtype: str, quant_weights: Tensor | None = None, 
         raise UserError(f"quant {qtype}: its blocks hold {sup} weights of a row, but the {cols} input features{where} "
                         f"are not a multiple of {sup}; llama.cpp falls back to iq4_nl for such tensors: use "
                         f"quant=llamacpp_iq4_xs, which does the same")
-    x = weight.detach().float()
+    qw = None if quant_weights is None else quant_weights.detach().float().to(weight.device)
+    return by_rows(lambda rows_: _encode_rows(rows_, qtype, qw), weight.detach().float(), 2 * NTRY + 1)
+
+
+def _encode_rows(x: Tensor, qtype: str, quant_weights: Tensor | None) -> dict[str, Tensor]:
+    rows, cols = x.shape
+    sup = SUPER[qtype]
     values = _levels(x.device)
     xs = x.reshape(-1, sup).T.contiguous()
     sigma2 = running_sum(xs * xs) * (2.0 / sup)  # [S], C: sigma2 *= 2.f/super_block_size
@@ -97,12 +104,12 @@ def iq4_encode(weight: Tensor, qtype: str, quant_weights: Tensor | None = None, 
     if quant_weights is None:
         weights = xt * xt
     else:
-        qw = quant_weights.detach().float().to(x.device)[None, :].expand(rows, cols).reshape(-1, BLOCK).T
+        qw = quant_weights[None, :].expand(rows, cols).reshape(-1, BLOCK).T
         weights = qw * sqrtf(sigma2.repeat_interleave(n_sub)[None] + xt * xt)
     scales = _block_scales(xt, weights, values)
     if qtype == "iq4_nl":
         d = scales.half().float()
-        codes = best_index(values, _reciprocal(scales)[None] * xt)
+        codes = best_index(KVALUES, _reciprocal(scales)[None] * xt)
         return {"codes": codes.T.reshape(rows, cols).to(torch.uint8), "d": d.reshape(rows, cols // BLOCK)}
     scales = scales.reshape(-1, n_sub)
     picked = scales.gather(1, first_argmax(scales.abs().T)[:, None])[:, 0]
@@ -110,7 +117,7 @@ def iq4_encode(weight: Tensor, qtype: str, quant_weights: Tensor | None = None, 
     d = -max_scale / 32
     l = nearest_int(_reciprocal(d)[:, None] * scales).clamp(-32, 31)
     dl = (d[:, None] * l.float()).reshape(-1)
-    codes = best_index(values, _reciprocal(dl)[None] * xt)
+    codes = best_index(KVALUES, _reciprocal(dl)[None] * xt)
     return {"codes": codes.T.reshape(rows, cols).to(torch.uint8), "d": d.half().float().reshape(rows, cols // sup),
             "sub_scales": (l + 32).to(torch.uint8).reshape(rows, cols // BLOCK)}
 

@@ -32,6 +32,7 @@ from npft_lightning.quant.ggml_search import (
     GROUP_MAX_EPS,
     as_int8,
     as_uint8,
+    by_rows,
     div,
     first_argmax,
     make_q3_quants,
@@ -45,7 +46,6 @@ from npft_lightning.quant.ggml_search import (
 from npft_lightning.quant.importance import ImportanceLookup
 
 QK_K = 256  # weights per super-block
-_CHUNK_VALUES = 1 << 24  # weights x candidate scales searched at once: bounds the temporaries (64 MiB each)
 
 
 @dataclass(frozen=True)
@@ -242,10 +242,6 @@ _ENCODERS = {3: _encode_q3, 4: _encode_q4_q5, 5: _encode_q4_q5, 6: _encode_q6}
 _PARALLEL_CANDIDATES = {3: 18, 4: 1, 5: 1, 6: 18}  # scales searched side by side (make_qx_quants: 18; make_qkx: one at a time)
 
 
-def _rows_per_chunk(rows: int, cols: int, bits: int) -> int:
-    return max(1, min(rows, _CHUNK_VALUES // (cols * _PARALLEL_CANDIDATES[bits])))
-
-
 def kquant_encode(weight: Tensor, qtype: str, quant_weights: Tensor | None = None, name: str | None = None) -> dict[str, Tensor]:
     """The fields of a K-quant: ``codes`` [rows, cols] uint8 (< 2^bits), ``d`` [rows, cols / 256] float32
     (float16 values), ``sub_scales`` [rows, cols / sub] uint8 (Q3_K: sc + 32; Q6_K: the int8 byte),
@@ -256,8 +252,7 @@ def kquant_encode(weight: Tensor, qtype: str, quant_weights: Tensor | None = Non
     check_superblocks(cols, qtype, name)
     x = weight.detach().float()
     qw = None if quant_weights is None else quant_weights.detach().float().to(x.device)
-    parts = [_ENCODERS[fmt.bits](chunk, fmt, qw) for chunk in x.split(_rows_per_chunk(rows, cols, fmt.bits))]
-    fields = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    fields = by_rows(lambda rows_: _ENCODERS[fmt.bits](rows_, fmt, qw), x, _PARALLEL_CANDIDATES[fmt.bits])
     n_sb = cols // QK_K
     out = {"codes": fields["codes"].to(torch.uint8), "d": fields["d"].reshape(rows, n_sb)}
     if fmt.affine:
