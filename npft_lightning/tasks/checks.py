@@ -25,7 +25,6 @@ from npft_lightning.tasks.check_values import (
 # Lightning's precision names (lightning.fabric.connector._PRECISION_INPUT_STR), the ones that make sense here first.
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32", "16", "bf16", "64")
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "tpu", "auto")
-LR_DECAYS = ("linear", "cosine", "constant")
 # ``ckpt_path`` values Lightning resolves itself instead of reading a file.
 CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 
@@ -160,6 +159,8 @@ def _check_peft(peft: DictConfig) -> None:
 
 
 def _check_training(cfg: DictConfig) -> None:
+    from npft_lightning.training.lr_schedule import LR_DECAYS
+
     lr = (cfg.get("optimizer") or {}).get("lr")
     if lr is not None and (not is_number(lr) or lr <= 0):
         raise UserError(f"optimizer.lr={lr} must be a positive finite number, e.g. 5e-5")
