@@ -1,6 +1,6 @@
 """Human-readable results: the before/after table of one run, and the report over a Hydra sweep.
 
-    python -m npft_lightning report logs/train/multiruns/<date>_<time>    # report.md, report.csv, ppl_vs_<key>.png
+    python -m npft_lightning report logs/npft_smollm2/multiruns/<date>_<time>    # report.md, report.csv, ppl_vs_<key>.png
 
 The sweep report reads every job's ``.hydra/overrides.yaml`` and ``metrics.json``; the swept keys
 are the overrides whose value differs between jobs. The control (``noise=none`` or ``noise.scale=0``)
