@@ -119,7 +119,7 @@ def validate_scoring_config(cfg: DictConfig, task: str) -> None:
     adapters = cfg.get("adapters")
     if adapters is not None and not isinstance(adapters, DictConfig):
         raise UserError(f"adapters={adapters} must map names to adapter folders (null = the pretrained model), "
-                        "e.g. adapters='{pretrained:null,npft:logs/train/runs/<run>/adapter}'")
+                        "e.g. adapters='{pretrained:null,npft:logs/npft_smollm2/runs/<run>/adapter}'")
     for variant, adapter in variants_of(cfg).items():
         if adapter:
             check_adapter_folder(adapter_key(cfg, variant), adapter)
