@@ -9,6 +9,8 @@ At a perturbed step the training loss must equal that of a plain model holding t
 W + ΔW with the selected entries moved by the step's draw (for ``quant_error``: Q(W + ΔW), computed
 here from the quantizer directly); at a clean step the forward reads W bit for bit; ``noise/scale``
 logs 0 on clean steps; after every step the base weights are bit-identical to before the fit.
+Validation inside the epoch reads the clean weights and training goes on with the right draw; an
+exception inside a perturbed step leaves the base weights clean.
 """
 
 from __future__ import annotations
@@ -194,3 +196,54 @@ def test_each_step_sees_its_draw_or_the_clean_weights_and_ends_clean(kind, selec
             assert moved > 0
         # and the training loss is that of a plain model holding the effective merged weight
         assert probe.loss[step] == pytest.approx(merged_loss(expected, probe.batch[step]), rel=1e-5, abs=0)
+
+
+@pytest.mark.parametrize("schedule", ["per_step", "per_epoch"])
+def test_validation_inside_training_sees_clean_weights_and_training_resumes_with_its_noise(schedule):
+    """Validation after steps 2 and 4 (``val_check_interval=2``) reads the clean weights; the steps after it see their
+    own draw (per step) or the epoch's draw again (per epoch, re-applied after validation)."""
+    steps = 5
+    module, clean, noise, probe, _ = fit_recipe("uniform_step", "index", schedule=schedule, step_probability=1.0, steps=steps,
+                                                val_check_interval=2, limit_val_batches=1)
+    assert len(probe.validation_seen) == 2  # two validations inside the epoch, one batch each
+    for seen in probe.validation_seen:
+        assert seen.keys() == clean.keys() and all(torch.equal(seen[n], clean[n]) for n in clean), "validation saw noise"
+    assert sorted(probe.seen) == list(range(steps))
+    for step in range(steps):
+        copies = {n: types.SimpleNamespace(weight=w.clone()) for n, w in clean.items()}
+        draw = noise_generator(SEED, 0, step if schedule == "per_step" else -1)
+        apply_noise(copies, module.outlier_masks, copy.deepcopy(noise.distribution), draw)
+        assert any(not torch.equal(copies[n].weight, clean[n]) for n in clean)
+        assert all(torch.equal(probe.seen[step][n], copies[n].weight) for n in clean), f"step {step} did not see its draw"
+        held = probe.after[step] if schedule == "per_epoch" else clean  # the epoch's draw stays between steps
+        assert all(torch.equal(probe.after[step][n], held[n]) for n in clean)
+    # the fit ends with the clean weights in place
+    assert all(torch.equal(lin.weight, clean[n]) for n, lin in module.decoder_linears().items())
+
+
+class FailAt(Callback):
+    """Test-only: raise inside the training step ``step`` (before its backward), noting whether the weights were perturbed."""
+
+    def __init__(self, step: int, clean: dict[str, torch.Tensor]):
+        self.step, self.clean = step, clean
+        self.perturbed_when_raised: bool | None = None
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        if trainer.global_step == self.step:
+            linears = pl_module.decoder_linears()
+            self.perturbed_when_raised = any(not torch.equal(linears[n].weight, w) for n, w in self.clean.items())
+            raise RuntimeError("test failure inside a perturbed step")
+
+
+@pytest.mark.parametrize("kind, schedule, step_probability", [("quant_error", "per_step", STEP_PROBABILITY),
+                                                              ("uniform_step", "per_epoch", 1.0)])
+def test_an_exception_inside_a_perturbed_step_leaves_the_base_weights_clean(kind, schedule, step_probability):
+    module, dm = make_module(), make_datamodule()
+    clean = {n: lin.weight.detach().clone() for n, lin in module.decoder_linears().items()}
+    noise = NoisePerturbation(KINDS[kind](), schedule=schedule, seed=SEED, step_probability=step_probability)
+    fail = FailAt(2, clean)  # step 2 is perturbed (PERTURBED)
+    trainer = make_trainer([OutlierSelection(SELECTORS["all"][0]()), noise, fail])
+    with pytest.raises(RuntimeError, match="test failure inside a perturbed step"):
+        trainer.fit(module, datamodule=dm)
+    assert fail.perturbed_when_raised is True
+    assert all(torch.equal(lin.weight, clean[n]) for n, lin in module.decoder_linears().items())
