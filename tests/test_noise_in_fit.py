@@ -24,7 +24,8 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 from lightning.pytorch.callbacks import Callback
-from test_callbacks import make_datamodule, make_module
+from peft import LoraConfig
+from test_callbacks import TARGETS, make_datamodule, make_module
 
 from npft_lightning.core import masks as mask_ops
 from npft_lightning.core.layers import decoder_linears
@@ -39,6 +40,7 @@ from npft_lightning.npft.noise import (
 from npft_lightning.npft.outliers import OutlierSelector
 from npft_lightning.quant import RTN
 from npft_lightning.training.callbacks import NoisePerturbation, OutlierSelection
+from npft_lightning.training.module import NPFTModule
 
 SEED, STEP_PROBABILITY, STEPS = 26, 0.15, 4
 PERTURBED = {0, 2}  # what seed 26 draws for steps 0-3 at q = 0.15; checked below against the callback
@@ -247,3 +249,35 @@ def test_an_exception_inside_a_perturbed_step_leaves_the_base_weights_clean(kind
         trainer.fit(module, datamodule=dm)
     assert fail.perturbed_when_raised is True
     assert all(torch.equal(lin.weight, clean[n]) for n, lin in module.decoder_linears().items())
+
+
+def test_bf16_weights_take_the_documented_exact_error_and_come_back_bit_exactly():
+    """bf16 base weights (``model.dtype=bfloat16``) under the default recipe: at a perturbed step each weight is
+    W + δ rounded once to bf16, with δ = Q(W') − W' and W' = W + ΔW in float32 (``apply_noise`` / ``QuantErrorNoise``);
+    a clean step reads W, and after every step W is back bit for bit."""
+    module = NPFTModule(make_tiny_llama().to(torch.bfloat16), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    clean = {n: lin.weight.detach().clone() for n, lin in module.decoder_linears().items()}
+    assert all(w.dtype == torch.bfloat16 for w in clean.values())
+    noise = NoisePerturbation(QuantErrorNoise(RTN(4)), seed=SEED, step_probability=STEP_PROBABILITY)
+    probe = ForwardProbe()
+    make_trainer([OutlierSelection(OutlierSelector(method="all")), noise, probe]).fit(module, datamodule=make_datamodule())
+
+    assert sorted(probe.seen) == list(range(STEPS))
+    for step in range(STEPS):
+        assert all(torch.equal(probe.after[step][n], clean[n]) for n in clean), f"step {step} left noise behind"
+        seen = probe.seen[step]
+        if step not in PERTURBED:
+            assert all(torch.equal(seen[n], clean[n]) for n in clean), f"clean step {step} saw noise"
+            continue
+        changed = 0
+        for name, w in clean.items():
+            merged = w.float() + probe.deltas[step][name].float()
+            error = RTN(4).quantize_weight(merged) - merged
+            expected = (w.float() + error).to(torch.bfloat16)
+            assert seen[name].dtype == torch.bfloat16 and torch.equal(seen[name], expected), f"step {step}: {name}"
+            changed += int((seen[name] != w).sum())
+        assert changed > 0
