@@ -69,6 +69,9 @@ CASES = {
     "missing model folder": (["model=local", "model.path=/nonexistent/model"], "model.path=/nonexistent/model does not exist"),
     "model folder not given": (["model=local"], "model.path has no value (??? in the config): give it on the command line, model.path=..."),
     "folder without config.json": (["model=local", "model.path={notamodel}"], "model.path={notamodel} has no config.json"),
+    "model weights truncated": (["model=local", "model.path={brokenmodel}"],
+                                "model.path={brokenmodel} cannot be loaded (SafetensorError: Error while deserializing header"),
+    "model config not JSON": (["model=local", "model.path={badconfig}"], "model.path={badconfig} cannot be loaded (OSError: "),
     "unreadable text file": ([*TINY, "data=text_files", "data.corpus.train=[/nonexistent/corpus.txt]"],
                              "data.corpus.train: /nonexistent/corpus.txt matches no readable file"),
     "empty corpus": ([*TINY, "data=text_files", "data.corpus.train=[{empty}]"], "data.corpus.train: {empty} is empty (0 bytes)"),
@@ -224,6 +227,14 @@ def assets(tmp_path_factory) -> dict[str, str]:
     (root / "hf").mkdir()  # an empty Hugging Face home: no hub model is cached
     (root / "unloadable").mkdir()
     (root / "unloadable" / "config.json").write_text("{}")  # passes the config checks, fails to load
+    from conftest import make_tiny_llama  # a llama folder with its weights cut in half / its config not JSON
+
+    for name in ("brokenmodel", "badconfig"):
+        make_tiny_llama().save_pretrained(root / name)
+        ByteTokenizer().save_pretrained(root / name)
+    weights = root / "brokenmodel" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (root / "badconfig" / "config.json").write_text("{not json")
     adapter = tiny_adapter(root / "adapter")
     for name in ("noweights", "badjson", "truncated"):
         (root / name).mkdir()
@@ -250,7 +261,8 @@ def assets(tmp_path_factory) -> dict[str, str]:
         (root / "sweep" / job / ".hydra").mkdir(parents=True)
         (root / "sweep" / job / ".hydra" / "overrides.yaml").write_text(f"- noise.scale={job}\n")
     (root / "sweep" / "1" / "metrics.json").write_text("{truncated")
-    names = ("afile", "garbage.ckpt", "empty.txt", "short.txt", "notamodel", "neox", "hf", "unloadable", "adapter", "noweights",
+    names = ("afile", "garbage.ckpt", "empty.txt", "short.txt", "notamodel", "neox", "hf", "unloadable", "brokenmodel", "badconfig",
+             "adapter", "noweights",
              "badjson", "truncated", "exports", "lonely/last.ckpt", "other.yaml", "sweep", "plain.pt")
     return {name.split("/")[0]: str(root / name) for name in names} | {"tmp": str(root), "ckpt": str(root / "trained" / "checkpoints" / "last.ckpt")}
 
