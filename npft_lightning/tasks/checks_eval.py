@@ -21,6 +21,7 @@ from npft_lightning.tasks.check_values import (
     check_device,
     check_length,
     is_int,
+    is_number,
     positive_int,
 )
 
@@ -101,6 +102,14 @@ def _check_perturbations(cfg: DictConfig) -> None:
         magnitudes = p.get("magnitudes") if isinstance(p, DictConfig) else None
         if magnitudes is not None and not isinstance(magnitudes, ListConfig):
             raise UserError(f"perturb.{name}.magnitudes={magnitudes} must be a list, e.g. perturb.{name}.magnitudes=[{magnitudes}]")
+        if magnitudes is not None and not all(is_number(m) and m >= 0 for m in magnitudes):
+            raise UserError(f"perturb.{name}.magnitudes={list(magnitudes)} must be a non-empty list of finite numbers >= 0")
+        ratio = p.get("ratio") if isinstance(p, DictConfig) else None
+        if ratio is not None and not (is_number(ratio) and 0 < ratio <= 100):
+            raise UserError(f"perturb.{name}.ratio={ratio} must be a percentage in (0, 100]")
+        group = p.get("group_size") if isinstance(p, DictConfig) else None
+        if group is not None and not (is_int(group) and group > 0):
+            raise UserError(f"perturb.{name}.group_size={group} must be a positive divisor of the features, or null")
     build_perturbations(cfg)  # each kind's constructor checks its values (empty magnitudes among them)
 
 
