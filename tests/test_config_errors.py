@@ -53,7 +53,7 @@ CASES = {
     "ratio above 100": ([*TINY, "outliers.ratio=150"], "outliers.ratio=150 must be a percentage in (0, 100]"),
     "unknown outlier budget": ([*TINY, "outliers.budget=half"], "outliers budget='half' is not one of per_matrix, global, adaptive"),
     "unknown outlier method": ([*TINY, "outliers.method=hessian"], "outliers method='hessian' is not one of"),
-    "no calibration windows": ([*TINY, "outliers.calibration_windows=0"], "outliers calibration_windows=0 must be an integer >= 1"),
+    "no calibration windows": ([*TINY, "outliers.calibration_windows=0"], "outliers.calibration_windows=0 must be an integer >= 1"),
     "batch size zero": ([*TINY, "data.batch_size=0"], "data.batch_size=0 must be an integer >= 1"),
     "lora rank zero": ([*TINY, "peft.r=0"], "peft.r=0 must be an integer >= 1"),
     "learning rate zero": ([*TINY, "optimizer.lr=0"], "optimizer.lr=0 must be a positive finite number"),
