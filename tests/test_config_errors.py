@@ -24,6 +24,8 @@ TINY = ["model=tiny-llama", "data.eval_seq_len=128", "data.max_eval_windows=1"]
 SMALL = [*TINY, "data.seq_len=64", "outliers.calibration_windows=2", "outliers.calibration_length=64", "curvature=null"]
 PROGRESS_BAR = re.compile(r"\d+%\|.*\|")
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the message is the one for a machine without a GPU")
+LLAMACPP = pytest.mark.skipif(not __import__("npft_lightning.quant.llamacpp", fromlist=["x"]).llama_cpp_installed(),
+                              reason="the llamacpp extra is not installed (make llamacpp): the check comes after that one")
 
 # name: (overrides, the text the one line must contain). "{x}" fields are the files of the `assets` fixture.
 CASES = {
@@ -147,6 +149,29 @@ ENTRY_CASES = {
                                                    "gguf_out: llama.cpp needs the tokenizer in the file, and model 'local' has no GGUF"),
     "eval: gguf_out under a file": ("eval.py", [*SCORE_TINY, "quant=q4_0", "gguf_out={afile}/m.gguf"],
                                     "gguf_out={afile}/m.gguf: the folder {afile} cannot be created or written ({afile} is a file, not a folder)"),
+    "eval: unknown llama.cpp file type": ("eval.py", [*UNLOADABLE, "llamacpp_types=[Q4_K_M,Q4_K_X]", "gguf_out={tmp}/m.gguf"],
+                                          "llamacpp_types: 'Q4_K_X' is not a llama.cpp file type this quantizer writes; choose from "
+                                          "Q4_0, Q4_1, Q5_0"),
+    "eval: llama.cpp files without gguf_out": ("eval.py", [*UNLOADABLE, "llamacpp_types=[Q4_K_M]"],
+                                               "llamacpp_types=['Q4_K_M'] writes GGUF files: set gguf_out=<file>.gguf"),
+    "eval: imatrix without llama.cpp types": ("eval.py", [*UNLOADABLE, "imatrix=true"],
+                                              "imatrix=true weights llama.cpp's quantizer, but llamacpp_types is empty"),
+    "eval: imatrix not a choice": ("eval.py", [*UNLOADABLE, "llamacpp_types=[Q4_0]", "imatrix=always"],
+                                   "imatrix=always is not one of true, false, both"),
+    "eval: imatrix without calibration data": ("eval.py", [*UNLOADABLE, "llamacpp_types=[Q4_0]", "imatrix=both",
+                                                           "gguf_out={tmp}/m.gguf", "calibration=null"],
+                                               "imatrix=both is computed on calibration windows of the train split, but "
+                                               "calibration.windows / calibration.length are not set"),
+    "eval: llama.cpp type of a non-llama model": ("eval.py", ["model=tiny-opt", *SCORE_TINY[1:], "llamacpp_types=[Q4_K_M]",
+                                                              "gguf_out={tmp}/m.gguf"],
+                                                  "llamacpp_types: model tiny-opt has architecture 'opt'; the GGUF export supports llama"),
+    "eval: llama.cpp type whose blocks do not divide the rows": ("eval.py", [*SCORE_TINY, "model.tiny.hidden_size=48",
+                                                                             "llamacpp_types=[Q4_K_M]", "gguf_out={tmp}/m.gguf"],
+                                                                 "llamacpp_types: Q4_K_M cannot quantize the decoder linears with 48 "
+                                                                 "input features: Q4_K's 256-wide blocks (and any fallback) do not "
+                                                                 "divide 48, so llama.cpp would store them as F16"),
+    "eval: llama.cpp files under a file": ("eval.py", [*SCORE_TINY, "llamacpp_types=[Q4_K_M]", "gguf_out={afile}/m.gguf"],
+                                           "gguf_out={afile}/m-F32.gguf: the folder {afile} cannot be created or written"),
     "eval: unknown device": ("eval.py", [*UNLOADABLE, "device=tpu"], "device=tpu is not one of cpu, cuda, cuda:<index>, mps"),
     "eval: GPU device without a GPU": pytest.param("eval.py", [*UNLOADABLE, "device=cuda"], "device=cuda needs a CUDA GPU, but none is visible",
                                                    marks=NO_GPU),
@@ -164,6 +189,10 @@ ENTRY_CASES = {
                                          "data.eval_seq_len=100000 is longer than the model's context of 512"),
     "eval: calibration window longer than context": ("eval.py", [*SCORE_TINY, "quant=gptq4", "calibration.length=4096"],
                                                      "calibration.length=4096 is longer than the model's context of 512"),
+    "eval: imatrix on a train split shorter than a window": pytest.param(
+        "eval.py", [*SCORE_TINY, "data=text_files", "data.corpus.train=[{short}]", "data.corpus.validation=[{short}]",
+                    "data.eval_seq_len=16", "llamacpp_types=[Q8_0]", "imatrix=true", "gguf_out={tmp}/m.gguf"],
+        "the train split of text_files has 40 tokens, fewer than one calibration window of 64", marks=LLAMACPP),
     "eval: group size not dividing": ("eval.py", [*SCORE_TINY, "quant=rtn4_g32", "quant.rtn4_g32.group_size=48"],
                                       "quant.rtn4_g32.group_size=48 does not divide the 64 input features of model.layers.0"),
     # --- analyze.py

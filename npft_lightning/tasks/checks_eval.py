@@ -143,6 +143,10 @@ def validate_scoring_config(cfg: DictConfig, task: str) -> None:
         from npft_lightning.tasks.gguf_plan import plan_gguf_export
 
         plan_gguf_export(cfg, build_quantizers(cfg))  # ggml quantizers, a supported model, a writable file
+    if task == "eval" and (cfg.get("llamacpp_types") or cfg.get("imatrix")):
+        from npft_lightning.tasks.gguf_plan import plan_llamacpp_files
+
+        plan_llamacpp_files(cfg)  # known file types, an imatrix with calibration windows, a llama model, writable files
 
     if task == "analyze":
         if cfg.get("outliers_on") not in OUTLIERS_ON:
