@@ -16,6 +16,11 @@ where ``/ d`` is a multiplication by the float32 reciprocal ``1/d`` (0 for an al
 ``d``, values decoded with the rounded one, as ggml does. The fake-quant values are therefore bit
 for bit ``gguf.quants.dequantize(gguf.quants.quantize(w, type), type)`` and :func:`ggml_blocks`
 gives bit for bit the bytes a GGUF file stores (both tested against the ``gguf`` package).
+
+With an importance matrix (llama.cpp's ``--imatrix``, :meth:`GGMLQuantizer.with_importance`) the
+scale is searched instead, as ggml's ``quantize_row_q*_impl`` do (:func:`ggml_encode_weighted`):
+each weight's squared error counts ``imatrix[column] · sqrt(σ² + x²)``, σ² the mean x² of its row;
+Q4_0 / Q5_0 by ``make_qx_quants``, Q4_1 / Q5_1 by ``make_qkx3_quants``; Q8_0 ignores it, as ggml does.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from torch import Tensor
 
 from npft_lightning.core.errors import UserError
 from npft_lightning.quant.base import WeightQuantizer
+from npft_lightning.quant.ggml_search import make_qkx_quants, make_qx_quants, running_sum, sqrtf
+from npft_lightning.quant.importance import ImportanceLookup
 
 BLOCK = 32  # weights per block in every legacy ggml type
 
@@ -101,6 +108,27 @@ def ggml_encode(weight: Tensor, qtype: str, name: str | None = None) -> dict[str
     return {"codes": codes, "d": d.half().float()[..., 0], **extra}
 
 
+def ggml_encode_weighted(weight: Tensor, qtype: str, quant_weights: Tensor, name: str | None = None) -> dict[str, Tensor]:
+    """:func:`ggml_encode`'s fields as llama.cpp writes them with an importance matrix: ``quant_weights``
+    [cols] is the tensor's imatrix entry (the importance of each input column)."""
+    fmt = FORMATS[qtype]
+    if fmt.bits == 8:
+        return ggml_encode(weight, qtype, name)  # quantize_q8_0 ignores the importance
+    x = _blocks(weight, qtype, name).reshape(weight.shape)
+    rows, cols = x.shape
+    sigma2 = running_sum((x * x).T) / cols  # [rows]: Σx² of the row in C's order, over n_per_row
+    qw = quant_weights.detach().float().to(x.device)
+    weights = (qw[None, :] * sqrtf(sigma2[:, None] + x * x)).reshape(-1, BLOCK).T.contiguous()
+    xt = x.reshape(-1, BLOCK).T.contiguous()
+    if fmt.affine:
+        scale, the_min, codes = make_qkx_quants(xt, weights, fmt.levels, -0.9, 0.05, 36)
+        extra = {"m": (-the_min).half().float().reshape(rows, -1)}
+    else:
+        scale, codes = make_qx_quants(xt, 2 ** (fmt.bits - 1), weights)
+        extra = {}
+    return {"codes": codes.T.reshape(rows, cols).to(torch.uint8), "d": scale.half().float().reshape(rows, -1), **extra}
+
+
 def ggml_decode(payload: Mapping[str, Tensor], qtype: str) -> Tensor:
     """Float32 weight from :func:`ggml_encode`'s fields (the same float32 products and sums as ggml)."""
     fmt = FORMATS[qtype]
@@ -138,11 +166,13 @@ def ggml_blocks(payload: Mapping[str, Tensor], qtype: str) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(rows, -1))
 
 
-class GGMLQuantizer(WeightQuantizer):
+class GGMLQuantizer(ImportanceLookup, WeightQuantizer):
     """A ggml legacy block type (``qtype`` = q4_0, q4_1, q5_0, q5_1 or q8_0) as an ordinary weight quantizer.
 
     Usable for fake-quant validation, ``eval.py``, the packed artefact (``export_dir=``), the GGUF
     export (``gguf_out=``) and as the target of the noise (:meth:`step`, :meth:`quantize_weight`).
+    With an importance matrix (:meth:`~npft_lightning.quant.importance.ImportanceLookup.with_importance`)
+    the tensors found in it are quantized as llama.cpp's ``--imatrix`` does.
     """
 
     def __init__(self, qtype: str = "q4_0", name: str | None = None):
@@ -162,11 +192,14 @@ class GGMLQuantizer(WeightQuantizer):
 
     def encode_weight(self, weight: Tensor, *, name: str | None = None) -> dict[str, Tensor]:
         """``codes`` [rows, cols] uint8, ``d`` (and ``m`` for Q4_1 / Q5_1) [rows, cols / 32] float32."""
+        importance = self.importance_of(name, weight.shape[1])
+        if importance is not None:
+            return ggml_encode_weighted(weight, self.qtype, importance, name)
         return ggml_encode(weight, self.qtype, name)
 
     def decode_weight(self, payload: Mapping[str, Tensor]) -> Tensor:
         return ggml_decode(payload, self.qtype)
 
-    def step(self, weight: Tensor) -> Tensor:
+    def step(self, weight: Tensor, *, name: str | None = None) -> Tensor:
         """Per-element quantization step Δ = |d16| of the element's block, [rows, cols] float32 (0 in an all-zero block)."""
-        return ggml_encode(weight, self.qtype)["d"].abs().repeat_interleave(BLOCK, dim=1)
+        return self.encode_weight(weight, name=name)["d"].abs().repeat_interleave(BLOCK, dim=1)
