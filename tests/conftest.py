@@ -1,9 +1,13 @@
-"""Shared fixtures: tiny randomly initialised LLaMA- and OPT-shaped causal LMs (no download)."""
+"""Shared fixtures: tiny randomly initialised LLaMA- and OPT-shaped causal LMs (no download), and llama.cpp's own
+quantizer (``ggml_quantize_chunk``) as the reference of the ggml twins."""
 
 from __future__ import annotations
 
+import ctypes
+from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -75,3 +79,30 @@ def tiny_opt() -> OPTForCausalLM:
 def token_windows() -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, VOCAB, (4, 32), generator=g)
+
+
+@pytest.fixture(scope="session")
+def ggml_quantize():
+    """``f(weight [rows, cols], ggml type name, imatrix [cols] or None) -> bytes [rows, row_size]``: what llama.cpp's
+    quantizer writes for the rows of ``weight`` (``ggml_quantize_chunk`` of the installed llama-cpp-python's ggml)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="the llamacpp extra (make llamacpp) holds llama.cpp's quantizer")
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+
+    def quantize(weight: torch.Tensor, qtype: str, imatrix: torch.Tensor | None = None) -> np.ndarray:
+        gtype = GGMLQuantizationType[qtype.upper()]
+        x = np.ascontiguousarray(weight.detach().float().cpu().numpy())
+        rows, cols = x.shape
+        block, size = GGML_QUANT_SIZES[gtype]
+        out = np.zeros((rows, cols // block * size), dtype=np.uint8)
+        im = None if imatrix is None else np.ascontiguousarray(imatrix.float().cpu().numpy())
+        written = lib.ggml_quantize_chunk(int(gtype), x.ctypes.data, out.ctypes.data, 0, rows, cols,
+                                          None if im is None else im.ctypes.data)
+        assert written == out.size
+        return out
+
+    return quantize

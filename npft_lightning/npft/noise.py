@@ -61,6 +61,8 @@ class NoiseDistribution:
     """Base class: ``sample`` returns float32 δ for the flat ``indices`` of ``weight`` (all entries for ``None``).
 
     ``needs_merged``: ``sample`` is given the merged weight W + ΔW_lora instead of the base W.
+    ``name`` is the canonical name of the weight's linear, for target quantizers that choose per
+    tensor (a llama.cpp file type, an importance matrix); :meth:`bind` shows them the whole model first.
     """
 
     enabled: bool = True
@@ -81,8 +83,15 @@ class NoiseDistribution:
             raise ValueError(f"noise scale={value} must be a finite number >= 0 (0 turns the noise off)")
         self._scale = value
 
-    def sample(self, weight: Tensor, indices: Tensor | None, generator: torch.Generator) -> Tensor:
+    def sample(self, weight: Tensor, indices: Tensor | None, generator: torch.Generator, name: str | None = None) -> Tensor:
         raise NotImplementedError
+
+    def bind(self, linears: Mapping[str, nn.Linear]) -> None:
+        """Called with all the linears before a draw: a target quantizer that plans per tensor plans here."""
+        quantizer = getattr(self, "quantizer", None)
+        bind = getattr(quantizer, "bind", None)
+        if callable(bind):
+            bind(linears)
 
     def __repr__(self) -> str:
         fields = {k.lstrip("_"): v for k, v in vars(self).items()}
@@ -112,7 +121,7 @@ class NPFTPaperNoise(NoiseDistribution):
         self.per_channel = bool(per_channel)
         self.center = center
 
-    def sample(self, weight: Tensor, indices: Tensor | None, generator: torch.Generator) -> Tensor:
+    def sample(self, weight: Tensor, indices: Tensor | None, generator: torch.Generator, name: str | None = None) -> Tensor:
         k = _count(weight, indices)
         if k == 0:
             return torch.zeros(0)
@@ -167,10 +176,10 @@ class UniformStepNoise(NoiseDistribution):
         self.sym = bool(sym)
         self.per_channel = bool(per_channel)
 
-    def step(self, weight: Tensor, indices: Tensor | None) -> Tensor:
+    def step(self, weight: Tensor, indices: Tensor | None, name: str | None = None) -> Tensor:
         """Quantization step Δ (float32, CPU) at each flat index (every entry for ``None``)."""
         if self.quantizer is not None:
-            return _at(self.quantizer.step(weight.detach().float()), indices).float().cpu()
+            return _at(self.quantizer.step(weight.detach().float(), name=name), indices).float().cpu()
         if not self.per_channel:
             scale, _ = rtn_params(weight.detach().reshape(1, -1), self.bits, None, self.sym)
             return scale.reshape(1).cpu().expand(_count(weight, indices)).clone()
@@ -182,12 +191,12 @@ class UniformStepNoise(NoiseDistribution):
         group = cols // (weight.shape[-1] if self.group_size is None else self.group_size)
         return scale.cpu()[inverse, group]
 
-    def sample(self, weight: Tensor, indices: Tensor | None, generator: torch.Generator) -> Tensor:
+    def sample(self, weight: Tensor, indices: Tensor | None, generator: torch.Generator, name: str | None = None) -> Tensor:
         k = _count(weight, indices)
         if k == 0:
             return torch.zeros(0)
         unit = torch.rand(k, generator=generator) - 0.5  # U[-1/2, 1/2]
-        return unit * self.step(weight, indices) * self.scale
+        return unit * self.step(weight, indices, name) * self.scale
 
 
 class GaussianNoise(NoiseDistribution):
@@ -197,7 +206,7 @@ class GaussianNoise(NoiseDistribution):
         super().__init__(scale)
         self.per_channel = bool(per_channel)
 
-    def sample(self, weight: Tensor, indices: Tensor | None, generator: torch.Generator) -> Tensor:
+    def sample(self, weight: Tensor, indices: Tensor | None, generator: torch.Generator, name: str | None = None) -> Tensor:
         k = _count(weight, indices)
         if k == 0:
             return torch.zeros(0)
@@ -212,14 +221,21 @@ class GaussianNoise(NoiseDistribution):
         return torch.randn(k, generator=generator) * sigma * self.scale
 
 
-def quantization_error(quantizer: WeightQuantizer, weight: Tensor, indices: Tensor | None = None) -> Tensor:
+def quantization_error(quantizer: WeightQuantizer, weight: Tensor, indices: Tensor | None = None, name: str | None = None) -> Tensor:
     """Q(w) − w in float32, flat at ``indices`` (the whole matrix for ``None``): the quantizer's own fused
-    form when it has one (RTN: only the selected entries are rounded), else quantize all and subtract."""
+    form when it has one (RTN: only the selected entries are rounded); for a quantizer whose rows are
+    quantized independently (``rows_independent``: the ggml types) only the rows holding ``indices``;
+    else quantize all and subtract. ``name``: the weight's linear, for quantizers that choose per tensor."""
     fused = getattr(quantizer, "quantization_error", None)
     if callable(fused):
         return fused(weight, indices)
     w = weight.float()
-    return _at(quantizer.quantize_weight(w).float() - w, indices)
+    if indices is not None and getattr(quantizer, "rows_independent", False):
+        rows, inverse, cols = _rows_of(w, indices)
+        sub = w[rows.to(w.device)]
+        error = quantizer.quantize_weight(sub, name=name).float() - sub
+        return error[inverse.to(w.device), cols.to(w.device)]
+    return _at(quantizer.quantize_weight(w, name=name).float() - w, indices)
 
 
 class QuantErrorNoise(NoiseDistribution):
@@ -249,11 +265,11 @@ class QuantErrorNoise(NoiseDistribution):
         self.quantizer = quantizer
         self.probability = probability
 
-    def sample(self, weight: Tensor, indices: Tensor | None, generator: torch.Generator) -> Tensor:
+    def sample(self, weight: Tensor, indices: Tensor | None, generator: torch.Generator, name: str | None = None) -> Tensor:
         k = _count(weight, indices)
         if k == 0:
             return torch.zeros(0)
-        error = quantization_error(self.quantizer, weight.detach(), indices).reshape(-1)
+        error = quantization_error(self.quantizer, weight.detach(), indices, name).reshape(-1)
         if self.probability < 1.0:
             keep = torch.rand(k, generator=generator) < self.probability
             error = error * keep.to(error.device)
@@ -268,7 +284,7 @@ class NoNoise(NoiseDistribution):
     def __init__(self, scale: float = 0.0):
         super().__init__(scale)
 
-    def sample(self, weight: Tensor, indices: Tensor | None, generator: torch.Generator) -> Tensor:
+    def sample(self, weight: Tensor, indices: Tensor | None, generator: torch.Generator, name: str | None = None) -> Tensor:
         return torch.zeros(_count(weight, indices))
 
 
@@ -314,6 +330,7 @@ def apply_noise(
     """
     if not distribution.enabled:
         return {}
+    distribution.bind(linears)
     saved: dict[str, Tensor] = {}
     for name in sorted(masks):
         weight = linears[name].weight
@@ -326,7 +343,7 @@ def apply_noise(
         seen = weight
         if getattr(distribution, "needs_merged", False) and deltas is not None and name in deltas:
             seen = weight.detach().float() + deltas[name].to(weight.device, torch.float32)
-        delta = distribution.sample(seen, idx, generator).to(weight.device)
+        delta = distribution.sample(seen, idx, generator, name=name).to(weight.device)
         work = torch.promote_types(weight.dtype, torch.float32)  # bf16/fp16 weights: add in float32
         if idx is None and work == weight.dtype:
             flat.add_(delta.to(work))  # dense fp32: in place, the same sum as original + delta

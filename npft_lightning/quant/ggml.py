@@ -175,6 +175,8 @@ class GGMLQuantizer(ImportanceLookup, WeightQuantizer):
     the tensors found in it are quantized as llama.cpp's ``--imatrix`` does.
     """
 
+    rows_independent = True  # each row is quantized on its own (noise: only rows holding selected weights)
+
     def __init__(self, qtype: str = "q4_0", name: str | None = None):
         qtype = str(qtype).lower()
         if qtype not in FORMATS:

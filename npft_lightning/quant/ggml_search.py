@@ -184,13 +184,15 @@ def make_qkx_quants(
     L = nearest_int(iscale * (x - lo)).clamp(0, nmax)
     diff = scale * L.float() + lo - x
     best = running_sum(weights * (diff * diff))
+    terms = x.new_empty(x.shape[0], 3, x.shape[1])  # w·l, w·l², w·l·x of one candidate
     for s in range(nstep + 1) if nstep >= 1 else ():
         numer = float(np.float32(rmin) + np.float32(rdelta) * np.float32(s) + np.float32(nmax))
         laux = nearest_int(div(numer, hi - lo) * (x - lo)).clamp(0, nmax)
         lf = laux.float()
-        wl = weights * lf
-        sums = running_sum(torch.stack([wl, wl * lf, wl * x], dim=1))
-        sum_l, sum_l2, sum_xl = sums.unbind(0)
+        wl = torch.mul(weights, lf, out=terms[:, 0])
+        torch.mul(wl, lf, out=terms[:, 1])
+        torch.mul(wl, x, out=terms[:, 2])
+        sum_l, sum_l2, sum_xl = running_sum(terms).unbind(0)
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D

@@ -153,6 +153,8 @@ class IQ4Quantizer(ImportanceLookup, WeightQuantizer):
     """IQ4_NL or IQ4_XS (``qtype`` = iq4_nl, iq4_xs) as a weight quantizer; with an importance matrix
     (:meth:`~npft_lightning.quant.importance.ImportanceLookup.with_importance`) as llama.cpp's ``--imatrix``."""
 
+    rows_independent = True  # each row is quantized on its own (noise: only rows holding selected weights)
+
     bits = 4
 
     def __init__(self, qtype: str = "iq4_nl", name: str | None = None):

@@ -45,7 +45,7 @@ from npft_lightning.quant.ggml_search import (
 from npft_lightning.quant.importance import ImportanceLookup
 
 QK_K = 256  # weights per super-block
-_CHUNK_VALUES = 1 << 22  # sub-block values x candidate scales per search step: bounds the temporaries (~16 MiB each)
+_CHUNK_VALUES = 1 << 24  # weights x candidate scales searched at once: bounds the temporaries (64 MiB each)
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,12 @@ def _importance_weights(x: Tensor, quant_weights: Tensor, sub: int) -> Tensor:
     return _sub_blocks(weights, sub)
 
 
+def _positive_max(values: Tensor) -> Tensor:
+    """C's ``if (v > best) best = v`` from ``best = 0`` over each row of ``values`` [S, n] (a +0 when none is positive)."""
+    top = values.amax(dim=1)
+    return torch.where(top > 0, top, torch.zeros_like(top))
+
+
 def _requantize(xt: Tensor, L: Tensor, d: Tensor, dm: Tensor | None, lo: int, hi: int, offset: int) -> Tensor:
     """ggml's last pass: codes ``clamp(nearest_int((x + dm) / d), lo, hi) + offset`` against the
     float16-rounded sub-block scales ``d`` [B] (and minima ``dm``); sub-blocks with ``d == 0`` keep ``L``."""
@@ -166,8 +172,7 @@ def _encode_q4_q5(x: Tensor, fmt: KFormat, quant_weights: Tensor | None) -> dict
         rmin, nstep = (-1.0, 20) if fmt.bits == 4 else (-0.5, 15)
         scales, mins, L = make_qkx_quants(xt, weights, nmax, rmin, 0.1, nstep)
         scales, mins = scales.reshape(S, 8), mins.reshape(S, 8)
-        max_scale = torch.clamp_min(scales.amax(dim=1), 0.0)
-        max_min = torch.clamp_min(mins.amax(dim=1), 0.0)
+        max_scale, max_min = _positive_max(scales), _positive_max(mins)
         inv_scale = torch.where(max_scale > 0, div(63.0, max_scale), torch.zeros_like(max_scale))
         inv_min = torch.where(max_min > 0, div(63.0, max_min), torch.zeros_like(max_min))
         ls = as_uint8(nearest_int(inv_scale[:, None] * scales)).clamp_max(63)
@@ -234,11 +239,11 @@ def _encode_q6(x: Tensor, fmt: KFormat, quant_weights: Tensor | None) -> dict[st
 
 
 _ENCODERS = {3: _encode_q3, 4: _encode_q4_q5, 5: _encode_q4_q5, 6: _encode_q6}
+_PARALLEL_CANDIDATES = {3: 18, 4: 1, 5: 1, 6: 18}  # scales searched side by side (make_qx_quants: 18; make_qkx: one at a time)
 
 
-def _rows_per_chunk(rows: int, cols: int) -> int:
-    candidates = 37  # the widest search (make_qkx3_quants, 36 steps)
-    return max(1, min(rows, _CHUNK_VALUES // (cols * candidates)))
+def _rows_per_chunk(rows: int, cols: int, bits: int) -> int:
+    return max(1, min(rows, _CHUNK_VALUES // (cols * _PARALLEL_CANDIDATES[bits])))
 
 
 def kquant_encode(weight: Tensor, qtype: str, quant_weights: Tensor | None = None, name: str | None = None) -> dict[str, Tensor]:
@@ -251,7 +256,7 @@ def kquant_encode(weight: Tensor, qtype: str, quant_weights: Tensor | None = Non
     check_superblocks(cols, qtype, name)
     x = weight.detach().float()
     qw = None if quant_weights is None else quant_weights.detach().float().to(x.device)
-    parts = [_ENCODERS[fmt.bits](chunk, fmt, qw) for chunk in x.split(_rows_per_chunk(rows, cols))]
+    parts = [_ENCODERS[fmt.bits](chunk, fmt, qw) for chunk in x.split(_rows_per_chunk(rows, cols, fmt.bits))]
     fields = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
     n_sb = cols // QK_K
     out = {"codes": fields["codes"].to(torch.uint8), "d": fields["d"].reshape(rows, n_sb)}
@@ -332,6 +337,8 @@ class KQuantizer(ImportanceLookup, WeightQuantizer):
     Usable for fake-quant validation, ``eval.py``, the packed artefact and as the target of the noise
     (:meth:`quantize_weight`, :meth:`step`).
     """
+
+    rows_independent = True  # each row is quantized on its own (noise: only rows holding selected weights)
 
     def __init__(self, qtype: str = "q4_k", name: str | None = None):
         qtype = str(qtype).lower()

@@ -44,8 +44,8 @@ class RTN(UniformGridQuantizer):
     def decode_weight(self, payload: Mapping[str, Tensor]) -> Tensor:
         return decode_rtn_fields(payload, self.group_size)
 
-    def step(self, weight: Tensor) -> Tensor:
-        """Per-element quantization step Δ (used by the ``uniform_step`` noise)."""
+    def step(self, weight: Tensor, *, name: str | None = None) -> Tensor:
+        """Per-element quantization step Δ (used by the ``uniform_step`` noise); the same grid for every tensor."""
         return rtn_step(weight, self.bits, self.group_size, self.sym)
 
     def quantization_error(self, weight: Tensor, indices: Tensor | None = None) -> Tensor:
