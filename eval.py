@@ -1,7 +1,7 @@
 """Score a model without training: unquantized and fake-quantized perplexity.
 
     python eval.py                                             # SmolLM2, validation split, RTN4 + RTN3-g32
-    python eval.py adapter=logs/train/runs/<run>/adapter quant=[rtn4,gptq4] splits=[validation,test]
+    python eval.py adapter=logs/npft_smollm2/runs/<run>/adapter quant=[rtn4,gptq4] splits=[validation,test]
 """
 
 from __future__ import annotations

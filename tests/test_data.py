@@ -139,7 +139,7 @@ def test_ddp_shards_are_disjoint_and_complete():
     assert [s.size(0) for s in shards] == [5, 4]
     assert sorted(torch.cat(shards)[:, 0].tolist()) == windows[:, 0].tolist()
 
-    samplers = [EpochShuffleSampler(15, seed=0, rank=rank, world_size=2) for rank in range(2)]
+    samplers = [EpochShuffleSampler(range(15), seed=0, rank=rank, world_size=2) for rank in range(2)]
     for epoch in (0, 1):
         drawn = []
         for sampler in samplers:
@@ -160,6 +160,18 @@ def test_ddp_shards_are_disjoint_and_complete():
     train0, train1 = (t for _, t in per_rank)
     assert train0.shape == train1.shape == (7, 64)
     assert not {tuple(w) for w in train0.tolist()} & {tuple(w) for w in train1.tolist()}
+
+
+def test_sampler_resumes_mid_epoch_once():
+    sampler = EpochShuffleSampler(range(15), seed=0, rank=1, world_size=2)
+    sampler.set_epoch(1)
+    whole = list(sampler)
+    sampler.resume_from(1, 3)
+    sampler.set_epoch(0)
+    assert len(list(sampler)) == 7  # another epoch: whole
+    sampler.set_epoch(1)
+    assert list(sampler) == whole[3:]  # the indices after the 3 already trained on
+    assert list(sampler) == whole and len(sampler) == 7  # once: the next pass is whole again
 
 
 def test_ddp_requires_trainer_without_distributed_sampler():

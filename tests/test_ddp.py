@@ -25,6 +25,7 @@ from peft import LoraConfig, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from npft_lightning.core import masks as mask_ops
+from npft_lightning.quant import RTN
 from npft_lightning.tasks.build import build_quantizers
 from npft_lightning.training.callbacks import FakeQuantValidation
 from npft_lightning.training.module import NPFTModule
@@ -41,10 +42,12 @@ TINY = ["experiment=npft_fisher", "model=tiny-llama", "data.seq_len=64", "data.e
 
 
 class RankProbe(Callback):
-    """Test-only: each rank saves its outlier masks, first batch and the noise it added at the first step."""
+    """Test-only: each rank saves its outlier masks, the batch, the noise it added and its merged weights W + ΔW
+    at optimizer step ``step``."""
 
-    def __init__(self, out_dir: str):
+    def __init__(self, out_dir: str, step: int = 0):
         self.out_dir = Path(out_dir)
+        self.step = step
         self.clean: dict[str, torch.Tensor] = {}
 
     @staticmethod
@@ -53,22 +56,27 @@ class RankProbe(Callback):
         return {n: linears[n].weight.detach().reshape(-1)[mask_ops.index(m)].clone() for n, m in pl_module.outlier_masks.items()}
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: NPFTModule, batch, batch_idx: int) -> None:
-        if trainer.global_step == 0:  # runs before the noise callback perturbs the weights
+        if trainer.global_step == self.step:  # runs before the noise callback perturbs the weights
             self.clean = self._outlier_values(pl_module)
             self.batch = batch.cpu()
+            deltas = pl_module.lora_deltas()
+            self.deltas = {n: deltas[n].cpu() for n in deltas}
+            self.merged = {n: lin.weight.detach().float().cpu() + self.deltas[n] for n, lin in pl_module.decoder_linears().items()
+                           if n in deltas}
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: NPFTModule, optimizer) -> None:
-        if trainer.global_step == 0:  # the step's noise is still in the weights
+        if trainer.global_step == self.step:  # the step's noise is still in the weights
             noisy = self._outlier_values(pl_module)
             torch.save({"masks": {k: mask_ops.index(v, "cpu") for k, v in pl_module.outlier_masks.items()},
-                        "noise": {k: noisy[k] - self.clean[k] for k in noisy}, "batch": self.batch,
+                        "noise": {k: noisy[k] - self.clean[k] for k in noisy}, "batch": self.batch, "merged": self.merged,
+                        "deltas": self.deltas,
                         "world_size": trainer.world_size}, self.out_dir / f"rank{trainer.global_rank}.pt")
 
 
-def run_sweep(tmp_path: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_sweep(tmp_path: Path, *overrides: str, tiny: list[str] = TINY, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
     env.pop("HYDRA_FULL_ERROR", None)
-    cmd = [sys.executable, str(ROOT / "train.py"), "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", *TINY, *overrides]
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", *tiny, *overrides]
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -113,18 +121,32 @@ def test_two_cpu_ranks_agree_and_match_a_single_process(tmp_path):
     assert after["fp"] != before["fp"]
 
 
-def test_two_cpu_ranks_draw_identical_quant_error_noise(tmp_path):
-    """The exact-error noise with Quant-Noise probability on bitmap masks (10 %): every rank perturbs identically."""
+def test_two_cpu_ranks_draw_identical_quant_error_noise_at_a_later_step(tmp_path):
+    """The exact-error noise with Quant-Noise probability on bitmap masks (10 %), at step 2 (in the second epoch), when
+    the adapters have trained (ΔW ≠ 0): every rank holds the same merged weights and perturbs identically, by the
+    RTN-4 error of that merged weight."""
+    later = [o for o in TINY if not o.startswith("trainer.max_steps=")] + ["trainer.max_steps=3", "trainer.max_epochs=2"]
+    # A large learning rate, so two steps move the adapters well away from B = 0.
     proc = run_sweep(tmp_path, "trainer=ddp_cpu", "noise=quant_error", "noise.distribution.probability=0.5", "outliers.ratio=10",
-                     "+callbacks.probe._target_=test_ddp.RankProbe", f"+callbacks.probe.out_dir={tmp_path}")
+                     "optimizer.lr=1e-2", "+callbacks.probe._target_=test_ddp.RankProbe", f"+callbacks.probe.out_dir={tmp_path}",
+                     "+callbacks.probe.step=2", tiny=later)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["masks"] and all(torch.equal(r0["masks"][k], r1["masks"][k]) for k in r0["masks"])
+    assert r0["merged"].keys() == r1["merged"].keys() and r0["merged"]
+    assert all(torch.equal(r0["merged"][k], r1["merged"][k]) for k in r0["merged"])
     assert all(torch.equal(r0["noise"][k], r1["noise"][k]) for k in r0["noise"])
-    moved = sum(int((v != 0).sum()) for v in r0["noise"].values())
-    selected = sum(v.numel() for v in r0["noise"].values())
-    assert 0.3 * selected < moved < 0.6 * selected  # about half of the selected weights take their error
     assert not torch.equal(r0["batch"], r1["batch"])
+
+    assert any(float(d.abs().max()) > 1e-3 for d in r0["deltas"].values())  # ΔW ≠ 0
+    moved = selected = 0
+    for name, noise in r0["noise"].items():
+        kept = noise != 0
+        merged = r0["merged"][name]
+        error = (RTN(4).quantize_weight(merged) - merged).reshape(-1)[r0["masks"][name].long()]
+        torch.testing.assert_close(noise[kept], error[kept], rtol=0, atol=1e-6)  # Q(W + ΔW) − (W + ΔW), not Q(W) − W
+        moved, selected = moved + int(kept.sum()), selected + noise.numel()
+    assert 0.3 * selected < moved < 0.6 * selected  # about half of the selected weights take their error
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import make_peaked_llama
 
 from npft_lightning.core.layers import decoder_linears
 from npft_lightning.core.perplexity import causal_lm_nll, dataset_nll, perplexity
@@ -55,24 +55,11 @@ def test_missing_extra_is_one_line(monkeypatch) -> None:
         require_llama_cpp()
 
 
-def _peaked_tiny_llama() -> LlamaForCausalLM:
-    """A tiny random llama with weights scaled up, so that attention (and a wrong Q/K layout) shows in the logits."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(5)
-    return model
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> dict[str, Path]:
     """Tiny GGUFs in Q8_0 and Q4_0, checked to load and run in a separate llama.cpp process first."""
     folder = tmp_path_factory.mktemp("gguf")
-    model = _peaked_tiny_llama()
+    model = make_peaked_llama()
     paths = {}
     for qtype in ("q8_0", "q4_0"):
         paths[qtype] = folder / f"tiny-{qtype}.gguf"
@@ -91,7 +78,7 @@ def exported(tmp_path_factory) -> dict[str, Path]:
 def test_llama_cpp_matches_our_fake_quant(qtype: str, exported: dict[str, Path]) -> None:
     from npft_lightning.quant.llamacpp import llamacpp_perplexity
 
-    model = _peaked_tiny_llama()
+    model = make_peaked_llama()
     g = torch.Generator().manual_seed(1)
     windows = torch.randint(0, 256, (3, 128), generator=g)
     with torch.no_grad(), fake_quantized(model, decoder_linears(model), GGMLQuantizer(qtype)):

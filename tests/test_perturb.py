@@ -164,7 +164,7 @@ def test_perturbed_weights_restore_after_an_error_and_follow_the_seed():
         first = _snapshot(linears)
     with perturbed_weights(linears, p, 0.1, gen(4)):
         assert all(torch.equal(first[k], v.weight) for k, v in linears.items())
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="evaluation failed"):
         with perturbed_weights(linears, p, 0.1, gen(4)):
             raise RuntimeError("evaluation failed")
     assert all(torch.equal(clean[k], v.weight) for k, v in linears.items())

@@ -6,12 +6,14 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
+from npft_lightning.core.errors import UserError
 from npft_lightning.tasks.report import (
     load_sweep,
     main,
-    parse_value,
+    parse_overrides,
     print_summary,
     swept_keys,
     write_sweep_report,
@@ -44,7 +46,14 @@ def test_swept_keys_values_and_control(tmp_path):
     assert [j.name for j in jobs] == ["0", "1", "2", "3"]
     assert swept_keys(jobs) == ["noise.scale"]
     assert [j.control for j in jobs] == [True, False, False, False]
-    assert parse_value("0.25") == 0.25 and parse_value("1e-3") == 0.001 and parse_value("none") == "none"
+    assert parse_overrides(["+noise.scale=0.25", "optimizer.lr=1e-3", "noise=none", "quant=[rtn4,rtn3_g32]", "~curvature"]) == {
+        "noise.scale": 0.25, "optimizer.lr": 0.001, "noise": "none", "quant": "[rtn4,rtn3_g32]", "curvature": None}
+
+
+def test_an_override_hydra_cannot_parse_is_one_line(tmp_path):
+    fake_job(tmp_path, 0, ["noise.scale=0.5", "noise.scale=[1,"], 0.5, {"fp": 19.0})
+    with pytest.raises(UserError, match=r"overrides.yaml holds an override Hydra cannot parse .*rerun that job"):
+        load_sweep(tmp_path)
 
 
 def test_report_writes_markdown_csv_and_plot(tmp_path):

@@ -24,11 +24,19 @@ ROOT = Path(__file__).resolve().parents[1]
 # A tiny model, 10 training windows = 5 batches per epoch, 6 steps: the run crosses an epoch boundary
 # (with its validation) and the kill at step 4 falls mid-epoch. LoRA dropout (0.05) and per-step noise
 # are on, so the RNG and the data order both have to be restored for the weights to match.
+# The default recipe perturbs 15 % of the steps; seed 197 makes it perturb steps 0, 2 and 5 (clean 1, 3, 4), so the
+# steps replayed after the checkpoint at step 4 are a clean one and a perturbed one in the next epoch, and a
+# resume that restarted its step count would draw the other pattern (step 0 perturbed, epoch 1's step 1 clean).
+SEED = 197
 TINY = ["model=tiny-llama", "data.seq_len=64", "data.eval_seq_len=128", "data.max_eval_windows=1",
         "data.max_train_windows=10", "outliers.calibration_windows=2", "outliers.calibration_length=64",
         "curvature=null", "quant=[rtn4]", "callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false",
         "trainer.max_epochs=2", "trainer.max_steps=6", "callbacks.model_checkpoint.every_n_train_steps=2",
-        "callbacks.model_checkpoint.save_top_k=-1"]
+        "callbacks.model_checkpoint.save_top_k=-1", f"seed={SEED}"]
+RESUMED_AT = 4  # the checkpoint both interrupted runs resume from
+# The recipes resumed: the default (exact RTN-4 error of every merged weight on 15 % of the steps) and per-step
+# random noise (uniform step noise on 0.5 % Fisher outliers, every step a fresh draw).
+RECIPES = {"default": [], "per_step_noise": ["experiment=npft_fisher"]}
 
 
 class KillAt(Callback):
@@ -83,26 +91,42 @@ def logged(run_dir: Path, column: str) -> list[tuple[int, str]]:
         return [(int(row["step"]), row[column]) for row in csv.DictReader(f) if row.get(column)]
 
 
+def replayed_noise(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, noise/scale) of the steps after the checkpoint the interrupted runs resume from."""
+    return [(step, float(value)) for step, value in logged(run_dir, "noise/scale") if step >= RESUMED_AT]
+
+
+@pytest.fixture(scope="module", params=[pytest.param("default"), pytest.param("per_step_noise", marks=pytest.mark.slow)])
+def recipe(request) -> list[str]:
+    """The overrides of the recipe under test."""
+    return RECIPES[request.param]
+
+
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory) -> Path:
-    """The uninterrupted run every interrupted one is compared with."""
+def full_run(recipe, tmp_path_factory) -> Path:
+    """The uninterrupted run every interrupted one is compared with; its replayed steps include a perturbed one."""
     full = tmp_path_factory.mktemp("resume") / "full"
     full.mkdir()
-    proc = run_train(full)
+    proc = run_train(full, *recipe)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    replayed = replayed_noise(full)
+    assert [step for step, _ in replayed] == [4, 5] and any(scale > 0 for _, scale in replayed), replayed
+    if recipe == RECIPES["default"]:
+        assert [scale > 0 for _, scale in replayed] == [False, True]
     return full
 
 
-def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tmp_path, full_run):
+def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tmp_path, recipe, full_run):
     full, killed = full_run, tmp_path / "killed"
-    proc = run_train(killed, "+callbacks.kill._target_=test_resume.KillAt", "+callbacks.kill.step=4")
+    proc = run_train(killed, *recipe, "+callbacks.kill._target_=test_resume.KillAt", f"+callbacks.kill.step={RESUMED_AT}")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     ckpts = sorted(p.name for p in (killed / "checkpoints").iterdir())
     assert ckpts == ["last.ckpt", "step_000002.ckpt", "step_000004.ckpt"], ckpts  # no temp file left behind
     assert not (killed / "metrics.json").exists()
 
-    proc = run_train(killed, f"ckpt_path={killed / 'checkpoints' / 'step_000004.ckpt'}")
+    proc = run_train(killed, *recipe, f"ckpt_path={killed / 'checkpoints' / 'step_000004.ckpt'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert replayed_noise(killed) == replayed_noise(full)  # the replayed steps drew what the uninterrupted run drew
     assert_same_adapter(killed, full)
     expected = adapter_weights(full)
 
@@ -121,11 +145,11 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tmp_path, full_run)
     assert not all(torch.equal(earlier[k], expected[k]) for k in expected)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_the_printed_command_resumes_it(tmp_path, full_run):
+def test_ctrl_c_saves_a_checkpoint_and_the_printed_command_resumes_it(tmp_path, recipe, full_run):
     """SIGINT mid-epoch: the step finishes, last.ckpt is written, one line gives the command; running it
     finishes the run with the uninterrupted run's adapter, and the CSV log continues without gaps or repeats."""
     stopped = tmp_path / "stopped"
-    proc = run_train(stopped, "+callbacks.ctrl_c._target_=test_resume.CtrlCAt", "+callbacks.ctrl_c.step=3")
+    proc = run_train(stopped, *recipe, "+callbacks.ctrl_c._target_=test_resume.CtrlCAt", f"+callbacks.ctrl_c.step={RESUMED_AT - 1}")
     assert proc.returncode == 130, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("interrupted")]
@@ -140,6 +164,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_printed_command_resumes_it(tmp_path, 
     assert command[-2:] == [f"ckpt_path={checkpoint}", f"hydra.run.dir={stopped}"]
     proc = run([sys.executable, *command[1:]], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert logged(stopped, "noise/scale") == logged(full_run, "noise/scale")  # perturbed and clean at the same steps
     assert_same_adapter(stopped, full_run)
     # One log, continued: the same (step, loss) rows as the uninterrupted run, each step once.
     assert logged(stopped, "train/loss") == logged(full_run, "train/loss")

@@ -361,9 +361,10 @@ def test_adaptive_budget_hand_checked():
     masks = select_outliers({"a": a, "b": b}, ratio=2.0, budget="adaptive")
     assert masks["a"].tolist() == [7, 8, 9] and masks["b"].tolist() == [42]
 
-    # equal mass, 4 over 3 matrices: floors 1, 1, 1, the remaining unit to the first name
-    eq = {n: torch.ones(100) for n in "zyx"}
-    masks = select_outliers(eq, ratio=4 / 3, budget="adaptive")
+    # equal mass (100 each) in matrices of 50, 100 and 200 entries, 4 in all: shares 4/3 each, floors 1, 1, 1, the
+    # remaining unit to the first name (a split by size would give 1, 1, 2 instead: x gets 4·50/350 = 0.57, rounded up)
+    eq = {"z": torch.full((200,), 0.5), "y": torch.ones(100), "x": torch.full((50,), 2.0)}
+    masks = select_outliers(eq, ratio=4 / 350 * 100, budget="adaptive")
     assert {n: m.tolist() for n, m in masks.items()} == {"x": [0, 1], "y": [0], "z": [0]}
 
     # a matrix is capped at its size, the rest of the budget goes elsewhere: total 10 of 104

@@ -20,7 +20,7 @@ from npft_lightning.core.errors import UserError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-FIX = "give the adapter/ folder a training run wrote (logs/train/runs/<run>/adapter)"
+FIX = "give the adapter/ folder a training run wrote (logs/npft_smollm2/runs/<run>/adapter)"
 # PEFT's saved names: base_model.model.<module path in the HF model>.lora_A.weight (lora_B: the output side).
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
 

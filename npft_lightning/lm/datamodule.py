@@ -9,13 +9,13 @@ Everything is deterministic given ``seed``, and under DDP every rank sees its ow
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterator
+from typing import Any, Iterator, Sized
 
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from npft_lightning.core.errors import UserError
 from npft_lightning.core.perplexity import cut_windows
@@ -41,8 +41,9 @@ class WindowDataset(Dataset):
         return self.windows[index]
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A seeded permutation per epoch, then ``[rank::world_size]`` with the remainder dropped.
+class EpochShuffleSampler(DistributedSampler):
+    """torch's ``DistributedSampler`` (a permutation seeded by seed + epoch, then ``[rank::world_size]`` with the
+    remainder dropped) that can resume mid-epoch.
 
     The order depends only on (seed, epoch), so runs and resumed runs see the same batches, and all
     ranks draw equally many windows (unequal counts would hang DDP's gradient all-reduce).
@@ -54,27 +55,15 @@ class EpochShuffleSampler(Sampler[int]):
     ``__len__`` stays the whole epoch, as Lightning counts the resumed batches from where it stopped.
     """
 
-    def __init__(self, num_items: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
-        self.num_items = num_items
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
+    def __init__(self, dataset: Sized, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self._resume: tuple[int, int] | None = None  # (epoch, indices already consumed in it)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def resume_from(self, epoch: int, items: int) -> None:
         self._resume = (epoch, items) if items > 0 else None
 
-    def __len__(self) -> int:
-        return self.num_items // self.world_size
-
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.num_items, generator=generator)[: len(self) * self.world_size]
-        indices = order[self.rank :: self.world_size].tolist()
+        indices = list(super().__iter__())
         if self._resume is not None and self._resume[0] == self.epoch:
             indices = indices[self._resume[1] :]
             self._resume = None  # once: later passes over this epoch number are whole again
@@ -195,12 +184,12 @@ class CausalLMDataModule(LightningDataModule):
         return trainer.global_rank, trainer.world_size
 
     def train_dataloader(self) -> DataLoader:
-        windows = self.train_windows()
+        dataset = WindowDataset(self.train_windows())
         rank, world_size = self._rank_and_world_size()
-        sampler = EpochShuffleSampler(windows.size(0), seed=self.seed, rank=rank, world_size=world_size)
+        sampler = EpochShuffleSampler(dataset, seed=self.seed, rank=rank, world_size=world_size)
         if self._resume:
             sampler.resume_from(self._resume["epoch"], self._resume["batches"] * self.batch_size)
-        return DataLoader(WindowDataset(windows), batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     # Checkpoint state: how far the train loader got in its epoch, so that a mid-epoch resume skips the
     # batches already trained on instead of seeing them again (exact resume; see EpochShuffleSampler).

@@ -156,9 +156,18 @@ class CausalLMSpec:
 
             model = load_quantized(folder)
         else:
-            model = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=self.torch_dtype, local_files_only=True, trust_remote_code=self.trust_remote_code
-            )
+            from safetensors import SafetensorError
+
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    folder, dtype=self.torch_dtype, local_files_only=True, trust_remote_code=self.trust_remote_code
+                )
+            except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # a corrupt or truncated file
+                first = (str(err).strip().splitlines() or [""])[0]
+                raise UserError(
+                    f"model.path={folder} cannot be loaded ({type(err).__name__}: {first}); its files are corrupt or "
+                    "incomplete: write the folder again (save_pretrained) or copy it again"
+                ) from err
         return model, _load_folder_tokenizer(folder, self.trust_remote_code)
 
     def _load_tiny(self) -> tuple[nn.Module, ByteTokenizer]:

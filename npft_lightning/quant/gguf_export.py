@@ -12,6 +12,9 @@ What is written, for the ``llama`` architecture (the one supported):
 * everything else as the converter leaves it at full precision: norms in F32, the embedding (and an
   untied ``output``) in the smallest ggml type that holds it exactly: Q8_0 (true for SmolLM2, whose
   bundled file stores it as Q8_0), else F16, else F32;
+* or, in float mode (``write_gguf(..., "f32" | "f16", ...)``), every matrix in F32 (exact) or F16 and the
+  norms in F32: the input of llama.cpp's own quantizer (:mod:`npft_lightning.quant.llamacpp_quantize`),
+  which quantizes only F32 / F16 / BF16 tensors;
 * hyper-parameters from the model's config; tokenizer metadata (and the descriptive ``general.*``
   keys) copied from a GGUF with the same vocabulary: the model's own source file (SmolLM2: the
   bundled ``SmolLM2-135M-Instruct.Q4_1.gguf``) or ``gguf_vocab=<file>``; the tiny byte-level test
@@ -38,6 +41,9 @@ from npft_lightning.core.layers import decoder_linears
 from npft_lightning.quant.ggml import GGMLQuantizer, ggml_blocks
 
 SUPPORTED_ARCHS = ("llama",)
+# The float modes of the export (the input of llama.cpp's quantizer) and their llama.cpp file types.
+FLOAT_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16"}
+FLOAT_TYPES = tuple(FLOAT_FILE_TYPES)
 BYTES = "bytes"  # the vocabulary source of the tiny byte-tokenizer models
 QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION for the legacy block types
 # general.* keys that describe the file's content, not the model: not copied from the vocabulary source.
@@ -73,6 +79,14 @@ def gguf_paths(out: str | os.PathLike, names: list[str]) -> dict[str, Path]:
 def gguf_architecture(path: str) -> str:
     """``general.architecture`` of a GGUF file (read once per process: the config check and the export both ask)."""
     return str(_reader(path).fields["general.architecture"].contents())
+
+
+@functools.lru_cache(maxsize=4)
+def gguf_widths(path: str) -> tuple[int, int]:
+    """``(embedding_length, feed_forward_length)`` of a llama GGUF: the input widths of its decoder linears."""
+    fields = _reader(path).fields
+    arch = gguf_architecture(path)
+    return int(fields[f"{arch}.embedding_length"].contents()), int(fields[f"{arch}.feed_forward_length"].contents())
 
 
 
@@ -189,8 +203,34 @@ def lossless_tensor(weight: Tensor) -> tuple[np.ndarray, Any]:
     return w.numpy(), GGMLQuantizationType.F32
 
 
-def gguf_tensors(model: nn.Module, quantizer: GGMLQuantizer) -> dict[str, tuple[np.ndarray, Any]]:
-    """GGUF name -> ``(data, ggml type)`` for every tensor of the merged llama ``model``."""
+def float_tensor(weight: Tensor, float_type: str) -> tuple[np.ndarray, Any]:
+    """``(data, ggml type)`` of a tensor in float mode: matrices in ``float_type`` (f32 or f16), 1-D tensors in F32."""
+    from gguf import GGMLQuantizationType
+
+    w = weight.detach().float().cpu().contiguous()
+    if w.dim() >= 2 and float_type == "f16":
+        return w.half().numpy(), GGMLQuantizationType.F16
+    return w.numpy(), GGMLQuantizationType.F32
+
+
+def _tensor_name(names, key: str) -> str:
+    gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+    if gguf_name is None:
+        raise UserError(f"gguf_out: the model tensor {key} has no llama GGUF name; the export cannot write this model")
+    return gguf_name
+
+
+def gguf_linear_names(model: nn.Module) -> dict[str, str]:
+    """Canonical decoder-linear name -> its GGUF weight name (``model.layers.0.self_attn.q_proj`` -> ``blk.0.attn_q.weight``)."""
+    from gguf import MODEL_ARCH, get_tensor_name_map
+
+    names = get_tensor_name_map(MODEL_ARCH.LLAMA, llama_hparams(model.config)["block_count"])
+    return {name: _tensor_name(names, f"{name}.weight") for name in decoder_linears(model)}
+
+
+def gguf_tensors(model: nn.Module, quantizer: GGMLQuantizer | str) -> dict[str, tuple[np.ndarray, Any]]:
+    """GGUF name -> ``(data, ggml type)`` for every tensor of the merged llama ``model``; ``quantizer`` is a ggml
+    quantizer (decoder linears in its type, the rest lossless) or one of :data:`FLOAT_TYPES` (float mode)."""
     from gguf import MODEL_ARCH, get_tensor_name_map
 
     hp = llama_hparams(model.config)
@@ -200,15 +240,15 @@ def gguf_tensors(model: nn.Module, quantizer: GGMLQuantizer) -> dict[str, tuple[
     for key, value in model.state_dict().items():
         if hp["tied"] and key == "lm_head.weight":
             continue  # llama.cpp reuses token_embd when output.weight is absent
-        gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise UserError(f"gguf_out: the model tensor {key} has no llama GGUF name; the export cannot write this model")
+        gguf_name = _tensor_name(names, key)
         weight = value.detach().float().cpu()
         if key.endswith("self_attn.q_proj.weight"):
             weight = permute_rows(weight, hp["head_count"])
         elif key.endswith("self_attn.k_proj.weight"):
             weight = permute_rows(weight, hp["head_count_kv"])
-        if key in linears:  # permuting whole rows commutes with quantizing blocks of a row
+        if isinstance(quantizer, str):
+            tensors[gguf_name] = float_tensor(weight, quantizer)
+        elif key in linears:  # permuting whole rows commutes with quantizing blocks of a row
             tensors[gguf_name] = (ggml_blocks(quantizer.encode_weight(weight, name=linears[key]), quantizer.qtype),
                                   quantizer.ggml_type)
         else:
@@ -256,14 +296,18 @@ def _byte_vocab(writer, tokenizer) -> None:
     writer.add_add_space_prefix(False)
 
 
-def write_gguf(model: nn.Module, tokenizer: Any, quantizer: GGMLQuantizer, path: str | os.PathLike, vocab: str) -> dict[str, Any]:
+def write_gguf(model: nn.Module, tokenizer: Any, quantizer: GGMLQuantizer | str, path: str | os.PathLike,
+               vocab: str) -> dict[str, Any]:
     """Write the merged ``model`` (a plain transformers llama model) to ``path`` as GGUF; returns a small report.
 
+    ``quantizer`` is a ggml quantizer, or ``"f32"`` / ``"f16"`` for the float file llama.cpp's quantizer reads.
     ``vocab`` is a .gguf whose tokenizer (and general.*) metadata is copied, or :data:`BYTES`.
     """
     from gguf import GGUFWriter, LlamaFileType
 
     path = Path(path)
+    if isinstance(quantizer, str) and quantizer not in FLOAT_TYPES:
+        raise ValueError(f"float mode {quantizer!r} is not one of {', '.join(FLOAT_TYPES)}")
     hp = llama_hparams(model.config)
     if vocab == BYTES and getattr(tokenizer, "vocab_size", None) != 256:
         raise UserError("gguf_out: the byte vocabulary is for the 256-token byte tokenizer of the tiny models; set gguf_vocab=")
@@ -276,7 +320,8 @@ def write_gguf(model: nn.Module, tokenizer: Any, quantizer: GGMLQuantizer, path:
                 _byte_vocab(writer, tokenizer)
             else:
                 _copy_fields(writer, vocab, hp["vocab_size"])
-            writer.add_file_type(int(LlamaFileType[f"MOSTLY_{quantizer.qtype.upper()}"]))
+            file_type = FLOAT_FILE_TYPES[quantizer] if isinstance(quantizer, str) else f"MOSTLY_{quantizer.qtype.upper()}"
+            writer.add_file_type(int(LlamaFileType[file_type]))
             writer.add_quantization_version(QUANTIZATION_VERSION)
             writer.add_context_length(hp["context_length"])
             writer.add_embedding_length(hp["embedding_length"])
@@ -307,3 +352,25 @@ def read_gguf_weights(path: str | os.PathLike) -> dict[str, Tensor]:
 
     return {t.name: torch.from_numpy(np.array(quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
             for t in _reader(path).tensors}
+
+
+def gguf_size_report(path: str | os.PathLike) -> dict[str, Any]:
+    """Sizes of a GGUF file: bytes, bits per weight of all its tensors and of the decoder linears alone (the 2-D
+    ``blk.*`` tensors), and how many tensors of each ggml type (all, and decoder linears)."""
+    reader = _reader(path)
+    totals = {"all": [0, 0], "linears": [0, 0]}  # bytes, elements
+    types: dict[str, dict[str, int]] = {"all": {}, "linears": {}}
+    for t in reader.tensors:
+        groups = ("all", "linears") if t.name.startswith("blk.") and len(t.shape) == 2 else ("all",)
+        for group in groups:
+            totals[group][0] += int(t.n_bytes)
+            totals[group][1] += int(t.n_elements)
+            types[group][t.tensor_type.name] = types[group].get(t.tensor_type.name, 0) + 1
+    return {
+        "path": str(path),
+        "bytes": Path(path).stat().st_size,
+        "bits_per_weight": 8 * totals["all"][0] / max(totals["all"][1], 1),
+        "bits_per_weight_linears": 8 * totals["linears"][0] / max(totals["linears"][1], 1),
+        "tensor_types": types["all"],
+        "linear_types": types["linears"],
+    }

@@ -23,6 +23,15 @@ def positive_int(key: str, value: Any, fix: str, allow_none: bool = False, low: 
         raise UserError(f"{key}={value} must be an integer >= {low}{' or null' if allow_none else ''}; {fix}")
 
 
+def finite_number(key: str, value: Any, fix: str, low: float = 0.0, strict: bool = False, allow_none: bool = False) -> None:
+    """A finite number >= ``low`` (> ``low`` when ``strict``)."""
+    if value is None and allow_none:
+        return
+    if not is_number(value) or value < low or (strict and value == low):
+        bound = f"{'>' if strict else '>='} {low:g}"
+        raise UserError(f"{key}={value} must be a finite number {bound}{' or null' if allow_none else ''}; {fix}")
+
+
 def check_length(key: str, value: Any) -> None:
     """A window length: at least 2 tokens, since a window of one token has nothing to predict."""
     positive_int(key, value, "a window of one token has no next token to predict", low=2)

@@ -7,15 +7,18 @@ that need the model's shapes are in :func:`validate_against_model` (run right af
 from __future__ import annotations
 
 import glob
+import re
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from npft_lightning.core.errors import UserError
 from npft_lightning.core.fs import check_checkpoint, check_writable_dir
 from npft_lightning.tasks.check_values import (
     check_length,
+    finite_number,
     is_int,
     is_number,
     positive_int,
@@ -25,9 +28,36 @@ from npft_lightning.tasks.check_values import (
 # Lightning's precision names (lightning.fabric.connector._PRECISION_INPUT_STR), the ones that make sense here first.
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32", "16", "bf16", "64")
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "tpu", "auto")
-LR_DECAYS = ("linear", "cosine", "constant")
 # ``ckpt_path`` values Lightning resolves itself instead of reading a file.
 CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
+# Integer options the group checks below do not cover: key -> (lowest value, null allowed, what the value means).
+INTEGER_OPTIONS = {
+    "data.num_workers": (0, False, "DataLoader worker processes (0 = load in the main process)"),
+    "outliers.calibration_windows": (1, False, "windows the outlier scores are computed on"),
+    "outliers.calibration_length": (2, False, "a window of one token has no next token to predict"),
+    "outliers.calibration_seed": (0, False, "the seed of the calibration windows"),
+    "outliers.batch_size": (1, False, "windows per backward pass of the outlier scoring"),
+    "curvature.hutchinson_probes": (0, False, "0 = no Hutchinson estimate"),
+    "model.tiny.hidden_size": (1, False, "the tiny model's width"),
+    "model.tiny.intermediate_size": (1, False, "the tiny model's MLP width"),
+    "model.tiny.num_layers": (1, False, "the tiny model's decoder blocks"),
+    "model.tiny.num_heads": (1, False, "the tiny model's attention heads"),
+    "model.tiny.num_kv_heads": (1, False, "the tiny model's key/value heads"),
+    "model.tiny.max_position_embeddings": (2, False, "the tiny model's context"),
+    "model.tiny.seed": (0, False, "the seed of the tiny model's random weights"),
+    "trainer.num_sanity_val_steps": (-1, False, "-1 = every validation batch, 0 = no sanity check"),
+    "trainer.log_every_n_steps": (1, False, "1 = log every step"),
+    "trainer.check_val_every_n_epoch": (1, True, "1 = validate after every epoch"),
+    "callbacks.model_checkpoint.save_top_k": (-1, False, "-1 keeps every step checkpoint, 0 only last.ckpt"),
+    "callbacks.model_checkpoint.every_n_train_steps": (0, True, "steps between checkpoints (0 or null: at epoch ends only)"),
+}
+# Finite-number options: key -> (lowest value, lowest excluded, null allowed, what the value means).
+NUMBER_OPTIONS = {
+    "optimizer.weight_decay": (0.0, False, False, "e.g. 0.01 (0 = none)"),
+    "trainer.gradient_clip_val": (0.0, False, True, "the largest gradient norm, e.g. 1.0 (null or 0 = no clipping)"),
+    "curvature.sigma_rel": (0.0, True, False, "the probe's noise relative to the mean |w| of the outliers, e.g. 0.1"),
+}
+_ABSENT = object()
 
 
 
@@ -41,20 +71,32 @@ CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 
 
 # ------------------------------------------------------------------------------------------ groups
-def _check_quant(name: str, q: DictConfig) -> None:
+def _check_numbers(cfg: DictConfig) -> None:
+    """The plain integer and number options of :data:`INTEGER_OPTIONS` / :data:`NUMBER_OPTIONS` that the config has."""
+    for key, (low, allow_none, what) in INTEGER_OPTIONS.items():
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is not _ABSENT:
+            positive_int(key, value, what, allow_none=allow_none, low=low)
+    for key, (low, strict, allow_none, what) in NUMBER_OPTIONS.items():
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is not _ABSENT:
+            finite_number(key, value, what, low=low, strict=strict, allow_none=allow_none)
+
+
+def _check_quant(name: str, q: DictConfig, prefix: str = "quant.") -> None:
     # Nested parts: the base of dense-and-sparse, the weight and activation parts of W/A quantizers.
     for part in ("base", "weight", "activation"):
         if isinstance(q.get(part), DictConfig):
-            _check_quant(f"{name}.{part}", q[part])
+            _check_quant(f"{name}.{part}", q[part], prefix)
     clip = q.get("clip_ratio")
-    if clip is not None and not (isinstance(clip, (int, float)) and 0 < clip <= 1):
-        raise UserError(f"quant.{name}.clip_ratio={clip} must be in (0, 1]; 1 = no clipping")
+    if clip is not None and not (is_number(clip) and 0 < clip <= 1):
+        raise UserError(f"{prefix}{name}.clip_ratio={clip} must be in (0, 1]; 1 = no clipping")
     bits = q.get("bits")
     if bits is not None and not (is_int(bits) and 2 <= bits <= 8):
-        raise UserError(f"quant.{name}.bits={bits} is outside 2..8; use an integer from 2 to 8")
+        raise UserError(f"{prefix}{name}.bits={bits} is outside 2..8; use an integer from 2 to 8")
     group = q.get("group_size")
     if group is not None and not (is_int(group) and group > 0):
-        raise UserError(f"quant.{name}.group_size={group} must be a positive integer (a divisor of the input features) or null")
+        raise UserError(f"{prefix}{name}.group_size={group} must be a positive integer (a divisor of the input features) or null")
     if str(q.get("_target_", "")).endswith(".ReQuant"):
         _check_requant(name, q)
 
@@ -95,6 +137,9 @@ def _check_noise_and_outliers(cfg: DictConfig) -> None:
                            ("noise.distribution.probability", (noise.get("distribution") or {}).get("probability"))):
             if value is not None and (not is_number(value) or not 0 < value <= 1):
                 raise UserError(f"{key}={value} must be in (0, 1] (1 = every time; e.g. 0.5 for half)")
+        quantizer = (noise.get("distribution") or {}).get("quantizer")
+        if isinstance(quantizer, DictConfig):  # the target of quant_error / uniform_step noise
+            _check_quant("quantizer", quantizer, prefix="noise.distribution.")
         if "_target_" in noise:
             instantiate(noise)  # the distribution checks its own settings (a quant_error target needs no calibration, ...)
     outliers = cfg.get("outliers")
@@ -160,6 +205,8 @@ def _check_peft(peft: DictConfig) -> None:
 
 
 def _check_training(cfg: DictConfig) -> None:
+    from npft_lightning.training.lr_schedule import LR_DECAYS
+
     lr = (cfg.get("optimizer") or {}).get("lr")
     if lr is not None and (not is_number(lr) or lr <= 0):
         raise UserError(f"optimizer.lr={lr} must be a positive finite number, e.g. 5e-5")
@@ -200,6 +247,10 @@ def _check_trainer(trainer: DictConfig) -> None:
         raise UserError(f"trainer.accelerator={accelerator} (strategy {strategy}) needs a CUDA GPU, but none is visible "
                         f"(torch.cuda.is_available() is False); {fix}")
     devices = trainer.get("devices")
+    if not (devices in (None, "auto") or (is_int(devices) and (devices >= 1 or devices == -1))
+            or (isinstance(devices, ListConfig) and all(is_int(d) and d >= 0 for d in devices))):
+        raise UserError(f"trainer.devices={devices} must be a number of devices >= 1, -1 (all), auto, or a list of device "
+                        f"indices like [0,1]")
     if accelerator in ("gpu", "cuda") and is_int(devices) and devices > gpus:
         raise UserError(f"trainer.devices={devices} but only {gpus} GPU(s) are visible; use trainer.devices={gpus} or -1 (all)")
 
@@ -229,12 +280,52 @@ def _check_ckpt(ckpt: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------ entry
+def _written(cfg: DictConfig, key: str) -> Any:
+    """The value at dotted ``key`` as written (interpolations not resolved), or ``_ABSENT``."""
+    node: Any = OmegaConf.to_container(cfg, resolve=False)
+    for part in key.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return _ABSENT
+    return node
+
+
+def check_interpolations(cfg: DictConfig, node: DictConfig | ListConfig | None = None, path: str = "") -> None:
+    """Every value of the config is given (no ``???`` left) and every ``${...}`` resolves; a bad one is named here by
+    its key, not in a traceback where it is first read."""
+    node = cfg if node is None else node
+    keys = range(len(node)) if isinstance(node, ListConfig) else node.keys()
+    for key in keys:
+        name = f"{path}[{key}]" if isinstance(node, ListConfig) else f"{path}.{key}" if path else str(key)
+        if OmegaConf.is_missing(node, key):
+            raise UserError(f"{name} has no value (??? in the config): give it on the command line, {name}=...")
+        try:
+            value = node[key]
+        except InterpolationResolutionError as err:
+            raw = OmegaConf.to_container(node, resolve=False)[key]
+            # data.seed=${seed} fails because seed does: name the key whose own value does not resolve
+            seen = {name}
+            while (ref := re.fullmatch(r"\$\{([\w.-]+)\}", str(raw))) and ref.group(1) not in seen \
+                    and _written(cfg, ref.group(1)) is not _ABSENT:
+                name, raw = ref.group(1), _written(cfg, ref.group(1))
+                seen.add(name)
+            raise UserError(f"{name}={raw} does not resolve ({str(err).splitlines()[0]}); an interpolation must name an "
+                            f"existing config key (or oc.env a set environment variable): fix it or give the value itself") from None
+        if isinstance(value, (DictConfig, ListConfig)):
+            check_interpolations(cfg, value, name)
+
+
 def validate_config(cfg: DictConfig, task: str = "train") -> None:
     """Every check that needs only the config (and the file system): before the model is loaded.
 
     The groups every entry point shares are checked here; ``eval`` and ``analyze`` add their own
     options (:mod:`npft_lightning.tasks.checks_eval`).
     """
+    check_interpolations(cfg)
+    _check_numbers(cfg)
     for name, q in (cfg.get("quant") or {}).items():
         if not isinstance(q, DictConfig) or "_target_" not in q:
             raise UserError(f"quant.{name} is not a quantizer config (no _target_); pick one from conf/quant/")

@@ -21,6 +21,7 @@ from npft_lightning.tasks.check_values import (
     check_device,
     check_length,
     is_int,
+    is_number,
     positive_int,
 )
 
@@ -101,6 +102,14 @@ def _check_perturbations(cfg: DictConfig) -> None:
         magnitudes = p.get("magnitudes") if isinstance(p, DictConfig) else None
         if magnitudes is not None and not isinstance(magnitudes, ListConfig):
             raise UserError(f"perturb.{name}.magnitudes={magnitudes} must be a list, e.g. perturb.{name}.magnitudes=[{magnitudes}]")
+        if magnitudes is not None and not all(is_number(m) and m >= 0 for m in magnitudes):
+            raise UserError(f"perturb.{name}.magnitudes={list(magnitudes)} must be a non-empty list of finite numbers >= 0")
+        ratio = p.get("ratio") if isinstance(p, DictConfig) else None
+        if ratio is not None and not (is_number(ratio) and 0 < ratio <= 100):
+            raise UserError(f"perturb.{name}.ratio={ratio} must be a percentage in (0, 100]")
+        group = p.get("group_size") if isinstance(p, DictConfig) else None
+        if group is not None and not (is_int(group) and group > 0):
+            raise UserError(f"perturb.{name}.group_size={group} must be a positive divisor of the features, or null")
     build_perturbations(cfg)  # each kind's constructor checks its values (empty magnitudes among them)
 
 
@@ -119,7 +128,7 @@ def validate_scoring_config(cfg: DictConfig, task: str) -> None:
     adapters = cfg.get("adapters")
     if adapters is not None and not isinstance(adapters, DictConfig):
         raise UserError(f"adapters={adapters} must map names to adapter folders (null = the pretrained model), "
-                        "e.g. adapters='{pretrained:null,npft:logs/train/runs/<run>/adapter}'")
+                        "e.g. adapters='{pretrained:null,npft:logs/npft_smollm2/runs/<run>/adapter}'")
     for variant, adapter in variants_of(cfg).items():
         if adapter:
             check_adapter_folder(adapter_key(cfg, variant), adapter)
@@ -134,6 +143,10 @@ def validate_scoring_config(cfg: DictConfig, task: str) -> None:
         from npft_lightning.tasks.gguf_plan import plan_gguf_export
 
         plan_gguf_export(cfg, build_quantizers(cfg))  # ggml quantizers, a supported model, a writable file
+    if task == "eval" and (cfg.get("llamacpp_types") or cfg.get("imatrix")):
+        from npft_lightning.tasks.gguf_plan import plan_llamacpp_files
+
+        plan_llamacpp_files(cfg)  # known file types, an imatrix with calibration windows, a llama model, writable files
 
     if task == "analyze":
         if cfg.get("outliers_on") not in OUTLIERS_ON:

@@ -35,7 +35,12 @@ from npft_lightning.quant.base import fake_quantized
 from npft_lightning.tasks.build import build_quantizers
 from npft_lightning.tasks.checks import validate_against_model
 from npft_lightning.tasks.checks_eval import splits_of
-from npft_lightning.tasks.gguf_plan import plan_gguf_export
+from npft_lightning.tasks.gguf_plan import plan_gguf_export, plan_llamacpp_files
+from npft_lightning.tasks.llamacpp_files import (
+    check_llamacpp_against_model,
+    print_llamacpp_table,
+    write_and_score_llamacpp_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +69,14 @@ def window_lengths(quantizers, outliers: bool = False) -> tuple[str, ...]:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     quantizers = {"fp": None, **build_quantizers(cfg)}
     gguf = plan_gguf_export(cfg, {name: q for name, q in quantizers.items() if q is not None})  # before the model loads
+    llamacpp = plan_llamacpp_files(cfg)
     model, tokenizer = load_for_eval(cfg, window_lengths(quantizers.values()))
     device = torch.device(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     datamodule.setup("validate")
+    if llamacpp is not None:
+        check_llamacpp_against_model(llamacpp, model, datamodule, cfg)
     if any(map(needs_inputs, quantizers.values())):  # a train split too short to calibrate on stops here, not after scoring
         datamodule.calibration_windows(0, cfg.calibration.length)
     linears = decoder_linears(model)
@@ -133,8 +141,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                "complete": True, "config": config}
     if ggufs:
         metrics["gguf"] = ggufs
+    if llamacpp is not None:  # llama.cpp's own quantizer, each file scored by llama.cpp on the first split
+        first = next(iter(windows))
+        metrics["llamacpp"] = write_and_score_llamacpp_files(model, tokenizer, datamodule, llamacpp, windows[first], cfg)
     atomic_write_json(path, metrics)
     print_eval_table(results, bits)
+    if llamacpp is not None:
+        print_llamacpp_table(metrics["llamacpp"], first)
     return metrics
 
 

@@ -1,7 +1,7 @@
 """A PEFT adapter folder from any training checkpoint (``step_*.ckpt``, ``last.ckpt``).
 
-    python -m npft_lightning export logs/train/runs/<run>/checkpoints/step_000050.ckpt
-    python eval.py adapter=logs/train/runs/<run>/checkpoints/step_000050_adapter    # then score it
+    python -m npft_lightning export logs/npft_smollm2/runs/<run>/checkpoints/step_000050.ckpt
+    python eval.py adapter=logs/npft_smollm2/runs/<run>/checkpoints/step_000050_adapter    # then score it
 
 Checkpoints hold only the adapters (plus optimizer and loop state), so the base model is rebuilt
 from the run's config (``<run>/.hydra/config.yaml`` by default), the adapter weights are loaded into

@@ -1,8 +1,10 @@
-"""What eval.py's ``gguf_out`` will write, checked against the config before the model loads."""
+"""What eval.py's ``gguf_out`` will write, checked against the config before the model loads: our own
+ggml exports (``quant=q4_0 ...``), or llama.cpp's quantizations of the model (``llamacpp_types``)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -10,11 +12,13 @@ from npft_lightning.core.errors import UserError
 from npft_lightning.quant.ggml import FORMATS, GGMLQuantizer
 from npft_lightning.quant.gguf_export import (
     BYTES,
+    FLOAT_TYPES,
     SUPPORTED_ARCHS,
     GGUFPlan,
     check_gguf_output,
     gguf_architecture,
     gguf_paths,
+    gguf_widths,
 )
 
 
@@ -25,6 +29,8 @@ def plan_gguf_export(cfg, quantizers: Mapping[str, Any]) -> GGUFPlan | None:
     architecture or tokenizer cannot be written, an output path that cannot be written.
     """
     out = cfg.get("gguf_out")
+    if llamacpp_types(cfg):
+        return None  # gguf_out names llama.cpp's files instead (plan_llamacpp_files)
     if not out:
         if cfg.get("llamacpp_ppl"):
             raise UserError("llamacpp_ppl=true scores the GGUF file eval.py writes: set gguf_out=<file>.gguf too")
@@ -36,10 +42,7 @@ def plan_gguf_export(cfg, quantizers: Mapping[str, Any]) -> GGUFPlan | None:
         if not isinstance(q, GGMLQuantizer):
             raise UserError(f"gguf_out={out}: quant.{name} ({type(q).__name__}) has no ggml type; GGUF files hold "
                             f"the ggml block types: use quant={'|'.join(FORMATS)} (or a list of them)")
-    arch = _config_architecture(cfg.model)
-    if arch is not None and arch not in SUPPORTED_ARCHS:
-        raise UserError(f"gguf_out={out}: model {cfg.model.get('name')} has architecture {arch!r}; "
-                        f"the GGUF export supports {', '.join(SUPPORTED_ARCHS)} (e.g. model=smollm2-135m or model=tiny-llama)")
+    _check_architecture(cfg.model, f"gguf_out={out}")
     vocab = _vocab_source(cfg)
     paths = gguf_paths(out, names)
     for path in paths.values():
@@ -49,6 +52,13 @@ def plan_gguf_export(cfg, quantizers: Mapping[str, Any]) -> GGUFPlan | None:
 
         require_llama_cpp()
     return GGUFPlan(paths, vocab)
+
+
+def _check_architecture(model_cfg, key: str) -> None:
+    arch = _config_architecture(model_cfg)
+    if arch is not None and arch not in SUPPORTED_ARCHS:
+        raise UserError(f"{key}: model {model_cfg.get('name')} has architecture {arch!r}; "
+                        f"the GGUF export supports {', '.join(SUPPORTED_ARCHS)} (e.g. model=smollm2-135m or model=tiny-llama)")
 
 
 def _config_architecture(model_cfg) -> str | None:
@@ -94,3 +104,106 @@ def _vocab_source(cfg) -> str:
     raise UserError(f"gguf_out: llama.cpp needs the tokenizer in the file, and model {model_cfg.get('name')!r} "
                     f"has no GGUF to copy it from; set gguf_vocab=<a .gguf with the same tokenizer> "
                     f"(for SmolLM2: the bundled SmolLM2-135M-Instruct.Q4_1.gguf)")
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp's own quantizer: llamacpp_types, imatrix
+# ---------------------------------------------------------------------------------------------
+
+IMATRIX_CHOICES = (False, True, "both")
+
+
+@dataclass
+class LlamaCppPlan:
+    """What ``llamacpp_types`` will write: the float GGUF llama.cpp quantizes, one file per (type, imatrix or not)."""
+
+    types: list[str]  # file types, upper case
+    float_type: str  # f32 or f16
+    float_path: Path
+    files: list[tuple[str, bool, Path]]  # (file type, with the imatrix, path)
+    imatrix_path: Path | None  # where the importance matrix is written (None: no imatrix)
+    vocab: str  # a .gguf path, or BYTES
+
+
+def llamacpp_types(cfg) -> list[str]:
+    """``llamacpp_types`` as a list of upper-case names, in order, each once (``llamacpp_types=Q4_0`` is ``[Q4_0]``)."""
+    types = cfg.get("llamacpp_types") or []
+    types = [types] if isinstance(types, str) else list(types)
+    return list(dict.fromkeys(str(t).upper() for t in types))
+
+
+def plan_llamacpp_files(cfg) -> LlamaCppPlan | None:
+    """Check ``llamacpp_types`` / ``imatrix`` / ``llamacpp_float`` before the model loads; None when not asked for.
+
+    Each problem is one :class:`UserError` line: an unknown file type, an imatrix with nothing to weight or no
+    calibration windows, a model that is not a llama model or whose widths llama.cpp would leave unquantized,
+    an output that cannot be written, llama.cpp missing.
+    """
+    from npft_lightning.quant.llamacpp_quantize import check_columns, file_type
+
+    types = llamacpp_types(cfg)
+    imatrix = cfg.get("imatrix", False)
+    shown = str(imatrix).lower()  # as typed: true, not Python's True
+    if imatrix not in IMATRIX_CHOICES:
+        raise UserError(f"imatrix={shown} is not one of true, false, both (each llamacpp_types file with and without it)")
+    if not types:
+        if imatrix:
+            raise UserError(f"imatrix={shown} weights llama.cpp's quantizer, but llamacpp_types is empty; "
+                            f"add llamacpp_types=[Q4_K_M] (or drop imatrix)")
+        return None
+    key = "llamacpp_types"
+    for name in types:
+        file_type(name, key)
+    float_type = str(cfg.get("llamacpp_float") or "f32").lower()
+    if float_type not in FLOAT_TYPES:
+        raise UserError(f"llamacpp_float={cfg.get('llamacpp_float')} is not one of {', '.join(FLOAT_TYPES)}")
+    out = cfg.get("gguf_out")
+    if not out:
+        raise UserError(f"{key}={types} writes GGUF files: set gguf_out=<file>.gguf (their names derive from it: "
+                        f"<stem>-{types[0]}.gguf)")
+    if imatrix and not _has_calibration(cfg.get("calibration")):
+        raise UserError(f"imatrix={shown} is computed on calibration windows of the train split, but calibration.windows "
+                        f"/ calibration.length are not set; set them (e.g. calibration.windows=128 calibration.length=512)")
+    _check_architecture(cfg.model, key)
+    # Where the config tells the widths, a layer llama.cpp would leave unquantized stops here (else once the model loads).
+    columns = _config_columns(cfg.model) or ()
+    for name in types:
+        check_columns(name, columns, key)
+    vocab = _vocab_source(cfg)
+    out = Path(str(out)).expanduser()
+    suffix = out.suffix or ".gguf"
+    variants = {"both": (False, True), True: (True,), False: (False,)}[imatrix]
+    files = [(name, with_imatrix, out.with_name(f"{out.stem}-{name}{'-imatrix' if with_imatrix else ''}{suffix}"))
+             for name in types for with_imatrix in variants]
+    plan = LlamaCppPlan(types, float_type, out.with_name(f"{out.stem}-{float_type.upper()}{suffix}"), files,
+                        out.with_name(f"{out.stem}.imatrix.gguf") if imatrix else None, vocab)
+    for path in [plan.float_path, *(path for *_, path in files), *([plan.imatrix_path] if imatrix else [])]:
+        check_gguf_output(path)
+    from npft_lightning.quant.llamacpp import require_llama_cpp
+
+    require_llama_cpp()
+    return plan
+
+
+def _has_calibration(calibration) -> bool:
+    return calibration is not None and bool(calibration.get("windows")) and bool(calibration.get("length"))
+
+
+def _config_columns(model_cfg) -> set[int] | None:
+    """The decoder linears' input widths (hidden and intermediate size) where the config tells without loading."""
+    tiny = model_cfg.get("tiny")
+    if model_cfg.get("path"):
+        try:
+            config = json.loads((Path(str(model_cfg.path)).expanduser() / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        widths = {config.get("hidden_size"), config.get("intermediate_size")}
+    elif tiny is not None:
+        from npft_lightning.lm.models import TINY_DEFAULTS
+
+        widths = {tiny.get("hidden_size", TINY_DEFAULTS["hidden_size"]), tiny.get("intermediate_size", TINY_DEFAULTS["intermediate_size"])}
+    elif model_cfg.get("gguf_package") and model_cfg.get("gguf_file"):
+        widths = set(gguf_widths(str(_source_gguf(model_cfg))))
+    else:
+        return None
+    return {int(w) for w in widths} if all(isinstance(w, int) for w in widths) else None

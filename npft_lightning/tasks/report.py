@@ -1,6 +1,6 @@
 """Human-readable results: the before/after table of one run, and the report over a Hydra sweep.
 
-    python -m npft_lightning report logs/train/multiruns/<date>_<time>    # report.md, report.csv, ppl_vs_<key>.png
+    python -m npft_lightning report logs/npft_smollm2/multiruns/<date>_<time>    # report.md, report.csv, ppl_vs_<key>.png
 
 The sweep report reads every job's ``.hydra/overrides.yaml`` and ``metrics.json``; the swept keys
 are the overrides whose value differs between jobs. The control (``noise=none`` or ``noise.scale=0``)
@@ -14,11 +14,13 @@ import io
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from rich.console import Console
 from rich.table import Table
 
@@ -64,9 +66,8 @@ class Job:
     """One job of a Hydra multirun: its folder, its command-line overrides and (when it finished) its metrics."""
 
     path: Path
-    overrides: dict[str, str]
+    overrides: dict[str, Any]  # key -> value as Hydra types it, see parse_overrides
     metrics: dict[str, Any] | None = None
-    values: dict[str, Any] = field(default_factory=dict)  # the swept keys' values, parsed
 
     @property
     def name(self) -> str:
@@ -86,20 +87,16 @@ class Job:
         return (((self.metrics or {}).get("curvature") or {}).get(stage) or {}).get("curvature_outliers")
 
 
-def parse_override(text: str) -> tuple[str, str]:
-    """``"+noise.scale=0.5"`` -> ``("noise.scale", "0.5")``."""
-    key, _, value = text.partition("=")
-    return key.lstrip("+~"), value
-
-
-def parse_value(text: str) -> Any:
-    """A number when the override value is one, else the text (``"0.25"`` -> 0.25, ``"none"`` -> ``"none"``)."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+def parse_overrides(lines: list[str]) -> dict[str, Any]:
+    """Hydra's overrides as Hydra's parser reads them: ``["+noise.scale=0.5", "quant=[rtn4,rtn3_g32]"]`` ->
+    ``{"noise.scale": 0.5, "quant": "[rtn4,rtn3_g32]"}`` (numbers typed; lists, dicts and sweeps kept as their text,
+    one hashable table cell)."""
+    parsed = {}
+    for override in OverridesParser.create().parse_overrides(lines):
+        key = f"{override.key_or_group}@{override.package}" if override.package else override.key_or_group
+        value = override.value()
+        parsed[key] = value if value is None or isinstance(value, (str, int, float)) else override.get_value_element_as_str()
+    return parsed
 
 
 def _job_order(path: Path) -> tuple[int, str]:
@@ -124,7 +121,12 @@ def load_sweep(root: str | Path) -> list[Job]:
         listed = _read(overrides_file, yaml.safe_load, "Hydra's overrides (YAML)") or []
         if not isinstance(listed, list):
             raise UserError(f"{overrides_file} is not a list of overrides; rerun that job, or move its folder out of the sweep")
-        overrides = dict(parse_override(str(o)) for o in listed)
+        try:
+            overrides = parse_overrides([str(o) for o in listed])
+        except OverrideParseException as err:
+            first = str(err).splitlines()[0]
+            raise UserError(f"{overrides_file} holds an override Hydra cannot parse ({first}); rerun that job, or move its "
+                            "folder out of the sweep") from err
         metrics_file = path / "metrics.json"
         metrics = _read(metrics_file, json.loads, "JSON") if metrics_file.is_file() else None
         jobs.append(Job(path, overrides, metrics))
@@ -157,7 +159,7 @@ def sweep_table(jobs: list[Job], keys: list[str]) -> tuple[list[str], list[list[
         header += ["curvature_before", "curvature_after"]
     rows = []
     for job in jobs:
-        row: list[Any] = [job.name, *(job.values.get(k, "") for k in keys), job.control if job.metrics else None]
+        row: list[Any] = [job.name, *(job.overrides.get(k) for k in keys), job.control if job.metrics else None]
         row += [job.ppl("after", n) for n in names] + [job.ppl("before", n) for n in names]
         if curvature:
             row += [job.curvature("before"), job.curvature("after")]
@@ -184,7 +186,7 @@ def markdown_report(root: Path, jobs: list[Job], keys: list[str]) -> str:
              f"{len(jobs)} jobs ({done} finished), swept: {', '.join(keys) or 'nothing'}. "
              "Validation perplexity after fine-tuning per quantizer, and before it (the pretrained model).", "",
              "| " + " | ".join(pretty) + " |", "|" + "|".join("---" if i < len(keys) + 2 else "---:" for i in range(len(header))) + "|"]
-    # Swept values as typed on the command line; numbers with 3 decimals.
+    # Swept values as Hydra reads them (0.10 -> 0.1, 2e-4 -> 0.0002); PPLs with 3 decimals.
     lines += ["| " + " | ".join(str(v) if i <= len(keys) and v is not None else _md_cell(v) for i, v in enumerate(row)) + " |"
               for row in rows]
     missing = [job.name for job in jobs if job.metrics is None]
@@ -216,7 +218,7 @@ def plot_sweep(jobs: list[Job], key: str, keys: list[str], path: Path) -> Path:
     finished = [job for job in jobs if job.metrics is not None]
     names = quantizer_names(finished)
     others = [k for k in keys if k != key]
-    values = list(dict.fromkeys(job.values.get(key) for job in finished))
+    values = list(dict.fromkeys(job.overrides.get(key) for job in finished))
     numeric = all(isinstance(v, (int, float)) for v in values)
     position = (lambda v: v) if numeric else {v: i for i, v in enumerate(values)}.get
     control = next((job for job in finished if job.control), None)
@@ -227,9 +229,9 @@ def plot_sweep(jobs: list[Job], key: str, keys: list[str], path: Path) -> Path:
     for ax, name in zip(axes.flat, names):
         groups: dict[tuple, list[Job]] = {}
         for job in finished:
-            groups.setdefault(tuple(job.values.get(k) for k in others), []).append(job)
+            groups.setdefault(tuple(job.overrides.get(k) for k in others), []).append(job)
         for group, members in groups.items():
-            points = sorted(((position(job.values.get(key)), job) for job in members if job.ppl("after", name) is not None),
+            points = sorted(((position(job.overrides.get(key)), job) for job in members if job.ppl("after", name) is not None),
                             key=lambda p: p[0])
             if not points:
                 continue
@@ -264,8 +266,6 @@ def write_sweep_report(root: str | Path, out_dir: str | Path | None = None) -> d
         raise UserError(f"sweep_dir={root} holds no Hydra job (no .hydra/overrides.yaml below it); give the folder of a "
                         "train.py -m sweep (logs/<task>/multiruns/<date>_<time>) or of one run")
     keys = swept_keys(jobs)
-    for job in jobs:
-        job.values = {k: parse_value(job.overrides[k]) if k in job.overrides else None for k in keys}
     out = Path(out_dir) if out_dir is not None else root
     files = {"md": out / "report.md", "csv": out / "report.csv"}
     atomic_write_text(files["md"], markdown_report(root, jobs, keys))

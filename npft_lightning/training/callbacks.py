@@ -1,9 +1,9 @@
 """The NPFT life cycle as Lightning callbacks: when to score, perturb and quantize.
 
-The math (how) lives in ``sensitivity``, ``noise``, ``curvature`` and ``quant``; these callbacks
+The math (how) lives in ``npft.outliers``, ``npft.noise``, ``core.curvature`` and ``quant``; these callbacks
 own only the timing, the DDP agreement between ranks and the checkpoint state.
-Order matters and is the order of ``conf/callbacks/npft.yaml``: outliers are selected before
-noise is drawn on them, and the curvature probe reads the same masks.
+Order matters and is the order the training task builds them in (``tasks/train.py``): outliers are selected
+before noise is drawn on them, and the curvature probe reads the same masks.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ helpers here (:meth:`NPFTModule.decoder_linears`, :meth:`NPFTModule.lora_deltas`
 from __future__ import annotations
 
 import hashlib
-import math
 import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 
 from npft_lightning.core.layers import canonical_name, decoder_linears
 from npft_lightning.core.perplexity import causal_lm_nll, perplexity
+from npft_lightning.training.lr_schedule import lr_scheduler
 
 
 class LoraDeltas(Mapping[str, Tensor]):
@@ -59,20 +59,6 @@ class LoraDeltas(Mapping[str, Tensor]):
         return len(self._layers)
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, decay: str = "linear") -> float:
-    """Learning-rate multiplier: linear warm-up, then ``linear`` / ``cosine`` decay to 0 or ``constant``."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    if decay == "constant" or total_steps <= warmup_steps:
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if decay == "linear":
-        return 1.0 - progress
-    if decay == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"lr decay={decay!r} is not one of linear, cosine, constant")
-
-
 def batch_seed(seed: int, epoch: int, batch_idx: int, rank: int = 0) -> int:
     """A torch seed from (seed, epoch, batch in epoch, rank), hashed so nearby tuples give unrelated streams."""
     digest = hashlib.sha256(f"npft-batch:{int(seed)}:{int(epoch)}:{int(batch_idx)}:{int(rank)}".encode()).digest()
@@ -86,7 +72,8 @@ class NPFTModule(pl.LightningModule):
         model: a Hugging Face causal LM (its weights stay frozen).
         lora: the PEFT ``LoraConfig`` (``target_modules`` already resolved).
         optimizer: a partial optimizer (``params`` missing), e.g. ``AdamW(lr=5e-5, weight_decay=0.01)``.
-        warmup_steps, lr_decay: the learning-rate schedule, stepped per optimizer step.
+        warmup_steps, lr_decay: the learning-rate schedule (:func:`~npft_lightning.training.lr_schedule.lr_scheduler`),
+            stepped per optimizer step.
         seed: seeds torch's global RNG at every training batch (dropout), see :meth:`on_train_batch_start`.
         gradient_checkpointing: recompute each decoder layer's activations in the backward pass
             (HF non-reentrant checkpointing): activation memory of one layer instead of all, ~30 % more compute.
@@ -201,8 +188,7 @@ class NPFTModule(pl.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params=params)
         total = int(self.trainer.estimated_stepping_batches)
-        schedule = partial(lr_factor, total_steps=total, warmup_steps=self.warmup_steps, decay=self.lr_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = lr_scheduler(optimizer, total, warmup_steps=self.warmup_steps, decay=self.lr_decay)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------------------- checkpoints

@@ -1,7 +1,7 @@
 """A Rich progress bar whose training total is the steps the run will actually take.
 
-Lightning's bar counts the epoch's batches unless ``max_epochs=-1``: the default recipe (16 steps of a
-936-batch epoch) showed ``16/936`` and a three-hour estimate. Here the total stops at ``max_steps``.
+Lightning's bar counts the epoch's batches unless ``max_epochs=-1``: a 16-step run (NPFT as first built,
+``experiment=npft_fisher``) of a 936-batch epoch showed ``16/936`` and a three-hour estimate. Here the total stops at ``max_steps``.
 """
 
 from __future__ import annotations

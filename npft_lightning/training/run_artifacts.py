@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import statistics
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from npft_lightning.core import masks as mask_ops
-from npft_lightning.core.io import atomic_dir, atomic_write_json
+from npft_lightning.core.io import atomic_dir, atomic_file, atomic_write_json
 from npft_lightning.training.callbacks import (
     CurvatureProbe,
     FakeQuantValidation,
@@ -119,23 +118,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     Lightning's own save writes through an fsspec transaction whose temporary file lives in the
     system temp dir: on another file system (a tmpfs /tmp, a cluster's scratch) the final "move" is
-    a copy into the destination, which a kill can cut short, and nothing is fsynced. Here the bytes go
-    to a temporary file beside the checkpoint, are fsynced, and ``os.replace`` swaps it in.
+    a copy into the destination, which a kill can cut short, and nothing is fsynced. Here the write goes
+    through :func:`~npft_lightning.core.io.atomic_file` (a temporary file beside the checkpoint, fsynced, renamed).
     Remote paths (s3://, ...) keep Lightning's behaviour.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with open(tmp, "xb") as f:  # "x": a fresh file, created with the user's umask
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as tmp:
+            torch.save(checkpoint, tmp)
