@@ -5,9 +5,12 @@ project; linking them against the extra's libllama only compiles llama.cpp's ``c
 10 minutes on 2 cores)::
 
     S=<llama-cpp-python sdist>/vendor/llama.cpp; L=.venv/lib/python3.11/site-packages/llama_cpp/lib
-    g++ -O1 -std=c++17 -I$S/include -I$S/ggml/include -I$S/common -I$S/vendor $S/common/*.cpp $S/common/parsers/*.cpp \\
-        $S/common/jinja/*.cpp $S/vendor/cpp-httplib/httplib.cpp build-info.cpp $S/tools/imatrix/imatrix.cpp \\
-        -L$L -Wl,-rpath,$L -lllama -lggml -lggml-base -lpthread -o llama-imatrix   # (llguidance.cpp left out)
+    # build-info.cpp: $S/common/build-info.cpp.in with its four @...@ fields filled in; llguidance.cpp left out
+    COMMON="$(ls $S/common/*.cpp $S/common/parsers/*.cpp $S/common/jinja/*.cpp | grep -v llguidance) \\
+            $S/vendor/cpp-httplib/httplib.cpp build-info.cpp"
+    g++ -O1 -std=c++17 -I$S/include -I$S/ggml/include -I$S/common -I$S/vendor $COMMON $S/tools/imatrix/imatrix.cpp \\
+        -L$L -Wl,-rpath,$L -lllama -lggml -lggml-base -lpthread -o llama-imatrix
+    # llama-quantize likewise, with $S/tools/quantize/quantize.cpp and main.cpp instead of imatrix.cpp
 
 On SmolLM2-135M (pretrained), for the same text (the first ``--chunks`` x ``--ctx`` tokens of the Wikipedia
 train split, tokenized by llama.cpp, BOS first in each chunk as the tool does):

@@ -40,10 +40,11 @@ def llama_cpp_installed() -> bool:
     return True
 
 
-def require_llama_cpp():
-    """The ``llama_cpp`` module; a one-line UserError when the extra is missing or its build does not load."""
+def require_llama_cpp(needed_by: str = "llamacpp_ppl=true"):
+    """The ``llama_cpp`` module; a one-line UserError (naming the option ``needed_by``) when the extra is missing
+    or its build does not load."""
     if not llama_cpp_installed():
-        raise UserError(f"llamacpp_ppl=true needs the llamacpp extra: {INSTALL_HINT}")
+        raise UserError(f"{needed_by} needs the llamacpp extra: {INSTALL_HINT}")
     try:
         import llama_cpp
     except Exception as err:  # noqa: BLE001 - a broken build fails in many ways (OSError from the shared library, ...)

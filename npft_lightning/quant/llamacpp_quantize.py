@@ -183,7 +183,7 @@ def quantize_gguf(source: str | os.PathLike, target: str | os.PathLike, name: st
     With ``imatrix``, its means weight the quantization and the ``quantize.imatrix.*`` keys name it (and the
     file it was written to, ``imatrix_file``), as ``llama-quantize --imatrix`` does.
     """
-    llama_cpp = require_llama_cpp()
+    llama_cpp = require_llama_cpp("llamacpp_types")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = file_type(name).ftype
     params.nthread = int(threads or torch.get_num_threads())

@@ -181,7 +181,7 @@ def plan_llamacpp_files(cfg) -> LlamaCppPlan | None:
         check_gguf_output(path)
     from npft_lightning.quant.llamacpp import require_llama_cpp
 
-    require_llama_cpp()
+    require_llama_cpp(key)
     return plan
 
 

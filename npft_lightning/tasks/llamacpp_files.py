@@ -96,9 +96,10 @@ def write_and_score_llamacpp_files(model, tokenizer, datamodule, plan: LlamaCppP
 
 def print_llamacpp_table(reports: dict[str, Any], split: str) -> None:
     """One row per llama.cpp file: its PPL (both conventions), bits per weight (whole file, decoder linears), size, speed."""
-    table = Table(title=f"llama.cpp files, scored by llama.cpp ({split})")
+    table = Table(title=f"llama.cpp files scored by llama.cpp ({split}): PPL of every token and of each window's second "
+                        f"half, bits per weight of the file and of the decoder linears")
     table.add_column("file", no_wrap=True)
-    for column in ("PPL", "PPL 2nd half", "bits/weight", "linears", "MiB", "tokens/s"):
+    for column in ("PPL", "2nd half", "bits/w", "linears", "MiB", "tok/s"):  # short: an 80-column log keeps them whole
         table.add_column(column, justify="right")
     for key, r in reports.items():
         if key != "imatrix":
