@@ -4,7 +4,7 @@ Rows (each training row once per seed, same data / steps / seed as the control):
 
   pretrained       the model as loaded (no training)
   control          LoRA without noise (noise=none)
-  npft_fisher      NPFT, the default recipe (Fisher outliers, step-matched uniform noise, per step)
+  npft_fisher      NPFT as first built, the study's base (experiment=npft_fisher: Fisher outliers, step noise)
   npft_pqi         NPFT with PQI outlier targeting (outliers=pqi, 4 intervals)
   npft_paper_0.1   NPFT with the reference code's noise at scale 0.1 (noise=npft_paper noise.scale=0.1)
   npft_per_epoch   NPFT with one noise draw per epoch (noise.schedule=per_epoch)
@@ -26,7 +26,11 @@ block of --results-md.
     python bench/quality.py --rows control qerr_all --steps 256 --merge docs/bench/screen_lr.json   # add a length to a study
 
 ``--merge`` joins an earlier study's cells (its --out-json) to this one's tables and plots when both were
-measured the same way (model, windows, corpora, overrides): studies run in separate folders or sessions.
+measured the same way (model, windows, corpora, overrides): studies run in separate folders or sessions. With
+``--finished-only`` and an empty --study-dir it redraws the tables and figures of a JSON alone.
+
+This file is the driver; the parts: study.py (plan, resume, lock, subprocess cells, merge; bench/requant.py
+runs on it too), study_corpora.py (the corpora), quality_rows.py (rows and aggregation), render.py (tables, figures).
 """
 
 from __future__ import annotations

@@ -122,15 +122,27 @@ def _error(stat: dict[str, Any], scale: float = 1.0) -> float:
     return scale * stat["std"] if stat["n"] > 1 else float("nan")
 
 
-def seed_note(counts: list[int], seeds: list[int]) -> str:
-    """The figure's line on seeds, from the number of seeds behind each point."""
+def seed_note(counts: list[int], seeds: list[int], marked: str = "points") -> str:
+    """The figure's line on seeds, from the number of seeds behind each of its ``marked`` (points, rows)."""
     counts = [n for n in counts if n > 0]
     if not counts or max(counts) == 1:
-        which = f"seed {seeds[0]}" if len(seeds) == 1 else "one seed per point"
+        which = f"seed {seeds[0]}" if len(seeds) == 1 else f"one seed per {marked[:-1]}"
         return f"SINGLE SEED ({which}): no error bars, no spread measured"
     if min(counts) == 1:
-        return f"error bars: ± std over {max(counts)} seeds; points marked (1 seed) have none"
+        return f"error bars: ± std over {max(counts)} seeds; {marked} marked (1 seed) have none"
     return f"error bars: ± std over {max(counts)} seeds"
+
+
+def _color(i: int, n: int) -> Any:
+    """The ``i``-th of ``n`` distinct colours (matplotlib's 10-colour cycle repeats itself past 10)."""
+    import matplotlib
+
+    return f"C{i}" if n <= 10 else matplotlib.colormaps["tab20"](i % 20)
+
+
+def _legend_below(ax: Any, columns: int = 1) -> None:
+    """The legend under the axes, where it hides no data (tight_layout makes room for it)."""
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=columns, frameon=False)
 
 
 def _seeds_label(label: str, n: int, counts: list[int]) -> str:
@@ -168,25 +180,29 @@ def plot_quality(result: dict[str, Any], path: Path) -> Path | None:
     from npft_lightning.tasks.figures import save_figure
 
     counts = [per_q[q]["vs_control_pct"]["n"] for rows in derived.values() for per_q in rows.values() for q in columns]
-    fig, axes = plt.subplots(len(derived), 1, figsize=(max(9.0, 1.1 * len(columns) + 4), 3.6 * len(derived) + 0.6), squeeze=False)
+    legend_lines = (max(len(rows) for rows in derived.values()) + 3) // 2  # the rows, the control and the budget, in 2 columns
+    fig, axes = plt.subplots(len(derived), 1, figsize=(max(9.0, 1.1 * len(columns) + 4), 3.6 * len(derived) + 0.6 + 0.2 * legend_lines),
+                             squeeze=False)
     for ax, (corpus, rows) in zip(axes.flat, derived.items()):
         width = 0.8 / len(rows)
         for i, (row, per_q) in enumerate(rows.items()):
             stats = [per_q[q]["vs_control_pct"] for q in columns]
             xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(columns))]
             ax.bar(xs, [st["mean"] for st in stats], width, yerr=[_error(st) for st in stats], capsize=2,
-                   label=_seeds_label(row_label(row), max(st["n"] for st in stats), counts), color=f"C{i}")
+                   label=_seeds_label(row_label(row), max(st["n"] for st in stats), counts), color=_color(i, len(rows)))
         ax.axhline(0, color="black", linewidth=1.0, label="no-noise LoRA control (0 %)")
         ax.hlines(BUDGET_PCT, -0.45, 0.45, colors="red", linestyles="--", linewidth=1.2,
                   label=f"+{BUDGET_PCT:g} % unquantized (the default recipe's budget)")
+        ax.annotate(f"+{BUDGET_PCT:g} %", (-0.45, BUDGET_PCT), xytext=(-2, 0), textcoords="offset points", ha="right",
+                    va="center", fontsize=7, color="red")
         _keep_in_view(ax, "y", -MIN_PCT_SPAN, MIN_PCT_SPAN)
         ax.set_xticks(range(len(columns)), ["unquantized" if q == "fp" else q for q in columns])
         ax.set_ylabel("PPL vs the control (%)")
         ax.set_title(CORPORA.get(corpus, corpus))
         ax.grid(axis="y", alpha=0.3)
-    axes.flat[0].legend(fontsize=7)
+    _legend_below(axes.flat[-1], columns=2)
     fig.suptitle("PPL change against the no-noise LoRA control, paired by seed; below 0 = better\n"
-                 + seed_note(counts, result["settings"]["seeds"]), fontsize=10)
+                 + seed_note(counts, result["settings"]["seeds"], "rows"), fontsize=10)
     return save_figure(fig, path)
 
 
@@ -214,7 +230,7 @@ def plot_gap_vs_steps(result: dict[str, Any], path: Path, quantizer: str = "rtn4
         points.sort(key=lambda p: p[0])
         ax.errorbar([p[0] for p in points], [p[1]["mean"] for p in points], yerr=[_error(p[1]) for p in points],
                     marker="o", capsize=2, label=_seeds_label(row_label(row), min(p[1]["n"] for p in points), counts),
-                    color=f"C{i % 10}")
+                    color=_color(i, len(lines)))
     _gap_axis(ax, quantizer)
     steps = sorted({p[0] for points in lines.values() for p in points})
     ax.set_xscale("log", base=2)
@@ -222,9 +238,9 @@ def plot_gap_vs_steps(result: dict[str, Any], path: Path, quantizer: str = "rtn4
     ax.minorticks_off()
     ax.set_xlabel("training steps (optimizer steps of 2 × 512 tokens; log scale)")
     ax.set_title(f"{CORPORA.get(corpus, corpus)}: does longer training close more?\n"
-                 + seed_note(counts, result["settings"]["seeds"]), fontsize=10)
+                 + seed_note(counts, result["settings"]["seeds"], "rows"), fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
+    _legend_below(ax, columns=2)
     return save_figure(fig, path)
 
 
@@ -248,7 +264,7 @@ def plot_frontier(result: dict[str, Any], path: Path, quantizer: str = "rtn4") -
     for key, cost, closed in points:
         paper = base_row(key).startswith("npft_paper")
         ax.errorbar([cost["mean"]], [closed["mean"]], xerr=[_error(cost)], yerr=[_error(closed)], fmt="none",
-                    ecolor="grey", elinewidth=0.8, capsize=2, zorder=2)
+                    ecolor="black", elinewidth=0.8, capsize=3, zorder=4)
         ax.scatter([cost["mean"]], [closed["mean"]], marker="s" if paper else "o", color="C3" if paper else "C0",
                    edgecolors="black" if key in marked else "none", s=60 if key in marked else 25, zorder=3)
         label = key + (f" ({marked[key]})" if key in marked else "") + (" (the paper's noise)" if paper else "")
@@ -263,5 +279,5 @@ def plot_frontier(result: dict[str, Any], path: Path, quantizer: str = "rtn4") -
     ax.set_title(f"{CORPORA.get(corpus, corpus)}: what the quantized model gains against what the unquantized one pays\n"
                  + seed_note(counts, result["settings"]["seeds"]), fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="lower right")
+    _legend_below(ax, columns=2)
     return save_figure(fig, path)

@@ -298,3 +298,55 @@ def test_study_lock_is_an_flock_other_jobs_see(tmp_path):
         fcntl.flock(other, fcntl.LOCK_UN)
     with study.held(None):  # no --lock: nothing to hold
         pass
+
+
+def _drawn_figures(monkeypatch) -> list:
+    """The figures the plot functions hand to save_figure, kept open for the test to read."""
+    from npft_lightning.tasks import figures as project_io
+
+    drawn, save = [], project_io.save_figure
+
+    def spy(fig, path, dpi=120):
+        drawn.append({"title": fig._suptitle.get_text() if fig._suptitle else "", "axes": [
+            {"title": ax.get_title(), "ylim": ax.get_ylim(), "xlim": ax.get_xlim(), "ylabel": ax.get_ylabel(),
+             "legend": [t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else [],
+             "hlines": [seg[0][1] for c in ax.collections if hasattr(c, "get_segments") for seg in c.get_segments()
+                        if len(seg) == 2 and seg[0][1] == seg[1][1]] + [ln.get_ydata()[0] for ln in ax.lines if len(set(ln.get_ydata())) == 1],
+             "vlines": [ln.get_xdata()[0] for ln in ax.lines if len(set(ln.get_xdata())) == 1]} for ax in fig.axes]})
+        return save(fig, path, dpi)
+
+    monkeypatch.setattr(project_io, "save_figure", spy)
+    return drawn
+
+
+def test_figures_follow_the_plot_rules(tmp_path, monkeypatch):
+    """Small effects keep their size (the PPL axis spans at least ±2 %, the gap axis 0 to 1, fractions as the tables
+    print them), the control and the +1 % unquantized budget are drawn, and a single-seed figure says so on itself."""
+    one_seed = {"control@16": {"0": {"wiki": {"fp": 10.0, "rtn4": 14.0}}}, "control@64": {"0": {"wiki": {"fp": 10.0, "rtn4": 14.0}}},
+                "qerr_all@16": {"0": {"wiki": {"fp": 10.03, "rtn4": 13.9}}}, "qerr_all@64": {"0": {"wiki": {"fp": 10.05, "rtn4": 13.8}}}}
+    result = {"settings": {"quantizers": ["rtn4"], "seeds": [0]}, "aggregate": quality_rows.aggregate(one_seed, ["rtn4"])}
+    drawn = _drawn_figures(monkeypatch)
+    render.plot_quality(result, tmp_path / "q.png")
+    render.plot_gap_vs_steps(result, tmp_path / "s.png")
+    render.plot_frontier(result, tmp_path / "f.png")
+    bars, steps, frontier = drawn
+    assert "SINGLE SEED (seed 0)" in bars["title"]
+    assert all("SINGLE SEED (seed 0)" in fig["axes"][0]["title"] for fig in (steps, frontier))
+    low, high = bars["axes"][0]["ylim"]
+    assert low <= -2 and high >= 2  # a 0.3 % bar is not a cliff
+    assert 0 in bars["axes"][0]["hlines"] and render.BUDGET_PCT in bars["axes"][0]["hlines"]
+    assert any("+1 % unquantized" in text for text in bars["axes"][0]["legend"])
+    for fig in (steps, frontier):
+        low, high = fig["axes"][0]["ylim"]
+        assert low <= 0 and high >= 1 and "fraction" in fig["axes"][0]["ylabel"]
+        assert 0 in fig["axes"][0]["hlines"]
+    assert {0, render.BUDGET_PCT} <= set(frontier["axes"][0]["vlines"])
+
+    # several seeds: error bars, and the row with one seed marked
+    cells = {"control": {"0": {"wiki": {"fp": 10.0, "rtn4": 14.0}}, "1": {"wiki": {"fp": 11.0, "rtn4": 15.0}}},
+             "qerr_all": {"0": {"wiki": {"fp": 10.5, "rtn4": 12.0}}, "1": {"wiki": {"fp": 11.4, "rtn4": 13.5}}},
+             "npft_paper": {"0": {"wiki": {"fp": 15.0, "rtn4": 20.0}}}}
+    result = {"settings": {"quantizers": ["rtn4"], "seeds": [0, 1]}, "aggregate": quality_rows.aggregate(cells, ["rtn4"])}
+    render.plot_quality(result, tmp_path / "q2.png")
+    assert "± std over 2 seeds" in drawn[-1]["title"] and "SINGLE SEED" not in drawn[-1]["title"]
+    assert any(text.endswith("(1 seed)") and "paper" in text for text in drawn[-1]["axes"][0]["legend"])
