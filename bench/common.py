@@ -55,3 +55,7 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
 
     atomic_write_json(path, data)
     print(f"wrote {path}")
+
+
+class StudyError(Exception):
+    """A problem with a study's input (bench/quality.py, bench/requant.py); printed as one line."""

@@ -34,20 +34,10 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, machine, write_json
-from quality import (
-    CORPORA,
-    DEFAULT_CORPORA,
-    ROWS,
-    STUDY_BASE,
-    TRAIN_FIXED,
-    StudyError,
-    add_study_arguments,
-    corpus_setup,
-    run_plan,
-    study_main,
-    write_results_block,
-)
+from common import StudyError, machine, write_json
+from quality_rows import train_overrides
+from study import add_study_arguments, print_outcome, run_plan, study_main, study_path, trained_row, write_results_block
+from study_corpora import CORPORA, DEFAULT_CORPORA, corpus_setup
 
 BASES = ["rtn4", "rtn3_g32", "gptq4", "gptq3_g32", "kmeans3"]
 VARIANTS = {  # column suffix -> label; "{}" is the base
@@ -169,22 +159,17 @@ def plan_cells(args: argparse.Namespace, study_dir: Path, eval_common: list[str]
                          "command": [sys.executable, "eval.py", *eval_common, f"quant=[{','.join(quantizers)}]",
                                      *requant_overrides(quantizers, args.pqi_windows, args.pqi_intervals)]})
     for row in (r for r in args.rows if r in ADAPTER_ROWS):
-        overrides = [*common, *STUDY_BASE, *ROWS[row], *args.train_overrides, f"seed={args.seed}", *([f"trainer.max_steps={args.steps}"] if args.steps else [])]
         run_dir = reuse.get(row, study_dir / row / f"seed{args.seed}" / "train")
-        plan.append({"row": row, "kind": "train", "dir": run_dir, "overrides": overrides,
-                     "reuse": f"{row}={run_dir}" if row in reuse else None,
-                     "command": [sys.executable, "train.py", *overrides, *TRAIN_FIXED, f"hydra.run.dir={run_dir}"]})
-        plan.append({"row": row, "key": "bases", "kind": "eval", "dir": study_dir / row / f"seed{args.seed}" / "eval", "after": run_dir,
-                     "command": [sys.executable, "eval.py", *eval_common, f"quant=[{','.join(args.bases)}]",
-                                 f"adapter={run_dir / 'adapter'}"]})
+        plan += trained_row(row, args.seed, train_overrides(row, args.seed, args.steps, common, args.train_overrides), run_dir,
+                            f"{row}={run_dir}" if row in reuse else None, study_dir / row / f"seed{args.seed}" / "eval",
+                            [*eval_common, f"quant=[{','.join(args.bases)}]"], key="bases")
     return plan
 
 
 def study(args: argparse.Namespace, argv: list[str]) -> int:
     from npft_lightning.core.env import default_cache_dir
 
-    root = lambda p: Path(p) if Path(p).is_absolute() else ROOT / p  # noqa: E731
-    study_dir = root(args.study_dir).resolve()
+    study_dir = study_path(args.study_dir).resolve()
     common = [f"model={args.model}", f"data.eval_seq_len={args.eval_seq_len}", *args.overrides]
     corpora, split_of_corpus, splits, corpus_overrides = corpus_setup(args, default_cache_dir(), common)
     eval_common = [*common, f"splits=[{','.join(splits)}]", "print_config=false", *args.eval_overrides, *corpus_overrides,
@@ -205,9 +190,7 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
 
     if args.dry_run:
         return 0
-    print(f"cells: {ran} run, {skipped} reused from earlier runs, {len(failures)} failed")
-    for failure in failures:
-        print(f"FAILED: {failure}", file=sys.stderr)
+    print_outcome(ran, skipped, failures)
     reduced = (args.bases != BASES or args.rows != STUDY_ROWS or args.corpora != DEFAULT_CORPORA or args.calib_windows is not None
                or args.pqi_windows is not None or args.pqi_intervals is not None or args.steps is not None)
     result = {
@@ -220,8 +203,8 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
                      "reduced": reduced},
         "corpora": corpora, "eval_split_of_corpus": split_of_corpus, "cells": cells, "failures": failures,
     }
-    write_json(root(args.out_json), result)
-    write_results_block(root(args.results_md), render_markdown(result), BLOCK_BEGIN, BLOCK_END)
+    write_json(study_path(args.out_json), result)
+    write_results_block(study_path(args.results_md), render_markdown(result), BLOCK_BEGIN, BLOCK_END)
     return 1 if failures else 0
 
 

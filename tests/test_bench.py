@@ -1,4 +1,5 @@
-"""The benchmark drivers: the quality study's aggregation and resume, the cost bench's helpers."""
+"""The benchmark drivers: the study framework (resume, merge), the quality study's aggregation and figures, the cost
+bench's helpers."""
 
 from __future__ import annotations
 
@@ -17,14 +18,18 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import cost  # noqa: E402
 import quality  # noqa: E402
+import quality_rows  # noqa: E402
+import render  # noqa: E402
+import study  # noqa: E402
+import study_corpora  # noqa: E402
 
 
 def test_gap_closed_by_hand():
     # control: fp 10, rtn4 14 (gap 4); the row quantizes to 12 -> half the gap closed
-    assert quality.gap_closed(10.0, 14.0, 12.0) == pytest.approx(0.5)
-    assert quality.gap_closed(10.0, 14.0, 14.0) == pytest.approx(0.0)
-    assert quality.gap_closed(10.0, 14.0, 15.0) == pytest.approx(-0.25)
-    assert math.isnan(quality.gap_closed(10.0, 9.0, 9.5))  # no gap to close
+    assert quality_rows.gap_closed(10.0, 14.0, 12.0) == pytest.approx(0.5)
+    assert quality_rows.gap_closed(10.0, 14.0, 14.0) == pytest.approx(0.0)
+    assert quality_rows.gap_closed(10.0, 14.0, 15.0) == pytest.approx(-0.25)
+    assert math.isnan(quality_rows.gap_closed(10.0, 9.0, 9.5))  # no gap to close
 
 
 def test_aggregate_pairs_seeds_with_the_control():
@@ -35,7 +40,7 @@ def test_aggregate_pairs_seeds_with_the_control():
         "npft_fisher": {"0": {"wiki": {"fp": 10.0, "rtn4": 12.0, "gptq4": 13.0}},
                         "1": {"wiki": {"fp": 12.0, "rtn4": 18.0, "gptq4": 15.0}}},
     }
-    agg = quality.aggregate(cells, ["rtn4", "gptq4"])
+    agg = quality_rows.aggregate(cells, ["rtn4", "gptq4"])
     rtn4 = agg["table"]["wiki"]["npft_fisher"]["rtn4"]
     assert rtn4["mean"] == pytest.approx(15.0) and rtn4["std"] == pytest.approx(math.sqrt(18)) and rtn4["n"] == 2
     assert agg["table"]["wiki"]["pretrained"]["fp"]["n"] == 1
@@ -58,42 +63,42 @@ def test_rows_of_several_lengths_pair_with_the_control_of_the_same_length(tmp_pa
         "qerr_all@64": {"0": {"wiki": {"fp": 9.9, "rtn4": 11.0}}},
         "step_2@64": {"0": {"wiki": {"fp": 9.0, "rtn4": 12.0}}},
     }
-    agg = quality.aggregate(cells, ["rtn4"])
+    agg = quality_rows.aggregate(cells, ["rtn4"])
     derived = agg["derived"]["wiki"]
     assert set(derived) == {"qerr_all@16", "qerr_all@64", "step_2@64"}  # no control row, whatever its length
     assert derived["qerr_all@16"]["rtn4"]["gap_closed"]["mean"] == pytest.approx(0.25)  # (14-13)/(14-10)
     assert derived["qerr_all@64"]["rtn4"]["gap_closed"]["mean"] == pytest.approx(0.5)   # (13-11)/(13-9)
     assert derived["qerr_all@64"]["fp"]["vs_control_pct"]["mean"] == pytest.approx(10.0)
-    assert quality.control_of("qerr_all@64") == "control@64" and quality.base_row("qerr_all@64") == "qerr_all"
+    assert quality_rows.control_of("qerr_all@64") == "control@64" and quality_rows.base_row("qerr_all@64") == "qerr_all"
     result = {"settings": {"quantizers": ["rtn4"], "seeds": [0], "default_row": "step_2@64", "deploy_row": "qerr_all@64"},
               "aggregate": agg}
-    assert quality.plot_gap_vs_steps(result, tmp_path / "steps.png").stat().st_size > 0
-    assert quality.plot_frontier(result, tmp_path / "frontier.png").stat().st_size > 0
+    assert render.plot_gap_vs_steps(result, tmp_path / "steps.png").stat().st_size > 0
+    assert render.plot_frontier(result, tmp_path / "frontier.png").stat().st_size > 0
     # one length only: there is no curve to draw
-    single = {"settings": result["settings"], "aggregate": quality.aggregate({k: v for k, v in cells.items() if "@64" in k}, ["rtn4"])}
-    assert quality.plot_gap_vs_steps(single, tmp_path / "none.png") is None
+    single = {"settings": result["settings"], "aggregate": quality_rows.aggregate({k: v for k, v in cells.items() if "@64" in k}, ["rtn4"])}
+    assert render.plot_gap_vs_steps(single, tmp_path / "none.png") is None
 
 
 def test_config_difference_names_the_first_differing_key():
     a = {"noise": {"scale": 1.0, "distribution": {"_target_": "A"}}, "seed": 0}
-    assert quality.config_difference(a, json.loads(json.dumps(a))) is None
+    assert study.config_difference(a, json.loads(json.dumps(a))) is None
     b = {"noise": {"scale": 1.0, "distribution": {"_target_": "B"}}, "seed": 0}
-    assert quality.config_difference(a, b) == "noise.distribution._target_: 'A' vs 'B'"
+    assert study.config_difference(a, b) == "noise.distribution._target_: 'A' vs 'B'"
     # the run folder and cache paths do not decide the adapter
-    signature = quality.train_signature({"trainer": {"max_steps": 2, "default_root_dir": "/x"}, "data": {"cache_dir": "/c", "seq_len": 4}})
+    signature = study.train_signature({"trainer": {"max_steps": 2, "default_root_dir": "/x"}, "data": {"cache_dir": "/c", "seq_len": 4}})
     assert signature["trainer"] == {"max_steps": 2} and signature["data"] == {"seq_len": 4}
 
 
 def test_info_nodes_drop_headers_menus_and_indexes():
     text = ("preamble\n\x1f\nFile: py.info,  Node: Intro,  Next: B,  Up: Top\n\nIntro\n*****\n\nSome text.\n\n* Menu:\n\n* B::\n"
             "\x1f\nFile: py.info,  Node: Index,  Up: Top\n\n* a: 1.\n\x1f\nTag Table:\nNode: Intro\x7f1\n\x1f\nEnd Tag Table\n")
-    assert list(quality.info_nodes(text)) == [("Intro", "Intro\n*****\n\nSome text.")]
+    assert list(study_corpora.info_nodes(text)) == [("Intro", "Intro\n*****\n\nSome text.")]
 
 
 def test_results_block_is_replaced_in_place(tmp_path):
     path = tmp_path / "results.md"
-    path.write_text("# Results\n\nintro\n\n" + quality.BLOCK_BEGIN + "\nold\n" + quality.BLOCK_END + "\n\n## Cost\nkept\n")
-    quality.write_results_block(path, quality.BLOCK_BEGIN + "\nnew\n" + quality.BLOCK_END)
+    path.write_text("# Results\n\nintro\n\n" + render.BLOCK_BEGIN + "\nold\n" + render.BLOCK_END + "\n\n## Cost\nkept\n")
+    study.write_results_block(path, render.BLOCK_BEGIN + "\nnew\n" + render.BLOCK_END, render.BLOCK_BEGIN, render.BLOCK_END)
     text = path.read_text()
     assert "new" in text and "old" not in text and text.startswith("# Results\n\nintro") and text.endswith("## Cost\nkept\n")
 
@@ -128,12 +133,12 @@ def test_quality_study_end_to_end_on_tiny_llama(tmp_path):
     """Train control + NPFT, evaluate them and the pretrained model on two corpora, aggregate; a rerun runs nothing."""
     ood = tmp_path / "ood.txt"
     ood.write_text("def f(x):\n    return x + 1\n\nThe quick brown fox jumps over the lazy dog.\n\n" * 40)
-    study = tmp_path / "study"
+    study_dir = tmp_path / "study"
     args = ["--model", "tiny-llama", "--rows", "pretrained", "control", "npft_fisher", "--seeds", "0",
             "--quantizers", "rtn4", "gptq4", "--steps", "2", "--max-eval-windows", "1", "--calib-windows", "2",
             "--eval-seq-len", "256", "--ood-text", str(ood), "--set", "data.seq_len=128",
             "--train-set", "outliers.calibration_windows=2", "--train-set", "outliers.calibration_length=128",
-            "--eval-set", "calibration.length=128", "--study-dir", str(study),
+            "--eval-set", "calibration.length=128", "--study-dir", str(study_dir),
             "--out-json", str(tmp_path / "q.json"), "--results-md", str(tmp_path / "results.md"), "--plot", str(tmp_path / "q.png")]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     first = subprocess.run([sys.executable, "bench/quality.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
@@ -173,10 +178,10 @@ def test_quality_study_end_to_end_on_tiny_llama(tmp_path):
                              cwd=ROOT, env=env, capture_output=True, text=True)
     assert partial.returncode == 0 and "cells: 0 run, 5 reused" in partial.stdout, partial.stderr[-2000:]
     assert set(json.loads((tmp_path / "q.json").read_text())["cells"]) == {"pretrained", "control", "npft_fisher"}
-    assert not (study / "qerr_all").exists()
+    assert not (study_dir / "qerr_all").exists()
 
     # a trained run of another config cannot stand in for the control
-    bad = subprocess.run([sys.executable, "bench/quality.py", *args, "--reuse", f"control:0={study / 'npft_fisher' / 'seed0' / 'train'}"],
+    bad = subprocess.run([sys.executable, "bench/quality.py", *args, "--reuse", f"control:0={study_dir / 'npft_fisher' / 'seed0' / 'train'}"],
                          cwd=ROOT, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "noise.distribution._target_" in bad.stderr
 
@@ -187,7 +192,7 @@ def test_quality_plot_draws_a_bar_per_row_and_column(tmp_path, monkeypatch):
         "npft_fisher": {"0": {"wiki": {"fp": 10.5, "rtn4": 12.0}}, "1": {"wiki": {"fp": 12.2, "rtn4": 18.0}}},
         "npft_pqi": {"0": {"wiki": {"fp": 10.1, "rtn4": 13.0}}, "1": {"wiki": {"fp": 12.1, "rtn4": 19.0}}},
     }
-    result = {"settings": {"quantizers": ["rtn4"], "seeds": [0, 1]}, "aggregate": quality.aggregate(cells, ["rtn4"])}
+    result = {"settings": {"quantizers": ["rtn4"], "seeds": [0, 1]}, "aggregate": quality_rows.aggregate(cells, ["rtn4"])}
     from npft_lightning.tasks import figures as project_io
 
     heights, save = [], project_io.save_figure
@@ -197,15 +202,15 @@ def test_quality_plot_draws_a_bar_per_row_and_column(tmp_path, monkeypatch):
         return save(fig, path, dpi)
 
     monkeypatch.setattr(project_io, "save_figure", spy)
-    path = quality.plot_quality(result, tmp_path / "q.png")
+    path = render.plot_quality(result, tmp_path / "q.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
     # 2 NPFT rows × 2 columns; each height is the row's paired mean PPL change against the control, in %
     expected = [100 * ((10.5 / 10 - 1) + (12.2 / 12 - 1)) / 2, 100 * ((12 / 14 - 1) + (18 / 20 - 1)) / 2,
                 100 * ((10.1 / 10 - 1) + (12.1 / 12 - 1)) / 2, 100 * ((13 / 14 - 1) + (19 / 20 - 1)) / 2]
     assert heights == pytest.approx(expected)
     # nothing to compare without an NPFT row
-    only_control = {"settings": {"quantizers": ["rtn4"], "seeds": [0]}, "aggregate": quality.aggregate({"control": cells["control"]}, ["rtn4"])}
-    assert quality.plot_quality(only_control, tmp_path / "none.png") is None
+    only_control = {"settings": {"quantizers": ["rtn4"], "seeds": [0]}, "aggregate": quality_rows.aggregate({"control": cells["control"]}, ["rtn4"])}
+    assert render.plot_quality(only_control, tmp_path / "none.png") is None
 
 
 Q4_0_TARGET = ["quant=[q4_0]", "noise.distribution.quantizer=${quant.q4_0}"]
@@ -219,14 +224,14 @@ def test_recipes_train_what_the_study_measured(recipe, row, steps, target):
     """train.py's default (npft_smollm2), qat_rtn4 and mixed_rtn4 train exactly the final study's row at its lr 2e-4
     and length; mixed_q4_0 is that row aimed at ggml's Q4_0 grid, as measured in docs/gguf_llamacpp.md; npft_fisher
     is the study's base itself."""
-    trained = quality.expected_train_signature(recipe)
+    trained = study.expected_train_signature(recipe)
     length = [] if steps is None else ["optimizer.lr=2e-4", f"trainer.max_steps={steps}"]
-    measured = [*quality.STUDY_BASE, *quality.ROWS[row], *length]
-    assert quality.config_difference(trained, quality.expected_train_signature([*measured, *target])) is None
+    measured = [*quality_rows.STUDY_BASE, *quality_rows.ROWS[row], *length]
+    assert study.config_difference(trained, study.expected_train_signature([*measured, *target])) is None
     if target:  # the target quantizer is what differs from the row as the study ran it
-        assert "noise" in (quality.config_difference(trained, quality.expected_train_signature(measured)) or "")
+        assert "noise" in (study.config_difference(trained, study.expected_train_signature(measured)) or "")
     if steps is not None:  # the row's own length and lr are not the base's
-        assert quality.config_difference(trained, quality.expected_train_signature([*quality.STUDY_BASE, *quality.ROWS[row]])) is not None
+        assert study.config_difference(trained, study.expected_train_signature([*quality_rows.STUDY_BASE, *quality_rows.ROWS[row]])) is not None
 
 
 def _fake_evals(ppl: dict[tuple[str, int | None], tuple[float, float]]):
@@ -277,3 +282,71 @@ def test_merge_joins_an_earlier_study_of_another_length(tmp_path, monkeypatch, c
     assert "its max_eval_windows is 8, this study's 4" in capsys.readouterr().err
     assert quality.main(["--rows", "control", "--seeds", "0", "--steps", "64", *common, *out("bad"), "--merge", str(tmp_path / "early.md")]) == 2
     assert "cannot read it" in capsys.readouterr().err
+
+
+def test_study_lock_is_an_flock_other_jobs_see(tmp_path):
+    """--lock holds an exclusive flock on the file for the cell: a job that flocks the same file (another study,
+    `flock(1)`) cannot take it meanwhile, and can once the cell is done."""
+    import fcntl
+
+    lock = tmp_path / "machine.lock"
+    with open(lock, "a") as other:
+        with study.held(str(lock)):
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released
+        fcntl.flock(other, fcntl.LOCK_UN)
+    with study.held(None):  # no --lock: nothing to hold
+        pass
+
+
+def _drawn_figures(monkeypatch) -> list:
+    """The figures the plot functions hand to save_figure, kept open for the test to read."""
+    from npft_lightning.tasks import figures as project_io
+
+    drawn, save = [], project_io.save_figure
+
+    def spy(fig, path, dpi=120):
+        drawn.append({"title": fig._suptitle.get_text() if fig._suptitle else "", "axes": [
+            {"title": ax.get_title(), "ylim": ax.get_ylim(), "xlim": ax.get_xlim(), "ylabel": ax.get_ylabel(),
+             "legend": [t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else [],
+             "hlines": [seg[0][1] for c in ax.collections if hasattr(c, "get_segments") for seg in c.get_segments()
+                        if len(seg) == 2 and seg[0][1] == seg[1][1]] + [ln.get_ydata()[0] for ln in ax.lines if len(set(ln.get_ydata())) == 1],
+             "vlines": [ln.get_xdata()[0] for ln in ax.lines if len(set(ln.get_xdata())) == 1]} for ax in fig.axes]})
+        return save(fig, path, dpi)
+
+    monkeypatch.setattr(project_io, "save_figure", spy)
+    return drawn
+
+
+def test_figures_follow_the_plot_rules(tmp_path, monkeypatch):
+    """Small effects keep their size (the PPL axis spans at least ±2 %, the gap axis 0 to 1, fractions as the tables
+    print them), the control and the +1 % unquantized budget are drawn, and a single-seed figure says so on itself."""
+    one_seed = {"control@16": {"0": {"wiki": {"fp": 10.0, "rtn4": 14.0}}}, "control@64": {"0": {"wiki": {"fp": 10.0, "rtn4": 14.0}}},
+                "qerr_all@16": {"0": {"wiki": {"fp": 10.03, "rtn4": 13.9}}}, "qerr_all@64": {"0": {"wiki": {"fp": 10.05, "rtn4": 13.8}}}}
+    result = {"settings": {"quantizers": ["rtn4"], "seeds": [0]}, "aggregate": quality_rows.aggregate(one_seed, ["rtn4"])}
+    drawn = _drawn_figures(monkeypatch)
+    render.plot_quality(result, tmp_path / "q.png")
+    render.plot_gap_vs_steps(result, tmp_path / "s.png")
+    render.plot_frontier(result, tmp_path / "f.png")
+    bars, steps, frontier = drawn
+    assert "SINGLE SEED (seed 0)" in bars["title"]
+    assert all("SINGLE SEED (seed 0)" in fig["axes"][0]["title"] for fig in (steps, frontier))
+    low, high = bars["axes"][0]["ylim"]
+    assert low <= -2 and high >= 2  # a 0.3 % bar is not a cliff
+    assert 0 in bars["axes"][0]["hlines"] and render.BUDGET_PCT in bars["axes"][0]["hlines"]
+    assert any("+1 % unquantized" in text for text in bars["axes"][0]["legend"])
+    for fig in (steps, frontier):
+        low, high = fig["axes"][0]["ylim"]
+        assert low <= 0 and high >= 1 and "fraction" in fig["axes"][0]["ylabel"]
+        assert 0 in fig["axes"][0]["hlines"]
+    assert {0, render.BUDGET_PCT} <= set(frontier["axes"][0]["vlines"])
+
+    # several seeds: error bars, and the row with one seed marked
+    cells = {"control": {"0": {"wiki": {"fp": 10.0, "rtn4": 14.0}}, "1": {"wiki": {"fp": 11.0, "rtn4": 15.0}}},
+             "qerr_all": {"0": {"wiki": {"fp": 10.5, "rtn4": 12.0}}, "1": {"wiki": {"fp": 11.4, "rtn4": 13.5}}},
+             "npft_paper": {"0": {"wiki": {"fp": 15.0, "rtn4": 20.0}}}}
+    result = {"settings": {"quantizers": ["rtn4"], "seeds": [0, 1]}, "aggregate": quality_rows.aggregate(cells, ["rtn4"])}
+    render.plot_quality(result, tmp_path / "q2.png")
+    assert "± std over 2 seeds" in drawn[-1]["title"] and "SINGLE SEED" not in drawn[-1]["title"]
+    assert any(text.endswith("(1 seed)") and "paper" in text for text in drawn[-1]["axes"][0]["legend"])

@@ -1,0 +1,293 @@
+"""The study framework of bench/quality.py and bench/requant.py: a plan of train.py / eval.py cells run as
+subprocesses into a resumable study folder, optionally under a lock shared with other heavy jobs, and the
+merging of an earlier study's cells into this one's tables.
+
+A plan is a list of steps, each a dict with ``kind`` ("train" or "eval"), ``dir`` (its run folder), ``command``
+and ``row``; a train step also carries its Hydra ``overrides`` (to check a finished run against) and ``reuse``
+(the --reuse argument it came from, or None); an eval step may name the train folder it needs in ``after``.
+A finished cell is never run again: a train step whose folder holds a run of the same training config, an
+eval step whose metrics exist for the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from common import ROOT, StudyError, load_config
+from filelock import FileLock
+from quality_rows import keyed_by_steps
+from study_corpora import CORPORA, DEFAULT_CORPORA
+from tqdm.auto import tqdm
+
+# Training is done once per row and seed; validation during training is redundant with eval.py (one window
+# keeps the before/after table cheap).
+TRAIN_FIXED = ["quant=none", "curvature=null", "data.max_eval_windows=1"]
+# The parts of a training config that determine the adapter (what a reused run must match).
+TRAIN_KEYS = ("seed", "model", "data", "peft", "outliers", "noise", "optimizer", "schedule", "trainer", "gradient_checkpointing")
+IGNORED_KEYS = {"cache_dir", "default_root_dir", "max_eval_windows", "eval_batch_size", "enable_progress_bar", "progress"}
+# What two studies must share for their cells to stand in one table (rows and seeds may differ).
+MERGE_SETTINGS = ("model", "max_eval_windows", "calib_windows", "eval_seq_len", "overrides", "train_overrides", "eval_overrides")
+
+
+def study_path(path: str | Path) -> Path:
+    """A path given on a study's command line: relative ones are relative to the checkout."""
+    return Path(path) if Path(path).is_absolute() else ROOT / path
+
+
+# --------------------------------------------------------------------------------------------
+# Finished cells
+# --------------------------------------------------------------------------------------------
+
+
+def strip_ignored(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: strip_ignored(v) for k, v in tree.items() if k not in IGNORED_KEYS}
+    if isinstance(tree, list):
+        return [strip_ignored(v) for v in tree]
+    return tree
+
+
+def train_signature(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a resolved training config that determines the trained adapter."""
+    return strip_ignored({k: config.get(k) for k in TRAIN_KEYS})
+
+
+def config_difference(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str | None:
+    """The first dotted key where two nested dicts differ, with both values; None when equal."""
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            found = config_difference(va, vb, f"{prefix}{key}.")
+            if found:
+                return found
+        elif va != vb:
+            return f"{prefix}{key}: {va!r} vs {vb!r}"
+    return None
+
+
+def expected_train_signature(overrides: list[str]) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(overrides, tmp)
+        return train_signature(OmegaConf.to_container(cfg, resolve=True))
+
+
+def finished_train(run_dir: Path, signature: dict[str, Any]) -> tuple[bool, str | None]:
+    """Whether ``run_dir`` holds a finished training run (metrics.json + adapter) of this config, and if not why."""
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False, "no metrics.json"
+    if not (run_dir / "adapter" / "adapter_config.json").is_file():
+        return False, "no adapter/adapter_config.json"
+    diff = config_difference(train_signature(metrics.get("config") or {}), signature)
+    return diff is None, (f"its config differs at {diff}" if diff else None)
+
+
+def finished_eval(cell: Path, command: list[str]) -> dict[str, Any] | None:
+    """The metrics of an eval cell that already ran this exact command, else None."""
+    try:
+        if json.loads((cell / "command.json").read_text())[1:] != command[1:]:  # [0] is the interpreter
+            return None
+        return json.loads((cell / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Running cells
+# --------------------------------------------------------------------------------------------
+
+
+def held(lock: str | None) -> contextlib.AbstractContextManager:
+    """An exclusive lock on the file ``lock`` (an flock on Unix: shared with other heavy jobs that flock it), or nothing."""
+    return FileLock(lock) if lock else contextlib.nullcontext()
+
+
+def run_cell(command: list[str], log: Path, lock: str | None) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "HYDRA_FULL_ERROR": "1"}
+    with held(lock), open(log, "w") as out:
+        out.write("$ " + shlex.join(command) + "\n")
+        out.flush()
+        code = subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        tail = log.read_text().splitlines()[-15:]
+        raise RuntimeError(f"exit code {code}: {shlex.join(command)}\n  " + "\n  ".join(tail))
+
+
+def trained_row(row: str, seed: int, overrides: list[str], run_dir: Path, reuse: str | None, eval_dir: Path,
+                eval_args: list[str], **fields: Any) -> list[dict[str, Any]]:
+    """The two steps of a trained row: train.py with ``overrides`` into ``run_dir`` (a --reuse run when ``reuse``),
+    then eval.py with ``eval_args`` on its adapter into ``eval_dir``; ``fields`` go into both steps."""
+    train = {"row": row, "seed": seed, **fields, "kind": "train", "dir": run_dir, "overrides": overrides, "reuse": reuse,
+             "command": [sys.executable, "train.py", *overrides, *TRAIN_FIXED, f"hydra.run.dir={run_dir}"]}
+    evaluate = {"row": row, "seed": seed, **fields, "kind": "eval", "dir": eval_dir, "after": run_dir,
+                "command": [sys.executable, "eval.py", *eval_args, f"adapter={run_dir / 'adapter'}"]}
+    return [train, evaluate]
+
+
+def run_plan(plan: list[dict[str, Any]], lock: str | None, dry_run: bool, desc: str,
+             finished_only: bool = False) -> tuple[list[tuple[dict[str, Any], dict[str, Any]]], int, int, list[str]]:
+    """Run a study's cells in order and return (eval step, its metrics) of every finished eval, the number of
+    cells run and reused, and the failures.
+
+    A ``train`` step is skipped when its folder holds a finished run of the same config; its ``reuse`` (the
+    --reuse argument it came from) makes an unusable run stop the study. An ``eval`` step is skipped when its
+    metrics exist for the same command, and left out when the training in its ``after`` folder failed.
+    ``dry_run`` prints the commands still to run instead; ``finished_only`` runs nothing and returns the
+    evals that have finished (to write the tables of a study that is still running).
+    """
+    from npft_lightning.core.io import atomic_write_json
+
+    evals, failures, ran, skipped = [], [], 0, 0
+    failed_train: set[Path] = set()
+    for step in tqdm(plan, desc=desc, disable=dry_run):
+        if step["kind"] == "train":
+            done, why = finished_train(step["dir"], expected_train_signature(step["overrides"]))
+            if step.get("reuse") and not done:
+                raise StudyError(f"--reuse {step['reuse']} cannot be used: {why}")
+            if done:
+                skipped += 1
+            elif finished_only:
+                failed_train.add(step["dir"])  # not trained yet: its eval is left out
+            elif dry_run:
+                print(shlex.join(step["command"]))
+            else:
+                try:
+                    run_cell(step["command"], step["dir"] / "driver.log", lock)
+                    ran += 1
+                except RuntimeError as err:
+                    failures.append(str(err))
+                    failed_train.add(step["dir"])
+            continue
+        command = [*step["command"], f"hydra.run.dir={step['dir']}"]
+        metrics = finished_eval(step["dir"], command)
+        if metrics is None:
+            if dry_run:
+                print(shlex.join(command))
+                continue
+            if step.get("after") in failed_train or finished_only:
+                continue
+            try:
+                run_cell(command, step["dir"] / "driver.log", lock)
+                atomic_write_json(step["dir"] / "command.json", command)
+                metrics = json.loads((step["dir"] / "metrics.json").read_text())
+                ran += 1
+            except RuntimeError as err:
+                failures.append(str(err))
+                continue
+        else:
+            skipped += 1
+        evals.append((step, metrics))
+    return evals, ran, skipped, failures
+
+
+def print_outcome(ran: int, skipped: int, failures: list[str]) -> None:
+    print(f"cells: {ran} run, {skipped} reused from earlier runs, {len(failures)} failed")
+    for failure in failures:
+        print(f"FAILED: {failure}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------
+# Merging an earlier study
+# --------------------------------------------------------------------------------------------
+
+
+def load_merged_study(path: Path, settings: dict[str, Any], corpora: list[str]) -> dict[str, Any]:
+    """An earlier study's --out-json, checked to be measured like this one (``MERGE_SETTINGS``, corpora, quantizers)."""
+    try:
+        other = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise StudyError(f"--merge {path}: cannot read it ({err}); give the --out-json of an earlier bench/quality.py run") from None
+    if not isinstance(other, dict) or other.get("bench") != "quality" or not isinstance(other.get("cells"), dict):
+        raise StudyError(f"--merge {path}: not a quality study's JSON (no bench=quality with cells); give an earlier --out-json")
+    theirs = other.get("settings", {})
+    for key in MERGE_SETTINGS:
+        if theirs.get(key) != settings[key]:
+            raise StudyError(f"--merge {path}: its {key} is {theirs.get(key)!r}, this study's {settings[key]!r}; "
+                             f"only studies measured the same way share a table")
+    if sorted(other.get("corpora", {})) != sorted(corpora):
+        raise StudyError(f"--merge {path}: it scored corpora {sorted(other.get('corpora', {}))}, this study {sorted(corpora)}; "
+                         f"pass the same --corpora")
+    missing = [q for q in settings["quantizers"] if q not in theirs.get("quantizers", [])]
+    if missing:
+        raise StudyError(f"--merge {path}: it has no {', '.join(missing)} column; drop {' '.join(missing)} from --quantizers or merge a study that has them")
+    return other
+
+
+def merge_studies(cells: dict[str, Any], timing: dict[str, Any], others: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """This study's cells and step clocks plus those of ``others`` for the (row, seed) pairs this study lacks:
+    a cell measured here wins over an earlier copy of it."""
+    cells = {k: dict(v) for k, v in cells.items()}
+    timing = {k: dict(v) for k, v in timing.items()}
+    for other in others:
+        steps = other.get("settings", {}).get("steps")
+        for mine, theirs in ((cells, keyed_by_steps(other["cells"], steps)), (timing, keyed_by_steps(other.get("timing", {}), steps))):
+            for key, seeds in theirs.items():
+                for seed, value in seeds.items():
+                    mine.setdefault(key, {}).setdefault(seed, value)
+    return cells, timing
+
+
+# --------------------------------------------------------------------------------------------
+# Command line and output
+# --------------------------------------------------------------------------------------------
+
+
+def add_study_arguments(parser: argparse.ArgumentParser, several_steps: bool = False) -> None:
+    """The options every study driver shares: model, corpora, calibration, Hydra overrides, lock, dry run."""
+    parser.add_argument("--corpora", nargs="+", default=DEFAULT_CORPORA, choices=list(CORPORA))
+    parser.add_argument("--model", default="smollm2-135m")
+    if several_steps:
+        parser.add_argument("--steps", type=int, nargs="+", default=None,
+                            help="training steps (default: the recipe's); several values train every row at each length, "
+                                 "cells keyed ROW@STEPS and paired with the control of the same length")
+    else:
+        parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    parser.add_argument("--calib-windows", type=int, default=None, help="GPTQ calibration windows (default: eval.yaml's 128)")
+    parser.add_argument("--eval-seq-len", type=int, default=2048)
+    parser.add_argument("--ood-chars", type=int, default=250_000, help="characters of the Python manual to score")
+    parser.add_argument("--ood-text", default=None, help="your own out-of-domain .txt/.jsonl instead of the Python manual")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="Hydra override given to every train.py and eval.py call (repeatable)")
+    parser.add_argument("--train-set", dest="train_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="Hydra override for train.py calls only (repeatable)")
+    parser.add_argument("--eval-set", dest="eval_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="Hydra override for eval.py calls only (repeatable), e.g. calibration.length=256")
+    parser.add_argument("--lock", default=None, help="hold this lock file (flock) around each train/eval subprocess")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+
+
+def study_main(parser: argparse.ArgumentParser, study: Any, argv: list[str] | None) -> int:
+    """Parse ``argv`` and run ``study(args, argv)``; a :class:`StudyError` becomes one line and exit code 2."""
+    args = parser.parse_args(argv)
+    try:
+        return study(args, argv if argv is not None else sys.argv[1:])
+    except StudyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def write_results_block(path: Path, block: str, begin: str, end: str) -> None:
+    """Replace the generated block (``begin`` ... ``end``) of ``path`` (or append it), keeping the hand-written text around it."""
+    from npft_lightning.core.io import atomic_write_text
+
+    text = path.read_text() if path.is_file() else "# Results\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    atomic_write_text(path, text)
+    print(f"wrote {path}")
