@@ -458,7 +458,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines.append(f"{'**Reduced study.** ' if s['reduced'] else ''}Model `{s['model']}`; seeds {s['seeds']}; "
                  f"training steps {s['steps'] or 'the recipe default'}; eval windows per corpus "
                  f"{s['max_eval_windows'] or 'all'} × {s['eval_seq_len']} tokens; GPTQ calibration "
-                 f"{s['calib_windows'] or 'eval.yaml default'} windows of the Wikipedia train split. "
+                 f"{s['calib_windows'] or 'conf/calibration default'} windows of the Wikipedia train split. "
                  "Perplexity, mean ± std over seeds (no ± with one seed).")
     for corpus, rows in agg["table"].items():
         meta = result["corpora"].get(corpus, {})
@@ -761,7 +761,7 @@ def add_study_arguments(parser: argparse.ArgumentParser, several_steps: bool = F
                                  "cells keyed ROW@STEPS and paired with the control of the same length")
     else:
         parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
-    parser.add_argument("--calib-windows", type=int, default=None, help="GPTQ calibration windows (default: eval.yaml's 128)")
+    parser.add_argument("--calib-windows", type=int, default=None, help="GPTQ calibration windows (default: conf/calibration/default.yaml's 128)")
     parser.add_argument("--eval-seq-len", type=int, default=2048)
     parser.add_argument("--ood-chars", type=int, default=250_000, help="characters of the Python manual to score")
     parser.add_argument("--ood-text", default=None, help="your own out-of-domain .txt/.jsonl instead of the Python manual")
