@@ -61,7 +61,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines.append(f"{'**Reduced study.** ' if s['reduced'] else ''}Model `{s['model']}`; seeds {s['seeds']}; "
                  f"training steps {s['steps'] or 'the recipe default'}; eval windows per corpus "
                  f"{s['max_eval_windows'] or 'all'} × {s['eval_seq_len']} tokens; GPTQ calibration "
-                 f"{s['calib_windows'] or 'eval.yaml default'} windows of the Wikipedia train split. "
+                 f"{s['calib_windows'] or 'conf/calibration default'} windows of the Wikipedia train split. "
                  "Perplexity, mean ± std over seeds (no ± with one seed).")
     for corpus, rows in agg["table"].items():
         meta = result["corpora"].get(corpus, {})

@@ -255,7 +255,7 @@ def add_study_arguments(parser: argparse.ArgumentParser, several_steps: bool = F
                                  "cells keyed ROW@STEPS and paired with the control of the same length")
     else:
         parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
-    parser.add_argument("--calib-windows", type=int, default=None, help="GPTQ calibration windows (default: eval.yaml's 128)")
+    parser.add_argument("--calib-windows", type=int, default=None, help="GPTQ calibration windows (default: conf/calibration/default.yaml's 128)")
     parser.add_argument("--eval-seq-len", type=int, default=2048)
     parser.add_argument("--ood-chars", type=int, default=250_000, help="characters of the Python manual to score")
     parser.add_argument("--ood-text", default=None, help="your own out-of-domain .txt/.jsonl instead of the Python manual")

@@ -97,8 +97,12 @@ def check_group_choices(argv: list[str], conf_dir: str) -> None:
             continue
         choices = sorted(p.stem for p in group_dir.glob("*.yaml"))
         names = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+        if "null" in names:  # Hydra answers a group set to null with a traceback
+            print(f"error: {key}=null: {key} is a config group, not a value; choose one of: {', '.join(choices)}"
+                  f" (or drop the group with ~{key})", file=sys.stderr)
+            sys.exit(2)
         for name in names:
-            if name not in choices and name != "null":
+            if name not in choices:
                 print(f"error: unknown {key} '{name}'; choose one of: {', '.join(choices)}", file=sys.stderr)
                 sys.exit(2)
 

@@ -31,6 +31,7 @@ LLAMACPP = pytest.mark.skipif(not __import__("npft_lightning.quant.llamacpp", fr
 CASES = {
     # --- command line (before Hydra runs the job)
     "unknown model": (["model=opt-13b"], "unknown model 'opt-13b'; choose one of:"),
+    "config group set to null": (["noise=null"], "noise=null: noise is a config group, not a value; choose one of: gaussian, none"),
     "unknown quantizer in a list": (["quant=[rtn4,rtn5]"], "unknown quant 'rtn5'"),
     "unknown noise": (["noise=loud"], "unknown noise 'loud'"),
     "unknown outlier selector": (["outliers=hessian"], "unknown outliers 'hessian'"),
@@ -56,6 +57,9 @@ CASES = {
     "unknown outlier budget": ([*TINY, "outliers.budget=half"], "outliers budget='half' is not one of per_matrix, global, adaptive"),
     "unknown outlier method": ([*TINY, "outliers.method=hessian"], "outliers method='hessian' is not one of"),
     "no calibration windows": ([*TINY, "outliers.calibration_windows=0"], "outliers.calibration_windows=0 must be an integer >= 1"),
+    "no quantizer calibration windows": ([*TINY, "calibration.windows=0"], "calibration.windows=0 must be an integer >= 1"),
+    "quantizer calibration window longer than context": ([*TINY, "quant=gptq4", "calibration.length=4096"],
+                                                         "calibration.length=4096 is longer than the model's context of 512"),
     "batch size zero": ([*TINY, "data.batch_size=0"], "data.batch_size=0 must be an integer >= 1"),
     "lora rank zero": ([*TINY, "peft.r=0"], "peft.r=0 must be an integer >= 1"),
     "learning rate zero": ([*TINY, "optimizer.lr=0"], "optimizer.lr=0 must be a positive finite number"),
@@ -159,7 +163,7 @@ ENTRY_CASES = {
     "eval: imatrix not a choice": ("eval.py", [*UNLOADABLE, "llamacpp_types=[Q4_0]", "imatrix=always"],
                                    "imatrix=always is not one of true, false, both"),
     "eval: imatrix without calibration data": ("eval.py", [*UNLOADABLE, "llamacpp_types=[Q4_0]", "imatrix=both",
-                                                           "gguf_out={tmp}/m.gguf", "calibration=null"],
+                                                           "gguf_out={tmp}/m.gguf", "~calibration"],
                                                "imatrix=both is computed on calibration windows of the train split, but "
                                                "calibration.windows / calibration.length are not set"),
     "eval: llama.cpp type of a non-llama model": ("eval.py", ["model=tiny-opt", *SCORE_TINY[1:], "llamacpp_types=[Q4_K_M]",
@@ -176,6 +180,9 @@ ENTRY_CASES = {
     "eval: GPU device without a GPU": pytest.param("eval.py", [*UNLOADABLE, "device=cuda"], "device=cuda needs a CUDA GPU, but none is visible",
                                                    marks=NO_GPU),
     "eval: no calibration windows": ("eval.py", [*UNLOADABLE, "calibration.windows=0"], "calibration.windows=0 must be an integer >= 1"),
+    "eval: calibration removed for a quantizer that needs it": ("eval.py", ["model=tiny-llama", "data.eval_seq_len=128", "data.max_eval_windows=1", "quant=gptq4", "~calibration"],
+                                                                 "quant=gptq4 needs calibration windows of the train split, but the "
+                                                                 "calibration group was removed"),
     "eval: one-token calibration windows": ("eval.py", [*UNLOADABLE, "calibration.length=1"], "calibration.length=1 must be an integer >= 2"),
     # --- eval.py, against the model (right after it loads, before any scoring)
     "eval: adapter of another architecture": ("eval.py", ["model=tiny-opt", *SCORE_TINY[1:], "adapter={adapter}"],

@@ -31,6 +31,7 @@ from npft_lightning.core.gradients import (
     model_device,
     window_batches,
 )
+from npft_lightning.core.restore import values_restored
 
 
 def _work_dtype(weight: Tensor) -> torch.dtype:
@@ -93,29 +94,22 @@ def perturbation_trace_estimate(
     names = [name for name in sorted(masks) if masks[name].numel() > 0]
     weights = {name: linears[name].weight for name in names}
     index = {name: mask_ops.explicit_index(masks[name], w) for name, w in weights.items()}
-    saved = {name: w.detach().reshape(-1)[index[name]].clone() for name, w in weights.items()}
     generator = torch.Generator().manual_seed(int(seed))
-
-    def loss_at(deltas: dict[str, Tensor], sign: float) -> float:
-        with torch.no_grad():
-            for name, w in weights.items():
-                w.data.view(-1)[index[name]] = (saved[name].to(deltas[name].dtype) + sign * deltas[name]).to(w.dtype)
-        return mean_loss(model, batches, loss_fn)
-
     clean = mean_loss(model, batches, loss_fn)
     per_draw: list[float] = []
-    try:
+    with values_restored(weights, index) as saved:
         for _ in tqdm(range(draws), desc="perturbation", leave=False, disable=not progress):
             deltas = {
                 name: torch.randn(idx.numel(), generator=generator).to(idx.device, _work_dtype(weights[name])) * sigma
                 for name, idx in index.items()
             }
-            losses = [loss_at(deltas, 1.0)] + ([loss_at(deltas, -1.0)] if antithetic else [])
+            losses = []
+            for sign in (1.0, -1.0) if antithetic else (1.0,):
+                with torch.no_grad():
+                    for name, w in weights.items():
+                        w.data.view(-1)[index[name]] = (saved[name].to(deltas[name].dtype) + sign * deltas[name]).to(w.dtype)
+                losses.append(mean_loss(model, batches, loss_fn))
             per_draw.append(sum(losses) / len(losses))
-    finally:
-        with torch.no_grad():
-            for name, w in weights.items():
-                w.data.view(-1)[index[name]] = saved[name]
 
     estimates = torch.tensor([2.0 / sigma**2 * (p - clean) for p in per_draw], dtype=torch.float64)
     return {

@@ -10,6 +10,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from npft_lightning.core.restore import values_restored
+
 LossFn = Callable[[nn.Module, Tensor], Tensor]
 
 
@@ -209,11 +211,10 @@ def pqi_along(
     loss_fn = loss_fn or causal_lm_loss
     batches = window_batches(windows, batch_size)
     weights = {name: lin.weight for name, lin in linears.items()}
-    originals = {name: w.detach().clone() for name, w in weights.items()}
     acc = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
     # One bar over all intervals × batches: a single interval is already a full calibration pass.
-    bar = tqdm(total=intervals * len(batches), desc=desc, unit="pass", leave=False, disable=not progress)
-    try:
+    with values_restored(weights) as originals, tqdm(total=intervals * len(batches), desc=desc, unit="pass",
+                                                      leave=False, disable=not progress) as bar:
         for k in range(intervals):
             t = (k + 0.5) / intervals
             bar.set_postfix_str(f"interval {k + 1}/{intervals}, t={t:.3f}")
@@ -221,11 +222,6 @@ def pqi_along(
                 for name, w in weights.items():
                     w.copy_((originals[name].float() + t * error[name]).to(w.dtype))
             _accumulate_gradients(model, linears, batches, loss_fn, sums=acc, bar=bar)
-    finally:
-        bar.close()
-        with torch.no_grad():
-            for name, w in weights.items():
-                w.copy_(originals[name])
 
     scores = {}
     for name in weights:

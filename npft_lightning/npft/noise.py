@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from npft_lightning.core import masks as mask_ops
+from npft_lightning.core.restore import put_back, saved_values
 from npft_lightning.quant.base import WeightQuantizer
 from npft_lightning.quant.rtn import rtn_params, rtn_step
 
@@ -336,8 +337,7 @@ def apply_noise(
         weight = linears[name].weight
         flat = weight.data.view(-1)
         idx = mask_ops.index(masks[name], weight.device)
-        original = flat.clone() if idx is None else flat[idx]
-        saved[name] = original
+        original = saved[name] = saved_values(flat, idx)
         if idx is not None and idx.numel() == 0:
             continue
         seen = weight
@@ -361,8 +361,4 @@ def restore_noise(linears: Mapping[str, nn.Linear], masks: Mapping[str, mask_ops
     """Write the values saved by ``apply_noise`` back: a bit-exact restore."""
     for name, original in saved.items():
         weight = linears[name].weight
-        idx = mask_ops.index(masks[name], weight.device)
-        if idx is None:
-            weight.data.view(-1).copy_(original)
-        else:
-            weight.data.view(-1)[idx] = original
+        put_back(weight.data.view(-1), original, mask_ops.index(masks[name], weight.device))

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from npft_lightning.core import masks as mask_ops
+from npft_lightning.core.restore import values_restored
 from npft_lightning.core.topk import row_top_fraction_mask, top_fraction_mask
 
 DISTRIBUTIONS = ("uniform", "gaussian", "rademacher")
@@ -180,32 +181,24 @@ def perturbed_weights(
         raise ValueError(f"perturbation {perturbation.name} targets {perturbation.target}s, not weights")
     if perturbation.mask == "outliers" and outliers is None:
         raise ValueError(f"perturbation {perturbation.name} has mask=outliers but no outlier masks were given")
-    saved: dict[str, tuple[Tensor | None, Tensor]] = {}
-    touched = 0
-    try:
+    masks: dict[str, Tensor | None] = {}  # boolean, None for every entry
+    with torch.no_grad():
+        for name in sorted(linears):
+            weight = linears[name].weight
+            if perturbation.mask == "outliers":
+                if name in outliers:
+                    masks[name] = mask_ops.boolean(outliers[name], weight.shape, weight.device)
+            elif perturbation.mask == "topk":
+                masks[name] = top_fraction_mask(weight.abs(), perturbation.ratio)
+            else:
+                masks[name] = None
+    weights = {name: linears[name].weight for name in masks}
+    # Only the masked values are kept for the restore (all of them for mask=all).
+    with values_restored(weights, masks):
         with torch.no_grad():
-            for name in sorted(linears):
-                weight = linears[name].weight
-                mask = None
-                if perturbation.mask == "outliers":
-                    if name not in outliers:
-                        continue
-                    mask = mask_ops.boolean(outliers[name], weight.shape, weight.device)
-                elif perturbation.mask == "topk":
-                    mask = top_fraction_mask(weight.abs(), perturbation.ratio)
-                # Only the masked values are kept for the restore (all of them for mask=all).
-                saved[name] = (mask, weight.detach().clone() if mask is None else weight.detach()[mask].clone())
-                weight.copy_(perturbation.apply(weight.detach(), magnitude, generator, mask))
-                touched += weight.numel() if mask is None else int(mask.sum())
-        yield touched
-    finally:
-        with torch.no_grad():
-            for name, (mask, original) in saved.items():
-                weight = linears[name].weight
-                if mask is None:
-                    weight.copy_(original)
-                else:
-                    weight[mask] = original
+            for name, mask in masks.items():
+                weights[name].copy_(perturbation.apply(weights[name].detach(), magnitude, generator, mask))
+        yield sum(weights[name].numel() if mask is None else int(mask.sum()) for name, mask in masks.items())
 
 
 @contextmanager

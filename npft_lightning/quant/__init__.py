@@ -1,6 +1,7 @@
 """Weight quantizers behind one interface (:class:`WeightQuantizer`)."""
 
-from npft_lightning.quant.base import WeightQuantizer, fake_quantized, weights_restored
+from npft_lightning.core.restore import weights_restored
+from npft_lightning.quant.base import WeightQuantizer, fake_quantized
 from npft_lightning.quant.rtn import (
     rtn_decode,
     rtn_encode,

@@ -40,7 +40,8 @@ from torch import Tensor, nn
 
 from npft_lightning.core.io import atomic_dir
 from npft_lightning.core.layers import canonical_name, decoder_linears
-from npft_lightning.quant.base import WeightQuantizer, weights_restored
+from npft_lightning.core.restore import weights_restored
+from npft_lightning.quant.base import WeightQuantizer
 from npft_lightning.quant.packing import (
     SAFETENSORS_DTYPES,
     STORED_DTYPES,

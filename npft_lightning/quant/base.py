@@ -1,4 +1,4 @@
-"""The one interface every quantizer implements, and the exact-restore context around it."""
+"""The one interface every quantizer implements, and the fake-quantization context around it (exact restore)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from npft_lightning.core.errors import UserError
+from npft_lightning.core.restore import weights_restored
 
 
 class WeightQuantizer:
@@ -87,18 +88,6 @@ class WeightQuantizer:
         return f"{type(self).__name__}({fields})"
 
 
-
-
-@contextmanager
-def weights_restored(linears: Mapping[str, nn.Linear]) -> Iterator[None]:
-    """Keep a copy of the weights of ``linears`` and put it back, bit for bit, on exit."""
-    originals = {name: linear.weight.detach().clone() for name, linear in linears.items()}
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for name, linear in linears.items():
-                linear.weight.copy_(originals[name])
 
 
 @torch.no_grad()

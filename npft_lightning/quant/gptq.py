@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from npft_lightning.core.layers import block_index, decoder_blocks
-from npft_lightning.quant.base import WeightQuantizer, weights_restored
+from npft_lightning.core.restore import weights_restored
+from npft_lightning.quant.base import WeightQuantizer
 from npft_lightning.quant.rtn import rtn_decode, rtn_params
 from npft_lightning.quant.uniform import decode_rtn_fields, default_name
 

@@ -38,7 +38,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from npft_lightning.quant.base import WeightQuantizer, weights_restored
+from npft_lightning.core.restore import weights_restored
+from npft_lightning.quant.base import WeightQuantizer
 from npft_lightning.quant.sparse import (
     SparseParts,
     encode_dense,
@@ -213,9 +214,8 @@ class ReQuant(SparseParts):
         """The base's dense fields plus the sparse part of every linear (on the CPU); the model is left unchanged."""
         timer = {"start": time.perf_counter()}
         n_weights = sum(lin.weight.numel() for lin in linears.values())
-        originals = {name: lin.weight.detach().clone() for name, lin in linears.items()}
         fisher = self.sensitivity
-        with weights_restored(linears):
+        with weights_restored(linears) as originals:  # read as W below; put back on exit
             if self.outlier_ratio > 0 and fisher is None:
                 from npft_lightning.core.gradients import fisher_diagonal
 

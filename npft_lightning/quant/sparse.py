@@ -16,12 +16,9 @@ from typing import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from npft_lightning.core.restore import weights_restored
 from npft_lightning.core.topk import top_fraction_mask
-from npft_lightning.quant.base import (
-    WeightQuantizer,
-    quantize_encoded,
-    weights_restored,
-)
+from npft_lightning.quant.base import WeightQuantizer, quantize_encoded
 
 # Fields the sparse part adds to the base quantizer's stored form.
 SPARSE_FIELDS = ("sparse_index", "sparse_value")

@@ -21,6 +21,7 @@ import io
 import math
 import time
 import zlib
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,18 +42,16 @@ from npft_lightning.npft.perturb import (
     perturbed_activations,
     perturbed_weights,
 )
-from npft_lightning.quant.base import fake_quantized
-from npft_lightning.tasks.build import build_quantizers
+from npft_lightning.quant.calibration import Calibration
+from npft_lightning.quant.scoring import score_quantized
+from npft_lightning.tasks.build import build_quantizers, calibration_spec
+from npft_lightning.tasks.checks import window_lengths
 from npft_lightning.tasks.checks_eval import (
     adapter_key,
     build_perturbations,
     variants_of,
 )
-from npft_lightning.tasks.evaluate import (
-    load_for_eval,
-    quantizer_inputs,
-    window_lengths,
-)
+from npft_lightning.tasks.evaluate import load_for_eval
 from npft_lightning.tasks.figures import save_figure
 
 PERTURBATION_FIELDS = ("variant", "perturbation", "target", "distribution", "relative", "sign_preserving", "mask", "ratio",
@@ -110,18 +109,19 @@ class Analysis:
                         bar.set_postfix_str(f"{variant} {perturbation.name} {magnitude:g}")
                         self._perturbation_point(variant, model, linears, windows, perturbation, index, magnitude, masks)
                         bar.update(1)
-                fisher = None
-                for name, quantizer in build_quantizers(self.cfg).items():  # fresh objects: no Fisher from another variant
+                quantizers = build_quantizers(self.cfg)  # fresh objects and calibration: the Fisher of this variant
+                calibration = Calibration.drawn(datamodule, calibration_spec(self.cfg), quantizers.values(), self.device)
+                for name, quantizer in quantizers.items():
                     bar.set_postfix_str(f"{variant} {name}")
                     start = time.perf_counter()
-                    calibration, fisher = quantizer_inputs(quantizer, model, linears, datamodule, self.cfg, self.device, fisher)
-                    with torch.no_grad(), fake_quantized(model, linears, quantizer, calibration=calibration):
-                        ppl = self._ppl(model, windows, f"{variant} {name}")
+                    with torch.no_grad():
+                        ppl = score_quantized(model, linears, quantizer, partial(self._ppl, model, windows, f"{variant} {name}"),
+                                              calibration)
                     self.quant_rows.append({"variant": variant, "quantizer": name, "ppl": ppl,
                                             "ppl_unquantized": self.baselines[variant], "seconds": time.perf_counter() - start})
                     self.write()
                     bar.update(1)
-                del model, linears, fisher
+                del model, linears, calibration
         self.write(plot=True)
         print_tables(self.rows, self.quant_rows, self.baselines)
         return self.results()

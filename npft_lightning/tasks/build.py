@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from npft_lightning.quant.base import WeightQuantizer
+from npft_lightning.quant.calibration import CalibrationSpec
 
 
 def build_quantizers(cfg: Any) -> dict[str, WeightQuantizer]:
@@ -16,3 +17,12 @@ def build_quantizers(cfg: Any) -> dict[str, WeightQuantizer]:
         quantizer = instantiate(qcfg)
         quantizers[quantizer.name] = quantizer
     return quantizers
+
+
+def calibration_spec(cfg: Any) -> CalibrationSpec | None:
+    """``cfg.calibration`` (``conf/calibration/default.yaml``): the windows of the quantizers that need them."""
+    c = cfg.get("calibration")
+    if c is None:  # `~calibration`: fine until a quantizer needs windows or a Fisher (Calibration.drawn says so)
+        return None
+    return CalibrationSpec(windows=int(c.windows), length=int(c.length), seed=int(c.seed),
+                           sensitivity_windows=int(c.sensitivity_windows))

@@ -116,6 +116,16 @@ def _check_requant(name: str, q: DictConfig) -> None:
         raise UserError(f"quant.{name}: {message}") from None
 
 
+def _check_calibration(calibration: DictConfig) -> None:
+    positive_int("calibration.windows", calibration.get("windows"), "the windows GPTQ calibrates on, e.g. 128")
+    check_length("calibration.length", calibration.get("length"))
+    positive_int("calibration.sensitivity_windows", calibration.get("sensitivity_windows"),
+                  "the windows of the Fisher that weights k-means, e.g. 16")
+    seed = calibration.get("seed")
+    if not is_int(seed) or seed < 0:
+        raise UserError(f"calibration.seed={seed} must be an integer >= 0")
+
+
 def _check_noise_and_outliers(cfg: DictConfig) -> None:
     from hydra.utils import instantiate
 
@@ -336,6 +346,8 @@ def validate_config(cfg: DictConfig, task: str = "train") -> None:
     _check_noise_and_outliers(cfg)
     if cfg.get("data") is not None:
         _check_data(cfg.data)
+    if cfg.get("calibration") is not None:
+        _check_calibration(cfg.calibration)
     if cfg.get("model") is not None:
         _check_model(cfg.model)
     if cfg.get("peft") is not None:
@@ -353,6 +365,15 @@ def validate_config(cfg: DictConfig, task: str = "train") -> None:
         from npft_lightning.tasks.checks_eval import validate_scoring_config
 
         validate_scoring_config(cfg, task)
+
+
+def window_lengths(quantizers, outliers: bool = False) -> tuple[str, ...]:
+    """The window lengths a scoring run feeds the model: evaluation, and calibration where a quantizer or the outliers need it."""
+    from npft_lightning.quant.calibration import needs_fisher, needs_windows
+
+    calibrated = any(needs_windows(q) or needs_fisher(q) for q in quantizers)
+    return ("data.eval_seq_len",) + (("calibration.length",) if calibrated else ()) + (
+        ("outliers.calibration_length",) if outliers else ())
 
 
 def validate_against_model(cfg: DictConfig, model, lengths: tuple[str, ...] = ("data.seq_len", "data.eval_seq_len")) -> None:

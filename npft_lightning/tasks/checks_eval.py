@@ -19,10 +19,8 @@ from npft_lightning.lm.adapters import check_adapter_folder
 from npft_lightning.lm.corpora import SPLITS
 from npft_lightning.tasks.check_values import (
     check_device,
-    check_length,
     is_int,
     is_number,
-    positive_int,
 )
 
 if TYPE_CHECKING:
@@ -68,16 +66,6 @@ def _check_split(key: str, split: Any) -> None:
         raise UserError(f"{key}: {split!r} is not a split; choose from {', '.join(SPLITS)}")
 
 
-def _check_calibration(calibration: DictConfig) -> None:
-    positive_int("calibration.windows", calibration.get("windows"), "the windows GPTQ calibrates on, e.g. 128")
-    check_length("calibration.length", calibration.get("length"))
-    positive_int("calibration.sensitivity_windows", calibration.get("sensitivity_windows"),
-                  "the windows of the Fisher that weights k-means, e.g. 16")
-    seed = calibration.get("seed")
-    if not is_int(seed) or seed < 0:
-        raise UserError(f"calibration.seed={seed} must be an integer >= 0")
-
-
 def _check_export_dir(cfg: DictConfig) -> None:
     """The export folder is proven writable, and every quantizer exportable, before anything is scored."""
     from npft_lightning.tasks.build import build_quantizers
@@ -114,7 +102,7 @@ def _check_perturbations(cfg: DictConfig) -> None:
 
 
 def validate_scoring_config(cfg: DictConfig, task: str) -> None:
-    """``eval.py`` / ``analyze.py`` options: splits, adapter folders, device, calibration, export folder, perturbations."""
+    """``eval.py`` / ``analyze.py`` options: splits, adapter folders, device, export folder, perturbations."""
     if task == "eval":
         splits = splits_of(cfg)
         if not splits:
@@ -134,8 +122,6 @@ def validate_scoring_config(cfg: DictConfig, task: str) -> None:
             check_adapter_folder(adapter_key(cfg, variant), adapter)
 
     check_device("device", cfg.get("device"))
-    if cfg.get("calibration") is not None:
-        _check_calibration(cfg.calibration)
     if task == "eval" and cfg.get("export_dir"):
         _check_export_dir(cfg)
     if task == "eval" and (cfg.get("gguf_out") or cfg.get("llamacpp_ppl")):

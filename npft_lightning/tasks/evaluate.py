@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 from npft_lightning.core.errors import UserError
-from npft_lightning.core.gradients import fisher_diagonal
 from npft_lightning.core.io import atomic_write_json
 from npft_lightning.core.layers import decoder_linears
 from npft_lightning.core.perplexity import dataset_nll, perplexity
@@ -31,9 +29,10 @@ from npft_lightning.quant.artefact import (
     quantized_size_report,
     save_quantized,
 )
-from npft_lightning.quant.base import fake_quantized
-from npft_lightning.tasks.build import build_quantizers
-from npft_lightning.tasks.checks import validate_against_model
+from npft_lightning.quant.calibration import Calibration
+from npft_lightning.quant.scoring import score_quantized
+from npft_lightning.tasks.build import build_quantizers, calibration_spec
+from npft_lightning.tasks.checks import validate_against_model, window_lengths
 from npft_lightning.tasks.checks_eval import splits_of
 from npft_lightning.tasks.gguf_plan import plan_gguf_export, plan_llamacpp_files
 from npft_lightning.tasks.llamacpp_files import (
@@ -55,17 +54,6 @@ def load_for_eval(cfg: DictConfig, lengths: tuple[str, ...] = ("data.eval_seq_le
     return model.eval(), tokenizer
 
 
-def needs_inputs(quantizer) -> bool:
-    """Whether :func:`quantizer_inputs` computes anything for ``quantizer``: GPTQ's calibration windows, k-means' Fisher."""
-    return quantizer is not None and (quantizer.needs_calibration or getattr(quantizer, "sensitivity", False) is None)
-
-
-def window_lengths(quantizers, outliers: bool = False) -> tuple[str, ...]:
-    """The window lengths a scoring run feeds the model: evaluation, and calibration where a quantizer or the outliers need it."""
-    return ("data.eval_seq_len",) + (("calibration.length",) if any(map(needs_inputs, quantizers)) else ()) + (
-        ("outliers.calibration_length",) if outliers else ())
-
-
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     quantizers = {"fp": None, **build_quantizers(cfg)}
     gguf = plan_gguf_export(cfg, {name: q for name, q in quantizers.items() if q is not None})  # before the model loads
@@ -77,12 +65,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("validate")
     if llamacpp is not None:
         check_llamacpp_against_model(llamacpp, model, datamodule, cfg)
-    if any(map(needs_inputs, quantizers.values())):  # a train split too short to calibrate on stops here, not after scoring
-        datamodule.calibration_windows(0, cfg.calibration.length)
+    # A train split too short to calibrate on stops here, not after scoring.
+    calibration = Calibration.drawn(datamodule, calibration_spec(cfg), quantizers.values(), device)
     linears = decoder_linears(model)
     results: dict[str, dict[str, float]] = {}
     timings: dict[str, float] = {}
-    fisher = None
     exports: dict[str, dict[str, Any]] = {}
     ggufs: dict[str, dict[str, Any]] = {}
     # Effective bits per weight of every weight quantizer (dense codes + scales + sparse part, as stored),
@@ -96,13 +83,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         results[split] = {"_tokens": int(split_windows.numel()), "_windows": int(split_windows.size(0))}
     # Quantizer by quantizer, each scored on every split: a calibrated quantizer (GPTQ) runs once per model.
     for name, quantizer in quantizers.items():
-        with ExitStack() as quantized:
-            calibration = None
+        start = time.perf_counter()
+        sizes: dict[str, Any] = {}
+
+        def score_splits() -> None:  # called with the weights quantized
             if quantizer is not None:
-                start = time.perf_counter()
-                calibration, fisher = quantizer_inputs(quantizer, model, linears, datamodule, cfg, device, fisher)
-                sizes: dict[str, Any] = {}
-                quantized.enter_context(fake_quantized(model, linears, quantizer, calibration=calibration, sizes=sizes))
                 timings[f"quantize/{name}"] = time.perf_counter() - start
                 if sizes:
                     bits[name] = sizes
@@ -111,22 +96,26 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 size = f", {sizes['bits_per_weight']:.3f} bits/weight" if sizes else ""
                 tqdm.write(f"quantized with {name} ({timings[f'quantize/{name}']:.0f} s{size})")
             for split, split_windows in windows.items():
-                start = time.perf_counter()
+                split_start = time.perf_counter()
                 batches = tqdm(split_windows.split(cfg.data.eval_batch_size), desc=f"{split} {name}", leave=False)
                 nll, count = dataset_nll(model, batches, device)
                 results[split][name] = perplexity(nll, count)
-                timings[f"{split}/{name}"] = time.perf_counter() - start
+                timings[f"{split}/{name}"] = time.perf_counter() - split_start
                 # Each result is on disk as soon as it exists: a long GPTQ sweep stopped half-way keeps what it measured.
                 line = f"{split} {name}: PPL {results[split][name]:.4f} ({timings[f'{split}/{name}']:.0f} s)"
                 log.info(line)
                 tqdm.write(line)
                 atomic_write_json(path, {"ppl": results, "bits": bits, "seconds": timings, "exports": exports,
                                          "quantizer_reports": reports, "complete": False, "config": config})
+
+        score_quantized(model, linears, quantizer, score_splits, calibration, sizes=sizes)
         if quantizer is not None and cfg.get("export_dir"):
             first = next(iter(windows))
             try:
-                exports[name] = export_and_check(model, linears, quantizer, Path(str(cfg.export_dir)).expanduser() / name,
-                                                 calibration, windows[first], cfg, device, tokenizer)
+                # Quantized again with what the scoring was handed (windows, Fisher): the same weights.
+                with calibration.given_to(quantizer, model, linears) as calibration_windows:
+                    exports[name] = export_and_check(model, linears, quantizer, Path(str(cfg.export_dir)).expanduser() / name,
+                                                     calibration_windows, windows[first], cfg, device, tokenizer)
             except OSError as err:  # the folder was writable when the run started: a full disk, a lost mount
                 raise UserError(f"export_dir={cfg.export_dir}: writing {name} failed ({err.strerror or err}); the perplexities "
                                 f"measured so far are in {path}") from err
@@ -149,23 +138,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if llamacpp is not None:
         print_llamacpp_table(metrics["llamacpp"], first)
     return metrics
-
-
-def quantizer_inputs(quantizer, model, linears, datamodule, cfg: DictConfig, device, fisher=None) -> tuple[Any, Any]:
-    """The calibration windows a quantizer needs (GPTQ: ``cfg.calibration``), and for Fisher-weighted
-    quantizers (k-means) left without scores, the model's Fisher, computed once and handed over.
-
-    Returns ``(calibration or None, fisher or None)``; pass the returned Fisher back in for the next quantizer.
-    """
-    calibration = None
-    if quantizer.needs_calibration:
-        calibration = datamodule.calibration_windows(cfg.calibration.windows, cfg.calibration.length, seed=cfg.calibration.seed).to(device)
-    if getattr(quantizer, "sensitivity", False) is None:
-        fisher = fisher if fisher is not None else fisher_diagonal(
-            model, linears, datamodule.calibration_windows(cfg.calibration.sensitivity_windows, cfg.calibration.length,
-                                                            seed=cfg.calibration.seed).to(device))
-        quantizer.sensitivity = fisher
-    return calibration, fisher
 
 
 def export_and_check(model, linears, quantizer, path: Path, calibration, windows, cfg: DictConfig, device,

@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from npft_lightning.core.errors import UserError
 from npft_lightning.lm.models import default_lora_targets
-from npft_lightning.tasks.build import build_quantizers
-from npft_lightning.tasks.checks import validate_against_model
+from npft_lightning.tasks.build import build_quantizers, calibration_spec
+from npft_lightning.tasks.checks import validate_against_model, window_lengths
 from npft_lightning.tasks.report import print_summary
 from npft_lightning.training.callbacks import (
     CurvatureProbe,
@@ -58,7 +58,7 @@ def build_callbacks(cfg: DictConfig, quantizers: dict[str, Any]) -> tuple[list[p
     if probe is not None:
         npft["curvature"] = probe
     npft["noise"] = noise
-    npft["fake_quant"] = FakeQuantValidation(quantizers)
+    npft["fake_quant"] = FakeQuantValidation(quantizers, calibration=calibration_spec(cfg))
     return callbacks + list(npft.values()), npft
 
 
@@ -77,13 +77,14 @@ def build_module(cfg: DictConfig, model: torch.nn.Module) -> NPFTModule:
 def build(cfg: DictConfig) -> tuple[NPFTModule, pl.LightningDataModule, pl.Trainer, dict[str, pl.Callback]]:
     """Model, data, callbacks and trainer from a composed config (shared by ``train`` and the benches)."""
     model, tokenizer = instantiate(cfg.model).load()
-    validate_against_model(cfg, model)
+    quantizers = build_quantizers(cfg)
+    validate_against_model(cfg, model, ("data.seq_len",) + window_lengths(quantizers.values()))
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     module = build_module(cfg, model)
     # Tokenize now (cached): a corpus shorter than one window fails here, before the Trainer starts.
     datamodule.train_windows()
     datamodule.eval_windows("validation")
-    callbacks, npft = build_callbacks(cfg, build_quantizers(cfg))
+    callbacks, npft = build_callbacks(cfg, quantizers)
     # Resolved here: under ddp_spawn the workers that write the artifacts have no Hydra context.
     npft["artifacts"] = RunArtifacts(cfg.paths.output_dir, OmegaConf.to_container(cfg, resolve=True), cfg.get("save_adapter", True))
     # Run safety: skip non-finite steps, Ctrl-C saves a checkpoint, a resumed run continues its CSV log.

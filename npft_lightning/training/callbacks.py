@@ -19,7 +19,6 @@ from torch import Tensor
 
 from npft_lightning.core import masks as mask_ops
 from npft_lightning.core.curvature import hutchinson_trace, perturbation_trace_estimate
-from npft_lightning.core.gradients import fisher_diagonal
 from npft_lightning.core.perplexity import perplexity
 from npft_lightning.npft.noise import (
     RAMPS,
@@ -29,11 +28,14 @@ from npft_lightning.npft.noise import (
     scale_schedule,
 )
 from npft_lightning.npft.outliers import OutlierSelector, mask_bytes
-from npft_lightning.quant.base import (
-    NonFiniteQuantization,
-    WeightQuantizer,
-    fake_quantized,
+from npft_lightning.quant.base import NonFiniteQuantization, WeightQuantizer
+from npft_lightning.quant.calibration import (
+    Calibration,
+    CalibrationSpec,
+    needs_fisher,
+    needs_windows,
 )
+from npft_lightning.quant.scoring import score_quantized
 
 log = logging.getLogger(__name__)
 
@@ -297,54 +299,41 @@ class FakeQuantValidation(Callback):
 
     For each quantizer: merge the adapters into the base weights, quantize every decoder
     ``nn.Linear``, measure perplexity over the validation windows with the adapters disabled, and
-    restore the original base weights bit-exactly. Logs ``val/ppl_<name>``.
+    restore the original base weights bit-exactly (:func:`~npft_lightning.quant.scoring.score_quantized`,
+    as ``eval.py`` does). ``calibration``: the windows of quantizers that need them (``cfg.calibration``,
+    the same as ``eval.py``'s), drawn again for every validation, as is the Fisher of the current model.
+    Logs ``val/ppl_<name>``.
     """
 
     def __init__(self, quantizers: Mapping[str, WeightQuantizer], before_fit: bool = True,
-                 calibration_windows: int = 128, calibration_length: int = 512, calibration_seed: int = 0,
-                 sensitivity_windows: int = 16):
+                 calibration: CalibrationSpec | None = None):
         self.quantizers = dict(quantizers)
+        uncalibrated = [name for name, q in self.quantizers.items() if needs_windows(q) or needs_fisher(q)]
+        if calibration is None and uncalibrated:
+            raise ValueError(f"quantizers {', '.join(uncalibrated)} need calibration windows: pass calibration=CalibrationSpec(...)")
         self.before_fit = before_fit
-        self.calibration = (calibration_windows, calibration_length, calibration_seed)
-        self.sensitivity_windows = sensitivity_windows
+        self.calibration = calibration
         self.results: dict[str, dict[str, float]] = {}
         self.errors: dict[str, str] = {}  # quantizer -> why its PPL is NaN (non-finite quantized weights)
-
-    def _fisher(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        """Fisher scores of the current (adapter-merged) model, for sensitivity-weighted quantizers (k-means)."""
-        _, length, seed = self.calibration
-        windows = trainer.datamodule.calibration_windows(self.sensitivity_windows, length, seed=seed).to(pl_module.device)
-        with torch.inference_mode(False), torch.enable_grad():
-            return fisher_diagonal(pl_module.model, pl_module.decoder_linears(), windows)
 
     def quantized_ppl(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         loader = trainer.datamodule.val_dataloader()
         linears = pl_module.decoder_linears()
         deltas = pl_module.lora_deltas()
-        fisher = None
+        calibration = Calibration() if self.calibration is None else Calibration.drawn(
+            trainer.datamodule, self.calibration, self.quantizers.values(), pl_module.device)
         out: dict[str, float] = {}
         for name, quantizer in self.quantizers.items():
-            calibration = None
-            if quantizer.needs_calibration:
-                n, length, seed = self.calibration
-                calibration = trainer.datamodule.calibration_windows(n, length, seed=seed).to(pl_module.device)
-            # Quantizers weighted by sensitivity get the Fisher of the model being quantized, unless set by the user.
-            borrowed = hasattr(quantizer, "sensitivity") and quantizer.sensitivity is None
-            if borrowed:
-                fisher = fisher if fisher is not None else self._fisher(trainer, pl_module)
-                quantizer.sensitivity = fisher
             try:
-                with pl_module.adapters_disabled(), fake_quantized(pl_module.model, linears, quantizer, deltas, calibration):
-                    out[name] = perplexity(*pl_module.dataset_nll(loader, desc=f"ppl {name}"))
+                out[name] = score_quantized(pl_module.model, linears, quantizer,
+                                            lambda: perplexity(*pl_module.dataset_nll(loader, desc=f"ppl {name}")),
+                                            calibration, deltas, pl_module.adapters_disabled)
             except NonFiniteQuantization as err:
                 # One broken quantizer must not cost the run: report the layer, record NaN, go on.
                 # All ranks hold the same weights, so all of them skip this quantizer's PPL pass.
                 rank_zero_warn(str(err))
                 self.errors[name] = str(err)
                 out[name] = float("nan")
-            finally:
-                if borrowed:
-                    quantizer.sensitivity = None
         return out
 
     def _evaluate_all(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
