@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_llama
+from helpers import make_datamodule, make_module, make_tiny_llama
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from test_callbacks import make_datamodule, make_module
 
 from npft_lightning.core.layers import decoder_linears
 from npft_lightning.quant import RTN, CubeRoot

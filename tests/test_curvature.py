@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import QuadraticModel, make_tiny_llama
+from helpers import QuadraticModel, make_tiny_llama
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -13,20 +13,16 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import os
 import re
 import shlex
-import subprocess
-import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import pytest
+from helpers import ROOT, compose, run_in_process
 from omegaconf import DictConfig, open_dict
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 ENTRIES = {"train.py": "train", "eval.py": "eval", "analyze.py": "analyze"}
 TOOLS = ("export", "report")
@@ -129,18 +125,6 @@ def _override_sets(args: tuple[str, ...]) -> list[list[str]]:
     return [list(combo) for combo in itertools.product(*choices)]
 
 
-def _compose(task: str, overrides: list[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3", job_name=task):
-            return compose(task, overrides=overrides, return_hydra_config=True)
-    finally:
-        GlobalHydra.instance().clear()
-
-
 def _without_user_files(cfg: DictConfig, scratch: Path) -> DictConfig:
     """The composed config minus what only the user's machine holds: their checkpoints, model folders, text
     files and run folders (the docs name them as examples)."""
@@ -168,7 +152,7 @@ def check_command(command: Command, scratch: Path) -> None:
     from npft_lightning.tasks import checks
 
     for overrides in _override_sets(command.args):
-        cfg = _compose(command.entry, overrides)
+        cfg = compose(command.entry, *overrides, hydra=True)
         outliers = cfg.get("outliers")
         if outliers is not None and outliers.get("method") == "all":
             ignored = [o for o in overrides if re.match(rf"outliers\.({'|'.join(IGNORED_UNDER_ALL)})\b", o)]
@@ -179,8 +163,7 @@ def check_command(command: Command, scratch: Path) -> None:
 
 @cache
 def tool_help(tool: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "npft_lightning", tool, "--help"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    proc = run_in_process(tool, ROOT, "--help")
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
 

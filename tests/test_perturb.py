@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from helpers import make_tiny_llama
 
 from npft_lightning.core import masks as mask_ops
 from npft_lightning.core.layers import decoder_linears

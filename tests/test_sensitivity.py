@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import QuadraticModel, make_tiny_llama
+from helpers import QuadraticModel, fill_lora_b, make_tiny_llama
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -31,16 +31,8 @@ from npft_lightning.quant import RTN
 
 def _lora_model(seed: int = 0) -> nn.Module:
     """Tiny llama with LoRA on q/v whose B is non-zero, so the merged weight differs from the base."""
-    model = get_peft_model(
-        make_tiny_llama(seed),
-        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]),
-    )
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model
+    model = get_peft_model(make_tiny_llama(seed), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    return fill_lora_b(model, std=0.2, seed=1)
 
 
 def _lora_deltas(model: nn.Module) -> dict[str, torch.Tensor]:
