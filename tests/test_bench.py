@@ -157,11 +157,11 @@ def test_quality_study_end_to_end_on_tiny_llama(tmp_path):
     assert result["cells"]["pretrained"]["-"]["wiki"]["fp"] == plain_ppl["fp"]
     assert result["cells"]["pretrained"]["-"]["wiki"]["rtn4"] == plain_ppl["rtn4"]
     text = (tmp_path / "results.md").read_text()
-    assert "Reduced study" in text and "Python 3.11 manual" in text and "NPFT, Fisher outliers (default)" in text
+    assert "Reduced study" in text and "Python 3.11 manual" in text and "NPFT as first built, Fisher outliers (`experiment=npft_fisher`)" in text
     # each trained run's step clock: wall time and median batch time, and the ratio to the control in the table
     assert set(result["timing"]) == {"control", "npft_fisher"}
     assert 0 < result["timing"]["npft_fisher"]["0"]["median_batch_seconds"] < result["timing"]["npft_fisher"]["0"]["train_seconds"]
-    assert re.search(r"\| NPFT, Fisher outliers \(default\) \| [0-9.]+ \| [0-9]\.[0-9]{3} \| [0-9.]+ \|", text)
+    assert re.search(r"\| NPFT as first built, Fisher outliers \(`experiment=npft_fisher`\) \| [0-9.]+ \| [0-9]\.[0-9]{3} \| [0-9.]+ \|", text)
     assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     second = run_python(["bench/quality.py", *args], OMP_NUM_THREADS="1")
