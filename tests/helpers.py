@@ -83,9 +83,39 @@ class QuadraticModel(nn.Module):
         self.register_buffer("b", b)
         self.register_buffer("w_star", w_star)
 
+    @classmethod
+    def random(cls, diagonal: bool, rows: int = 4, cols: int = 8, seed: int = 0) -> QuadraticModel:
+        """A random positive-definite A (diagonal, or dense), b ≠ 0 (not at a minimum: a real gradient term), all in
+        float64."""
+        g = torch.Generator().manual_seed(seed)
+        n = rows * cols
+        if diagonal:
+            A = torch.diag(torch.rand(n, generator=g, dtype=torch.float64) * 3 + 0.5)
+        else:
+            m = torch.randn(n, n, generator=g, dtype=torch.float64)
+            A = m @ m.T / n + torch.eye(n, dtype=torch.float64)
+        b = torch.randn(n, generator=g, dtype=torch.float64)
+        w_star = torch.randn(n, generator=g, dtype=torch.float64)
+        return cls(A, b, w_star, torch.randn(rows, cols, generator=g, dtype=torch.float64))
+
     def forward(self, input_ids=None, labels=None):
         d = self.layers[0].weight.reshape(-1) - self.w_star
         return SimpleNamespace(loss=0.5 * d @ (self.A @ d) + self.b @ d)
+
+
+@contextlib.contextmanager
+def layer_input_and_output(layer: nn.Module):
+    """``{"raw": the input the layer was called with, "out": its output}`` of its last call inside the block. The
+    input is recorded by a pre-hook registered on entry: it sees the input before the pre-hooks registered later
+    (fake quantization's, a perturbation's) change it."""
+    seen: dict[str, torch.Tensor] = {}
+    pre = layer.register_forward_pre_hook(lambda m, args: seen.__setitem__("raw", args[0].detach().clone()))
+    post = layer.register_forward_hook(lambda m, args, out: seen.__setitem__("out", out.detach().clone()))
+    try:
+        yield seen
+    finally:
+        pre.remove()
+        post.remove()
 
 
 # ------------------------------------------------------------------------------------------ LoRA

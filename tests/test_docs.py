@@ -102,19 +102,25 @@ UNPARSABLE = [c for c in COMMANDS if c.entry == "unparsable"]
 
 
 # ------------------------------------------------------------------------------------------ checks
+def _positionals(args: tuple[str, ...], valued_flags) -> list[str]:
+    """The arguments that are neither a flag nor the value after one of ``valued_flags``."""
+    positionals, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg.startswith("-"):
+            skip = arg in valued_flags
+        else:
+            positionals.append(arg)
+    return positionals
+
+
 def _override_sets(args: tuple[str, ...]) -> list[list[str]]:
     """The override lists one command runs: one, or one per combination of a ``-m`` sweep."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     multirun = any(a in ("-m", "--multirun") for a in args)
-    items, skip = [], False
-    for arg in args:  # Hydra's own flags (-m, --cfg job, --info, ...) are not overrides
-        if skip:
-            skip = False
-        elif arg.startswith("-"):
-            skip = arg in HYDRA_VALUED_FLAGS
-        else:
-            items.append(arg)
+    items = _positionals(args, HYDRA_VALUED_FLAGS)  # Hydra's own flags (-m, --cfg job, --info, ...) are not overrides
     # The SLURM launcher is an optional plugin (pip install hydra-submitit-launcher), not part of this project.
     items = [a for a in items if not re.match(r"[+~]?hydra[./]launcher", a)]
     parsed = OverridesParser.create().parse_overrides(items)
@@ -207,15 +213,7 @@ def check_tool_command(command: Command) -> None:
     options = [a.split("=", 1)[0] for a in command.args if a.startswith("--")]
     unknown = [o for o in options if not re.search(rf"{re.escape(o)}\b", text)]
     assert not unknown, f"{command.where}: {unknown} not in python -m npft_lightning {command.entry} --help"
-    valued = set(re.findall(r"(--[a-z-]+) [A-Z]+", text))  # options that take a value
-    positionals, skip = [], False
-    for arg in command.args:
-        if skip:
-            skip = False
-        elif arg.startswith("--"):
-            skip = arg in valued
-        else:
-            positionals.append(arg)
+    positionals = _positionals(command.args, set(re.findall(r"(--[a-z-]+) [A-Z]+", text)))  # options that take a value
     # A bare mention (`python -m npft_lightning report` in prose) names the tool; a command gives its one folder or file.
     assert len(positionals) == (1 if command.args else 0), f"{command.where}: one folder or checkpoint expected, got {positionals}"
 

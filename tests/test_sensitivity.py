@@ -128,24 +128,9 @@ def test_magnitude_scores(tiny_llama):
 # ------------------------------------------------------------------ PQI
 
 
-def _quadratic(diagonal: bool, seed: int = 0) -> QuadraticModel:
-    g = torch.Generator().manual_seed(seed)
-    rows, cols = 4, 8
-    n = rows * cols
-    if diagonal:
-        A = torch.diag(torch.rand(n, generator=g, dtype=torch.float64) * 3 + 0.5)
-    else:
-        m = torch.randn(n, n, generator=g, dtype=torch.float64)
-        A = m @ m.T / n + torch.eye(n, dtype=torch.float64)
-    b = torch.randn(n, generator=g, dtype=torch.float64)
-    w_star = torch.randn(n, generator=g, dtype=torch.float64)
-    w0 = torch.randn(rows, cols, generator=g, dtype=torch.float64)
-    return QuadraticModel(A, b, w_star, w0)
-
-
 @pytest.mark.parametrize("diagonal", [True, False])
 def test_pqi_signed_sum_is_exact_loss_change_for_quadratic(diagonal):
-    model = _quadratic(diagonal)
+    model = QuadraticModel.random(diagonal)
     linears = decoder_linears(model)
     weight = linears["layers.0"].weight
     w0 = weight.detach().clone()
@@ -216,7 +201,7 @@ def test_taylor_loss_change_hand_checked():
 
 
 def test_taylor_is_exact_for_diagonal_quadratic():
-    model = _quadratic(diagonal=True)
+    model = QuadraticModel.random(diagonal=True)
     linears = decoder_linears(model)
     weight = linears["layers.0"].weight
     w0 = weight.detach().clone()
