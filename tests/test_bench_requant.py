@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
 from helpers import ROOT, run_python
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -12,6 +13,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import requant  # noqa: E402
 
 
+@pytest.mark.slow
 def test_requant_study_end_to_end_on_tiny_llama(tmp_path):
     ood = tmp_path / "ood.txt"
     ood.write_text("def f(x):\n    return x + 1\n\nThe quick brown fox jumps over the lazy dog.\n\n" * 40)

@@ -83,6 +83,7 @@ def single_process_ppl(config: dict, adapter_dir: Path | None) -> dict[str, floa
     return FakeQuantValidation(build_quantizers(cfg))._evaluate_all(trainer, module)
 
 
+@pytest.mark.slow
 def test_two_cpu_ranks_agree_and_match_a_single_process(tmp_path):
     proc = run_sweep(tmp_path / "sweep", *TINY, "trainer=ddp_cpu", "+callbacks.probe._target_=test_ddp.RankProbe",
                      f"+callbacks.probe.out_dir={tmp_path}")
@@ -110,6 +111,7 @@ def test_two_cpu_ranks_agree_and_match_a_single_process(tmp_path):
     assert after["fp"] != before["fp"]
 
 
+@pytest.mark.slow
 def test_two_cpu_ranks_draw_identical_quant_error_noise_at_a_later_step(tmp_path):
     """The exact-error noise with Quant-Noise probability on bitmap masks (10 %), at step 2 (in the second epoch), when
     the adapters have trained (ΔW ≠ 0): every rank holds the same merged weights and perturbs identically, by the

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
-from helpers import run_entry, run_in_process
+from helpers import run_in_process
 from torch import nn
 
 from npft_lightning.core.errors import UserError
@@ -182,8 +182,7 @@ def test_eval_writes_gguf_and_a_self_contained_artefact(tmp_path: Path) -> None:
     import json
 
     run = tmp_path / "run"
-    proc = run_entry("eval.py", run, *TINY, "quant=[q4_0,q8_0]", f"gguf_out={tmp_path / 'tiny.gguf'}", f"export_dir={tmp_path / 'exp'}",
-                     timeout=600)
+    proc = run_in_process("eval.py", run, *TINY, "quant=[q4_0,q8_0]", f"gguf_out={tmp_path / 'tiny.gguf'}", f"export_dir={tmp_path / 'exp'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     for name in ("q4_0", "q8_0"):  # several quantizers: <stem>-<name>.gguf

@@ -86,7 +86,7 @@ def replayed_noise(run_dir: Path) -> list[tuple[int, float]]:
     return [(step, float(value)) for step, value in logged(run_dir, "noise/scale") if step >= RESUMED_AT]
 
 
-@pytest.fixture(scope="module", params=[pytest.param("default"), pytest.param("per_step_noise", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=[pytest.param("default", marks=pytest.mark.slow), pytest.param("per_step_noise", marks=pytest.mark.slow)])
 def recipe(request) -> list[str]:
     """The overrides of the recipe under test."""
     return RECIPES[request.param]

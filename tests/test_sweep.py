@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 from helpers import run_python, run_sweep
 
 TINY = ["model=tiny-llama", "data.seq_len=64", "data.eval_seq_len=128", "data.max_eval_windows=1",
@@ -12,6 +13,7 @@ TINY = ["model=tiny-llama", "data.seq_len=64", "data.eval_seq_len=128", "data.ma
         "callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false", "trainer.max_steps=2"]
 
 
+@pytest.mark.slow
 def test_noise_scale_sweep_writes_each_job_and_the_report(tmp_path):
     proc = run_sweep(tmp_path / "sweep", *TINY, "noise.scale=0,1")
     assert proc.returncode == 0, proc.stderr[-3000:]

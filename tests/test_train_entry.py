@@ -19,6 +19,7 @@ def test_fast_dev_run_through_the_real_entry(tmp_path):
     assert "Validation perplexity" in proc.stdout
 
 
+@pytest.mark.slow
 def test_short_training_run_writes_before_and_after(tmp_path):
     proc = run_entry("train.py", tmp_path, *TINY, "trainer.max_steps=3", "quant=[rtn4,rtn3]", "noise=npft_paper", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
