@@ -40,6 +40,12 @@ CONF = ROOT / "conf"
 VOCAB = 256
 # A subprocess that runs longer than this is stuck: the test fails instead of hanging the suite.
 ENTRY_TIMEOUT = 300
+# Overrides of the entries' configs for the tiny model: evaluation windows within its context of 512 (each test adds
+# data.max_eval_windows), then short training windows and a small outlier calibration, then a quiet short run (no
+# curvature probe, one quantizer, no progress bars).
+TINY_EVAL = ["model=tiny-llama", "data.eval_seq_len=128"]
+TINY_TRAIN = [*TINY_EVAL, "data.seq_len=64", "outliers.calibration_windows=2", "outliers.calibration_length=64"]
+QUIET_TRAIN = ["curvature=null", "quant=[rtn4]", "callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false"]
 
 
 # ------------------------------------------------------------------------------------------ tiny models

@@ -7,10 +7,10 @@ import csv
 import json
 
 import pytest
-from helpers import run_entry, run_in_process, tiny_adapter
+from helpers import TINY_EVAL, TINY_TRAIN, run_entry, run_in_process, tiny_adapter
 
-EVAL_TINY = ["model=tiny-llama", "data.eval_seq_len=128", "data.max_eval_windows=2"]
-TINY = [*EVAL_TINY, "outliers.calibration_windows=2", "outliers.calibration_length=64"]
+EVAL_TINY = [*TINY_EVAL, "data.max_eval_windows=2"]
+TINY = [*TINY_TRAIN, "data.max_eval_windows=2"]
 
 
 def test_analysis_of_two_variants_writes_curves_and_tables(tmp_path):

@@ -19,6 +19,8 @@ import torch
 from _pytest.mark.structures import ParameterSet
 from helpers import (
     ROOT,
+    TINY_EVAL,
+    TINY_TRAIN,
     compose,
     make_tiny_llama,
     run_entry,
@@ -26,9 +28,9 @@ from helpers import (
     tiny_adapter,
 )
 
-TINY = ["model=tiny-llama", "data.eval_seq_len=128", "data.max_eval_windows=1"]
+TINY = [*TINY_EVAL, "data.max_eval_windows=1"]
 # Errors that fire only once the data is read: keep everything else small.
-SMALL = [*TINY, "data.seq_len=64", "outliers.calibration_windows=2", "outliers.calibration_length=64", "curvature=null"]
+SMALL = [*TINY_TRAIN, "data.max_eval_windows=1", "curvature=null"]
 PROGRESS_BAR = re.compile(r"\d+%\|.*\|")
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the message is the one for a machine without a GPU")
 LLAMACPP = pytest.mark.skipif(not __import__("npft_lightning.quant.llamacpp", fromlist=["x"]).llama_cpp_installed(),
@@ -128,7 +130,7 @@ CASES = {
 # with UNLOADABLE, a model folder that fails to load: their line coming first shows they fire before the model
 # loads. Checks against the model run with the tiny one.
 UNLOADABLE = ["model=local", "model.path={unloadable}", "data.eval_seq_len=128", "data.max_eval_windows=1"]
-SCORE_TINY = ["model=tiny-llama", "data.eval_seq_len=128", "data.max_eval_windows=1", "calibration.windows=2", "calibration.length=64"]
+SCORE_TINY = [*TINY, "calibration.windows=2", "calibration.length=64"]
 ENTRY_CASES = {
     # --- eval.py, its own options (before the model loads)
     "eval: unknown split": ("eval.py", [*UNLOADABLE, "splits=[valid]"], "splits=['valid']: 'valid' is not a split; choose from train, validation, test"),

@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import fill_lora_b, make_tiny_llama, run_sweep
+from helpers import QUIET_TRAIN, TINY_TRAIN, fill_lora_b, make_tiny_llama, run_sweep
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
@@ -30,9 +30,7 @@ from npft_lightning.training.module import NPFTModule
 # 8 training windows = 2 batches of 2 per rank, so the 2 steps end the epoch and its validation loop
 # (the SumMetric path) runs; 3 validation windows do not split evenly over 2 ranks.
 # NPFT as first built (sparse Fisher masks, noise every step): the masks and the noise must agree across ranks.
-TINY = ["experiment=npft_fisher", "model=tiny-llama", "data.seq_len=64", "data.eval_seq_len=128", "data.max_eval_windows=3",
-        "data.max_train_windows=8", "outliers.calibration_windows=2", "outliers.calibration_length=64",
-        "curvature=null", "quant=[rtn4]", "callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false",
+TINY = ["experiment=npft_fisher", *TINY_TRAIN, *QUIET_TRAIN, "data.max_eval_windows=3", "data.max_train_windows=8",
         "trainer.max_steps=2"]
 
 

@@ -7,10 +7,10 @@ import json
 import os
 
 import pytest
-from helpers import compose, run_entry
+from helpers import TINY_EVAL, compose, run_entry
 
-TINY = ["model=tiny-llama", "data.eval_seq_len=128", "data.max_eval_windows=2", "calibration.windows=4",
-        "calibration.length=64", "calibration.sensitivity_windows=2", "print_config=false"]
+TINY = [*TINY_EVAL, "data.max_eval_windows=2", "calibration.windows=4", "calibration.length=64",
+        "calibration.sensitivity_windows=2", "print_config=false"]
 
 
 def test_eval_scores_every_quantizer_and_the_export_reproduces_it(tmp_path):

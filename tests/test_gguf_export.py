@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
-from helpers import run_in_process
+from helpers import TINY_EVAL, run_in_process
 from torch import nn
 
 from npft_lightning.core.errors import UserError
@@ -175,7 +175,7 @@ def test_pretrained_smollm2_as_q4_1_is_the_bundled_file(tmp_path: Path) -> None:
 # through eval.py
 # ---------------------------------------------------------------------------------------------
 
-TINY = ["model=tiny-llama", "data.eval_seq_len=128", "data.max_eval_windows=2", "print_config=false"]
+TINY = [*TINY_EVAL, "data.max_eval_windows=2", "print_config=false"]
 
 
 def test_eval_writes_gguf_and_a_self_contained_artefact(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import ROOT, run_python
+from helpers import QUIET_TRAIN, ROOT, TINY_TRAIN, run_python
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
@@ -25,11 +25,9 @@ from npft_lightning.training.run_artifacts import AtomicCheckpointIO
 # steps replayed after the checkpoint at step 4 are a clean one and a perturbed one in the next epoch, and a
 # resume that restarted its step count would draw the other pattern (step 0 perturbed, epoch 1's step 1 clean).
 SEED = 197
-TINY = ["model=tiny-llama", "data.seq_len=64", "data.eval_seq_len=128", "data.max_eval_windows=1",
-        "data.max_train_windows=10", "outliers.calibration_windows=2", "outliers.calibration_length=64",
-        "curvature=null", "quant=[rtn4]", "callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false",
-        "trainer.max_epochs=2", "trainer.max_steps=6", "callbacks.model_checkpoint.every_n_train_steps=2",
-        "callbacks.model_checkpoint.save_top_k=-1", f"seed={SEED}"]
+TINY = [*TINY_TRAIN, *QUIET_TRAIN, "data.max_eval_windows=1", "data.max_train_windows=10", "trainer.max_epochs=2",
+        "trainer.max_steps=6", "callbacks.model_checkpoint.every_n_train_steps=2", "callbacks.model_checkpoint.save_top_k=-1",
+        f"seed={SEED}"]
 RESUMED_AT = 4  # the checkpoint both interrupted runs resume from
 # The recipes resumed: the default (exact RTN-4 error of every merged weight on 15 % of the steps) and per-step
 # random noise (uniform step noise on 0.5 % Fisher outliers, every step a fresh draw).

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import compose, fill_lora_b, make_tiny_llama
+from helpers import TINY_EVAL, compose, fill_lora_b, make_tiny_llama
 from hydra.utils import instantiate
 from peft import LoraConfig
 
@@ -25,8 +25,8 @@ from npft_lightning.training.module import NPFTModule
 
 # GPTQ runs the model on calibration windows, k-means gets the Fisher, ReQuant both (and takes gradients).
 QUANT = ["rtn4", "gptq4", "kmeans3", "requant_rtn4"]
-TINY = ["model=tiny-llama", "data.eval_seq_len=128", "data.max_eval_windows=2", "calibration.windows=4",
-        "calibration.length=64", "calibration.sensitivity_windows=2", f"quant=[{','.join(QUANT)}]",
+TINY = [*TINY_EVAL, "data.max_eval_windows=2", "calibration.windows=4", "calibration.length=64",
+        "calibration.sensitivity_windows=2", f"quant=[{','.join(QUANT)}]",
         "quant.requant_rtn4.pqi_intervals=2"]
 
 

@@ -6,11 +6,9 @@ import csv
 import json
 
 import pytest
-from helpers import run_python, run_sweep
+from helpers import QUIET_TRAIN, TINY_TRAIN, run_python, run_sweep
 
-TINY = ["model=tiny-llama", "data.seq_len=64", "data.eval_seq_len=128", "data.max_eval_windows=1",
-        "outliers.calibration_windows=2", "outliers.calibration_length=64", "curvature=null", "quant=[rtn4]",
-        "callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false", "trainer.max_steps=2"]
+TINY = [*TINY_TRAIN, *QUIET_TRAIN, "data.max_eval_windows=1", "trainer.max_steps=2"]
 
 
 @pytest.mark.slow

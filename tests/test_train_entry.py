@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import run_entry
+from helpers import TINY_TRAIN, run_entry
 
-TINY = ["model=tiny-llama", "data.seq_len=64", "data.eval_seq_len=128", "data.max_eval_windows=2",
-        "outliers.calibration_windows=2", "outliers.calibration_length=64", "curvature.windows=2", "curvature.length=64"]
+TINY = [*TINY_TRAIN, "data.max_eval_windows=2", "curvature.windows=2", "curvature.length=64"]
 
 
 def test_fast_dev_run_through_the_real_entry(tmp_path):
