@@ -1,6 +1,7 @@
-"""What several test files share: tiny random models and LoRA builders, the Hydra compose call, and the two ways of
-running an entry point (a real subprocess, or the same steps in this process). Test files import from here, never
-from each other; conftest.py turns the builders into fixtures."""
+"""What several test files share: tiny random models, LoRA with a non-zero B, a tiny training setup, the check of a
+quantized export, the tiny-model overrides and the Hydra compose call, and the two ways of running an entry point (a
+fresh interpreter, or the same steps in this process). Test files import from here, never from each other;
+conftest.py turns the builders into fixtures."""
 
 from __future__ import annotations
 
