@@ -261,7 +261,7 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=4, help="validation windows (the recipe validates on 4)")
     parser.add_argument("--eval-seq-len", type=int, default=2048)
     parser.add_argument("--mask-ratios", type=float, nargs="+", default=[0.05, 0.5, 1.0],
-                        help="outlier ratios in percent (0.05: conf/outliers default; 0.5: the npft_fisher recipe)")
+                        help="outlier ratios in percent (0.05: conf/outliers/fisher.yaml's, the paper's; 0.5: the npft_fisher recipe)")
     parser.add_argument("--train-steps", type=int, default=2, help="steps of the training run whose peak RSS is measured")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=SECTIONS,
                         help="measure only these sections and merge them into an existing --out file")

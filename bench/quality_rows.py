@@ -41,7 +41,7 @@ ROWS: dict[str, list[str] | None] = {
 ROW_LABELS = {
     "pretrained": "pretrained",
     "control": "LoRA control (`noise=none`)",
-    "npft_fisher": "NPFT, Fisher outliers (default)",
+    "npft_fisher": "NPFT as first built, Fisher outliers (`experiment=npft_fisher`)",
     "npft_pqi": "NPFT, PQI outliers (`outliers=pqi outliers.pqi_intervals=4`)",
     "npft_paper_0.1": "NPFT, reference-code noise ×0.1 (`noise=npft_paper noise.scale=0.1`)",
     "npft_per_epoch": "NPFT, one draw per epoch (`noise.schedule=per_epoch`)",

@@ -1,68 +1,21 @@
 """Shared fixtures: tiny randomly initialised LLaMA- and OPT-shaped causal LMs (no download), and llama.cpp's own
-quantizer (``ggml_quantize_chunk``) as the reference of the ggml twins."""
+quantizer (``ggml_quantize_chunk``) as the reference of the ggml twins. The plain helpers they use are in
+helpers.py, which test files import; the test process is offline, as the entry points are."""
 
 from __future__ import annotations
 
 import ctypes
 from pathlib import Path
-from types import SimpleNamespace
 
-import numpy as np
-import pytest
-import torch
-from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from npft_lightning.core.env import set_offline_defaults
 
-VOCAB = 256
+set_offline_defaults()  # before any Hugging Face library is imported, as train.py / eval.py do
 
-
-def make_tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
-def make_peaked_llama(hidden_size: int = 64, intermediate_size: int = 128, scale: float = 5.0) -> LlamaForCausalLM:
-    """A tiny random llama with its matrices scaled up, so that attention (a wrong Q/K layout) and quantization errors
-    show in the logits; widths that are multiples of 256 take llama.cpp's K-quants without a fallback."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(scale)
-    return model
-
-
-def make_tiny_opt(seed: int = 0) -> OPTForCausalLM:
-    torch.manual_seed(seed)
-    cfg = OPTConfig(
-        vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=256, word_embed_proj_dim=64,
-    )
-    return OPTForCausalLM(cfg).eval()
-
-
-class QuadraticModel(nn.Module):
-    """loss = ½ dᵀA d + bᵀd with d = vec(W) − w*; one Linear in ``layers`` so ``decoder_linears`` finds it."""
-
-    def __init__(self, A: torch.Tensor, b: torch.Tensor, w_star: torch.Tensor, w0: torch.Tensor):
-        super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(w0.shape[1], w0.shape[0], bias=False, dtype=w0.dtype)])
-        with torch.no_grad():
-            self.layers[0].weight.copy_(w0)
-        self.register_buffer("A", A)
-        self.register_buffer("b", b)
-        self.register_buffer("w_star", w_star)
-
-    def forward(self, input_ids=None, labels=None):
-        d = self.layers[0].weight.reshape(-1) - self.w_star
-        return SimpleNamespace(loss=0.5 * d @ (self.A @ d) + self.b @ d)
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from helpers import VOCAB, make_tiny_llama, make_tiny_opt  # noqa: E402
+from transformers import LlamaForCausalLM, OPTForCausalLM  # noqa: E402
 
 
 @pytest.fixture

@@ -8,10 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_llama
+from helpers import (
+    layer_input_and_output,
+    make_datamodule,
+    make_module,
+    make_tiny_llama,
+)
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from test_callbacks import make_datamodule, make_module
 
 from npft_lightning.core.layers import decoder_linears
 from npft_lightning.quant import RTN, CubeRoot
@@ -83,19 +87,14 @@ def test_fake_quant_of_a_layer_equals_quantizing_its_input_by_hand():
     linears = decoder_linears(model)
     name = "model.layers.1.mlp.down_proj"
     layer = linears[name]
-    seen = {}
-    # registered before fake_quantized's hook, so it sees the raw input; the forward hook sees the output
-    pre = layer.register_forward_pre_hook(lambda m, args: seen.__setitem__("raw", args[0].detach().clone()))
-    post = layer.register_forward_hook(lambda m, args, out: seen.__setitem__("out", out.detach().clone()))
     clean_weight = layer.weight.detach().clone()
     quantizer = WeightActivationQuantizer(ActivationQuantizer(8), RTN(8))
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), fake_quantized(model, linears, quantizer):
+    with layer_input_and_output(layer) as seen, torch.no_grad(), fake_quantized(model, linears, quantizer):
         model(input_ids=ids)
         expected = F.linear(per_token_rtn(seen["raw"], 8), RTN(8).quantize_weight(clean_weight), layer.bias)
         assert torch.allclose(seen["out"], expected, atol=1e-6)
         assert not torch.allclose(seen["out"], F.linear(seen["raw"], layer.weight), atol=1e-6)
-    pre.remove(), post.remove()
     # after the block: no hooks left, the weight back bit for bit
     assert all(len(lin._forward_pre_hooks) == 0 for lin in linears.values())
     assert torch.equal(layer.weight, clean_weight)

@@ -1,45 +1,16 @@
-"""analyze.py through the real Hydra entry (subprocess) on the tiny model: files, rows, variants, errors."""
+"""analyze.py on the tiny model: through the real Hydra entry (subprocess) its files, rows and variants; in this process
+its bad-input lines, and eval.py on the w/a quantizers."""
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
-from peft import LoraConfig, get_peft_model
+from helpers import TINY_EVAL, TINY_TRAIN, run_entry, run_in_process, tiny_adapter
 
-ROOT = Path(__file__).resolve().parents[1]
-EVAL_TINY = ["model=tiny-llama", "data.eval_seq_len=128", "data.max_eval_windows=2"]
-TINY = [*EVAL_TINY, "outliers.calibration_windows=2", "outliers.calibration_length=64"]
-
-
-def run_entry(script: str, tmp_path: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("HYDRA_FULL_ERROR", None)
-    cmd = [sys.executable, str(ROOT / script), f"hydra.run.dir={tmp_path}", *overrides]
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def tiny_adapter(path: Path) -> Path:
-    """A LoRA adapter for the tiny-llama config with non-zero B, so merging it changes the model."""
-    cfg = OmegaConf.load(ROOT / "conf" / "model" / "tiny-llama.yaml")
-    cfg.cache_dir = str(path.parent / "cache")
-    model, _ = instantiate(cfg).load()
-    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"]))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
-    peft_model.save_pretrained(str(path))
-    return path
+EVAL_TINY = [*TINY_EVAL, "data.max_eval_windows=2"]
+TINY = [*TINY_TRAIN, "data.max_eval_windows=2"]
 
 
 def test_analysis_of_two_variants_writes_curves_and_tables(tmp_path):
@@ -85,17 +56,17 @@ CASES = {
 
 @pytest.mark.parametrize("overrides,expected", CASES.values(), ids=CASES.keys())
 def test_bad_input_gives_one_clear_line(tmp_path, overrides, expected):
-    proc = run_entry("analyze.py", tmp_path, *TINY, *overrides, timeout=120)
+    proc = run_in_process("analyze.py", tmp_path, *TINY, *overrides)
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr[-2000:]
 
 
 def test_eval_scores_w_a_quantizers_and_refuses_to_export_them(tmp_path):
-    proc = run_entry("eval.py", tmp_path / "ok", *EVAL_TINY, "quant=[w8a8,w4a16_cuberoot]")
+    proc = run_in_process("eval.py", tmp_path / "ok", *EVAL_TINY, "quant=[w8a8,w4a16_cuberoot]")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ppl = json.loads((tmp_path / "ok" / "metrics.json").read_text())["ppl"]["validation"]
     assert {"fp", "w8a8", "w4a16_cuberoot"} <= set(ppl)
-    proc = run_entry("eval.py", tmp_path / "bad", *EVAL_TINY, "quant=w4a8", f"export_dir={tmp_path / 'export'}")
+    proc = run_in_process("eval.py", tmp_path / "bad", *EVAL_TINY, "quant=w4a8", f"export_dir={tmp_path / 'export'}")
     assert proc.returncode == 2
     assert "export_dir cannot hold w4a8" in proc.stderr

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_export_exact, fake_quant_reference, fill_lora_b
 from torch import Tensor, nn
 
 from npft_lightning.core.layers import decoder_linears
@@ -65,32 +66,6 @@ def test_pack_layout_and_errors() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _reference(model: nn.Module, quantizer: WeightQuantizer, batch: Tensor, calibration: Tensor | None = None,
-               deltas: dict[str, Tensor] | None = None) -> tuple[dict[str, Tensor], Tensor]:
-    """Decoder weights and logits of a copy of ``model`` inside ``fake_quantized``."""
-    model = copy.deepcopy(model)
-    linears = decoder_linears(model)
-    with torch.no_grad(), fake_quantized(model, linears, quantizer, deltas, calibration):
-        return {name: lin.weight.clone() for name, lin in linears.items()}, model(input_ids=batch).logits
-
-
-def _assert_export_exact(model: nn.Module, quantizer: WeightQuantizer, path: Path, batch: Tensor,
-                         calibration: Tensor | None = None) -> dict:
-    weights, logits = _reference(model, quantizer, batch, calibration)
-    originals = {name: lin.weight.clone() for name, lin in decoder_linears(model).items()}
-    save_quantized(model, decoder_linears(model), quantizer, path, calibration=calibration)
-    assert all(torch.equal(lin.weight, originals[n]) for n, lin in decoder_linears(model).items())  # model untouched
-
-    loaded = load_quantized(path)
-    loaded_linears = decoder_linears(loaded)
-    assert loaded_linears.keys() == weights.keys()
-    for name, lin in loaded_linears.items():
-        assert torch.equal(lin.weight, weights[name]), name
-    with torch.no_grad():
-        assert torch.equal(loaded(input_ids=batch).logits, logits)
-    return quantized_size_report(path)
-
-
 QUANTIZERS = {
     "rtn4": lambda: RTN(4),
     "rtn3_sym": lambda: RTN(3, sym=True),
@@ -109,7 +84,7 @@ QUANTIZERS = {
 @pytest.mark.parametrize("key", list(QUANTIZERS))
 def test_export_matches_fake_quant(key: str, tiny_llama: nn.Module, token_windows: Tensor, tmp_path: Path) -> None:
     quantizer = QUANTIZERS[key]()
-    report = _assert_export_exact(tiny_llama, quantizer, tmp_path / key, token_windows[:2])
+    report = assert_export_exact(tiny_llama, quantizer, tmp_path / key, token_windows[:2])
     assert report["codes_bytes"] == sum(packed_numel(lin.weight.numel(), quantizer_bits(quantizer))
                                         for lin in decoder_linears(tiny_llama).values())
     assert report["codes_ratio"] == pytest.approx(quantizer_bits(quantizer) / 16)
@@ -122,14 +97,14 @@ def quantizer_bits(q: WeightQuantizer) -> int:
 
 def test_gptq_export_matches_fake_quant(tiny_llama: nn.Module, token_windows: Tensor, tmp_path: Path) -> None:
     gptq = GPTQ(4, group_size=32, act_order=True)
-    report = _assert_export_exact(tiny_llama, gptq, tmp_path / "gptq", token_windows[:2], calibration=token_windows)
+    report = assert_export_exact(tiny_llama, gptq, tmp_path / "gptq", token_windows[:2], calibration=token_windows)
     assert report["codes_ratio"] == pytest.approx(4 / 16)
 
 
 def test_dense_and_sparse_gptq_and_opt(tiny_opt: nn.Module, token_windows: Tensor, tmp_path: Path) -> None:
     """A model-level base under the sparse wrapper, on OPT (biases in the decoder linears)."""
     quantizer = DenseAndSparse(GPTQ(3, act_order=False), keep_ratio=0.5)
-    report = _assert_export_exact(tiny_opt, quantizer, tmp_path / "ds", token_windows[:2], calibration=token_windows)
+    report = assert_export_exact(tiny_opt, quantizer, tmp_path / "ds", token_windows[:2], calibration=token_windows)
     kept = sum(round(lin.weight.numel() * 0.005) for lin in decoder_linears(tiny_opt).values())
     assert report["sparse_bytes"] == kept * (4 + 4)  # int32 position + float32 value
 
@@ -145,7 +120,7 @@ def test_sensitivity_kmeans_and_bf16_model(tiny_llama: nn.Module, token_windows:
     kmeans = KMeans(3, iters=10)
     kmeans.sensitivity = {n: torch.rand(lin.weight.shape, generator=g) for n, lin in decoder_linears(model).items()}
     quantizer = DenseAndSparse(kmeans, keep_ratio=1.0)
-    _assert_export_exact(model, quantizer, tmp_path / "kmeans_bf16", token_windows[:2])
+    assert_export_exact(model, quantizer, tmp_path / "kmeans_bf16", token_windows[:2])
     assert load_quantized(tmp_path / "kmeans_bf16").dtype == torch.bfloat16
     config = json.loads((tmp_path / "kmeans_bf16" / CONFIG_FILE).read_text())
     fields = config["linears"]["model.layers.0.mlp.up_proj"]["fields"]
@@ -160,12 +135,7 @@ def test_peft_model_with_deltas(tiny_llama: nn.Module, token_windows: Tensor, tm
     """Export of a LoRA-wrapped model: Q(W + BA·s), with the adapters dropped from the saved model."""
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(tiny_llama, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], lora_dropout=0.0))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    peft_model = fill_lora_b(get_peft_model(tiny_llama, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], lora_dropout=0.0)))
     deltas = {}
     for name, module in peft_model.named_modules():
         if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
@@ -175,7 +145,7 @@ def test_peft_model_with_deltas(tiny_llama: nn.Module, token_windows: Tensor, tm
     batch = token_windows[:2]
     linears = decoder_linears(peft_model)
     with peft_model.disable_adapter():
-        weights, logits = _reference(peft_model, quantizer, batch, deltas=deltas)
+        weights, logits = fake_quant_reference(peft_model, quantizer, batch, deltas=deltas)
         save_quantized(peft_model, linears, quantizer, tmp_path / "peft", deltas=deltas)
     loaded = load_quantized(tmp_path / "peft")
     assert not any("lora" in name for name, _ in loaded.named_parameters())
@@ -216,7 +186,7 @@ def test_artefact_with_tokenizer_loads_on_its_own(tiny_llama: nn.Module, token_w
     (decoded linears, not a random init), and the size report leaves the tokenizer files out."""
     from npft_lightning.lm.models import ByteTokenizer, CausalLMSpec
 
-    weights, logits = _reference(tiny_llama, GGMLQuantizer("q4_0"), token_windows[:2])
+    weights, logits = fake_quant_reference(tiny_llama, GGMLQuantizer("q4_0"), token_windows[:2])
     save_quantized(tiny_llama, decoder_linears(tiny_llama), GGMLQuantizer("q4_0"), tmp_path / "a", tokenizer=ByteTokenizer())
     config = json.loads((tmp_path / "a" / CONFIG_FILE).read_text())
     assert config["tokenizer_files"] == ["byte_tokenizer.json"]

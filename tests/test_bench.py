@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import ROOT, run_entry, run_python
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import cost  # noqa: E402
@@ -140,8 +137,7 @@ def test_quality_study_end_to_end_on_tiny_llama(tmp_path):
             "--train-set", "outliers.calibration_windows=2", "--train-set", "outliers.calibration_length=128",
             "--eval-set", "calibration.length=128", "--study-dir", str(study_dir),
             "--out-json", str(tmp_path / "q.json"), "--results-md", str(tmp_path / "results.md"), "--plot", str(tmp_path / "q.png")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    first = subprocess.run([sys.executable, "bench/quality.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    first = run_python(["bench/quality.py", *args], timeout=1800, OMP_NUM_THREADS="1")
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     # one eval process per model scores both corpora: pretrained eval + 2 × (train + eval)
     assert "cells: 5 run, 0 reused" in first.stdout
@@ -154,35 +150,34 @@ def test_quality_study_end_to_end_on_tiny_llama(tmp_path):
     assert result["eval_split_of_corpus"] == {"wiki": "validation", "pydoc": "test"}
     # The in-domain column (the combined eval's `validation` split) is the Wikipedia test split as a plain
     # eval.py scores it through the wiki_vital data group: same text, same windows, same PPL.
-    plain = subprocess.run([sys.executable, "eval.py", "model=tiny-llama", "quant=[rtn4]", "splits=[test]", "data.seq_len=128",
-                            "data.eval_seq_len=256", "data.max_eval_windows=1", "print_config=false", f"hydra.run.dir={tmp_path / 'plain'}"],
-                           cwd=ROOT, env=env, capture_output=True, text=True)
+    plain = run_entry("eval.py", tmp_path / "plain", "model=tiny-llama", "quant=[rtn4]", "splits=[test]", "data.seq_len=128",
+                      "data.eval_seq_len=256", "data.max_eval_windows=1", "print_config=false", OMP_NUM_THREADS="1")
     assert plain.returncode == 0, plain.stderr[-2000:]
     plain_ppl = json.loads((tmp_path / "plain" / "metrics.json").read_text())["ppl"]["test"]
     assert result["cells"]["pretrained"]["-"]["wiki"]["fp"] == plain_ppl["fp"]
     assert result["cells"]["pretrained"]["-"]["wiki"]["rtn4"] == plain_ppl["rtn4"]
     text = (tmp_path / "results.md").read_text()
-    assert "Reduced study" in text and "Python 3.11 manual" in text and "NPFT, Fisher outliers (default)" in text
+    assert "Reduced study" in text and "Python 3.11 manual" in text and "NPFT as first built, Fisher outliers (`experiment=npft_fisher`)" in text
     # each trained run's step clock: wall time and median batch time, and the ratio to the control in the table
     assert set(result["timing"]) == {"control", "npft_fisher"}
     assert 0 < result["timing"]["npft_fisher"]["0"]["median_batch_seconds"] < result["timing"]["npft_fisher"]["0"]["train_seconds"]
-    assert re.search(r"\| NPFT, Fisher outliers \(default\) \| [0-9.]+ \| [0-9]\.[0-9]{3} \| [0-9.]+ \|", text)
+    assert re.search(r"\| NPFT as first built, Fisher outliers \(`experiment=npft_fisher`\) \| [0-9.]+ \| [0-9]\.[0-9]{3} \| [0-9.]+ \|", text)
     assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    second = subprocess.run([sys.executable, "bench/quality.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    second = run_python(["bench/quality.py", *args], OMP_NUM_THREADS="1")
     assert second.returncode == 0 and "cells: 0 run, 5 reused" in second.stdout
     assert json.loads((tmp_path / "q.json").read_text())["cells"] == result["cells"]
 
     # a row not trained yet: --finished-only writes the tables of what exists and runs nothing
-    partial = subprocess.run([sys.executable, "bench/quality.py", *_with_rows(args, ["pretrained", "control", "npft_fisher", "qerr_all"]), "--finished-only"],
-                             cwd=ROOT, env=env, capture_output=True, text=True)
+    partial = run_python(["bench/quality.py", *_with_rows(args, ["pretrained", "control", "npft_fisher", "qerr_all"]), "--finished-only"],
+                         OMP_NUM_THREADS="1")
     assert partial.returncode == 0 and "cells: 0 run, 5 reused" in partial.stdout, partial.stderr[-2000:]
     assert set(json.loads((tmp_path / "q.json").read_text())["cells"]) == {"pretrained", "control", "npft_fisher"}
     assert not (study_dir / "qerr_all").exists()
 
     # a trained run of another config cannot stand in for the control
-    bad = subprocess.run([sys.executable, "bench/quality.py", *args, "--reuse", f"control:0={study_dir / 'npft_fisher' / 'seed0' / 'train'}"],
-                         cwd=ROOT, env=env, capture_output=True, text=True)
+    bad = run_python(["bench/quality.py", *args, "--reuse", f"control:0={study_dir / 'npft_fisher' / 'seed0' / 'train'}"],
+                     OMP_NUM_THREADS="1")
     assert bad.returncode == 2 and "noise.distribution._target_" in bad.stderr
 
 

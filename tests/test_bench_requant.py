@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+from helpers import ROOT, run_python
+
 sys.path.insert(0, str(ROOT / "bench"))
 
 import requant  # noqa: E402
 
 
+@pytest.mark.slow
 def test_requant_study_end_to_end_on_tiny_llama(tmp_path):
     ood = tmp_path / "ood.txt"
     ood.write_text("def f(x):\n    return x + 1\n\nThe quick brown fox jumps over the lazy dog.\n\n" * 40)
@@ -23,8 +23,7 @@ def test_requant_study_end_to_end_on_tiny_llama(tmp_path):
             "--train-set", "outliers.calibration_windows=2", "--train-set", "outliers.calibration_length=128",
             "--eval-set", "calibration.length=128", "--eval-set", "calibration.sensitivity_windows=2",
             "--study-dir", str(tmp_path / "study"), "--out-json", str(tmp_path / "r.json"), "--results-md", str(tmp_path / "r.md")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    first = subprocess.run([sys.executable, "bench/requant.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    first = run_python(["bench/requant.py", *args], timeout=1800, OMP_NUM_THREADS="1")
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     assert "cells: 3 run, 0 reused" in first.stdout  # pretrained eval, control train + eval
     result = json.loads((tmp_path / "r.json").read_text())
@@ -41,7 +40,7 @@ def test_requant_study_end_to_end_on_tiny_llama(tmp_path):
     text = (tmp_path / "r.md").read_text()
     assert "Reduced study" in text and "ReQuant 0.45 + 0.05 %" in text and "| control |" in text and " b)" in text
 
-    second = subprocess.run([sys.executable, "bench/requant.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    second = run_python(["bench/requant.py", *args], OMP_NUM_THREADS="1")
     assert second.returncode == 0 and "cells: 0 run, 3 reused" in second.stdout
     assert json.loads((tmp_path / "r.json").read_text())["cells"] == result["cells"]
 

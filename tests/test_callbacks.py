@@ -8,15 +8,11 @@ import types
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import make_tiny_llama
-from lightning.pytorch.callbacks import Callback
-from peft import LoraConfig
+from helpers import WeightSpy, make_datamodule, make_module, snapshot
 
 from npft_lightning.core import masks as mask_ops
 from npft_lightning.core.layers import decoder_linears
 from npft_lightning.core.perplexity import dataset_nll, perplexity
-from npft_lightning.lm.datamodule import CausalLMDataModule
-from npft_lightning.lm.models import ByteTokenizer
 from npft_lightning.npft.noise import NoNoise, UniformStepNoise
 from npft_lightning.npft.outliers import OutlierSelector
 from npft_lightning.quant import RTN
@@ -25,45 +21,6 @@ from npft_lightning.training.callbacks import (
     NoisePerturbation,
     OutlierSelection,
 )
-from npft_lightning.training.module import NPFTModule
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-class RepeatedText:
-    """A small in-memory corpus (same interface as the real corpora)."""
-
-    name = "repeated"
-
-    def text(self, split: str) -> str:
-        rng = torch.Generator().manual_seed({"train": 0, "validation": 1, "test": 2}[split])
-        words = ["alpha", "beta", "gamma", "delta", "noise", "weight", "quant", "lightning"]
-        idx = torch.randint(0, len(words), (3000,), generator=rng)
-        return " ".join(words[i] for i in idx)
-
-    def fingerprint(self) -> str:
-        return "repeated-v1"
-
-
-def make_datamodule(**kw) -> CausalLMDataModule:
-    args = dict(seq_len=32, eval_seq_len=64, batch_size=2, max_eval_windows=2, seed=0)
-    args.update(kw)
-    dm = CausalLMDataModule(RepeatedText(), tokenizer=ByteTokenizer(), **args)
-    dm.setup("fit")
-    return dm
-
-
-def make_module() -> NPFTModule:
-    module = NPFTModule(make_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
-    with torch.no_grad():  # non-zero B so the merged deltas matter
-        for name, p in module.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    return module
-
-
-def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def test_fake_quant_restores_bit_exactly_and_matches_a_hand_merge():
@@ -84,20 +41,6 @@ def test_fake_quant_restores_bit_exactly_and_matches_a_hand_merge():
     expected = perplexity(*dataset_nll(merged, dm.val_dataloader()))
     assert result["rtn3"] == pytest.approx(expected, rel=1e-5)
     assert result["rtn3"] != pytest.approx(perplexity(*module.dataset_nll(dm.val_dataloader())), rel=1e-4)
-
-
-class WeightSpy(Callback):
-    """Records the decoder weights the forward pass sees, and the weights after each batch."""
-
-    def __init__(self):
-        self.seen: list[dict[str, torch.Tensor]] = []
-        self.after: list[dict[str, torch.Tensor]] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.seen.append({k: v.weight.detach().clone() for k, v in pl_module.decoder_linears().items()})
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.after.append({k: v.weight.detach().clone() for k, v in pl_module.decoder_linears().items()})
 
 
 def fit_with_noise(distribution, accumulate: int = 1, steps: int = 2, schedule: str = "per_step"):

@@ -1,27 +1,36 @@
-"""The bad-input catalogue: each entry through the real entry point in a subprocess -> exit code 2, one line, no traceback.
+"""The bad-input catalogue: each entry through an entry point -> exit code 2, one line, no traceback.
 
 ``CASES`` drive ``train.py``; ``ENTRY_CASES`` drive ``eval.py``, ``analyze.py``, ``python -m npft_lightning report``
 and ``python -m npft_lightning export``. The tables of docs/troubleshooting.md list the same entries. Every
-error here fires before training or scoring starts: most before the model loads (about 2 s), the rest
-right after a tiny model loads.
+error here fires before training or scoring starts: most before the model loads, the rest right after a tiny
+model loads. Each case runs the entry's steps in this process (helpers.run_in_process, a fraction of a second);
+the cases of ``THROUGH_THE_ENTRY`` also run the real entry point in a fresh interpreter, and the slow suite runs
+every case that way.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from _pytest.mark.structures import ParameterSet
-from test_train_entry import ROOT, run_train
+from helpers import (
+    ROOT,
+    TINY_EVAL,
+    TINY_TRAIN,
+    compose,
+    make_tiny_llama,
+    run_entry,
+    run_in_process,
+    tiny_adapter,
+)
 
-TINY = ["model=tiny-llama", "data.eval_seq_len=128", "data.max_eval_windows=1"]
+TINY = [*TINY_EVAL, "data.max_eval_windows=1"]
 # Errors that fire only once the data is read: keep everything else small.
-SMALL = [*TINY, "data.seq_len=64", "outliers.calibration_windows=2", "outliers.calibration_length=64", "curvature=null"]
+SMALL = [*TINY_TRAIN, "data.max_eval_windows=1", "curvature=null"]
 PROGRESS_BAR = re.compile(r"\d+%\|.*\|")
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the message is the one for a machine without a GPU")
 LLAMACPP = pytest.mark.skipif(not __import__("npft_lightning.quant.llamacpp", fromlist=["x"]).llama_cpp_installed(),
@@ -121,7 +130,7 @@ CASES = {
 # with UNLOADABLE, a model folder that fails to load: their line coming first shows they fire before the model
 # loads. Checks against the model run with the tiny one.
 UNLOADABLE = ["model=local", "model.path={unloadable}", "data.eval_seq_len=128", "data.max_eval_windows=1"]
-SCORE_TINY = ["model=tiny-llama", "data.eval_seq_len=128", "data.max_eval_windows=1", "calibration.windows=2", "calibration.length=64"]
+SCORE_TINY = [*TINY, "calibration.windows=2", "calibration.length=64"]
 ENTRY_CASES = {
     # --- eval.py, its own options (before the model loads)
     "eval: unknown split": ("eval.py", [*UNLOADABLE, "splits=[valid]"], "splits=['valid']: 'valid' is not a split; choose from train, validation, test"),
@@ -243,9 +252,7 @@ def assets(tmp_path_factory) -> dict[str, str]:
     architecture, broken adapter folders, a fake checkpoint beside a run config, a sweep with a corrupt job."""
     import shutil
 
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
-    from test_analyze_entry import tiny_adapter
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from npft_lightning.lm.models import ByteTokenizer
@@ -263,9 +270,7 @@ def assets(tmp_path_factory) -> dict[str, str]:
     (root / "hf").mkdir()  # an empty Hugging Face home: no hub model is cached
     (root / "unloadable").mkdir()
     (root / "unloadable" / "config.json").write_text("{}")  # passes the config checks, fails to load
-    from conftest import make_tiny_llama  # a llama folder with its weights cut in half / its config not JSON
-
-    for name in ("brokenmodel", "badconfig"):
+    for name in ("brokenmodel", "badconfig"):  # a llama folder with its weights cut in half / its config not JSON
         make_tiny_llama().save_pretrained(root / name)
         ByteTokenizer().save_pretrained(root / name)
     weights = root / "brokenmodel" / "model.safetensors"
@@ -287,8 +292,7 @@ def assets(tmp_path_factory) -> dict[str, str]:
     (root / "trained" / "checkpoints").mkdir(parents=True)
     (root / "trained" / ".hydra").mkdir()
     torch.save(checkpoint, root / "trained" / "checkpoints" / "last.ckpt")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        OmegaConf.save(compose("train", overrides=["model=tiny-llama"]), root / "trained" / ".hydra" / "config.yaml")
+    OmegaConf.save(compose("train", "model=tiny-llama"), root / "trained" / ".hydra" / "config.yaml")
     (root / "lonely").mkdir()
     torch.save(checkpoint, root / "lonely" / "last.ckpt")
     torch.save({"weights": {}}, root / "plain.pt")
@@ -307,40 +311,54 @@ def _fill(text: str, assets: dict[str, str]) -> str:
     return text.format(**{k.split(".")[0]: v for k, v in assets.items()})
 
 
-@pytest.mark.parametrize("overrides,expected", list(CASES.values()), ids=list(CASES.keys()))
-def test_bad_input_gives_one_clear_line(tmp_path, monkeypatch, assets, overrides, expected):
-    monkeypatch.setenv("HF_HOME", assets["hf"])
-    proc = run_train(tmp_path, *[_fill(o, assets) for o in overrides], timeout=180)
+# The cases that also run through the real entry point in the fast suite: the command-line checks before Hydra runs,
+# a config check, a check against the loaded model, each of the other entry points, and the one a fresh interpreter
+# must stand for (huggingface_hub reads HF_HOME once, when it is imported).
+THROUGH_THE_ENTRY = {"unknown model", "negative noise scale", "group size not dividing", "hub model not cached",
+                     "eval: unknown split", "analyze: unknown split", "report: no arguments", "export: checkpoint corrupt"}
+IN_A_FRESH_INTERPRETER_ONLY = {"hub model not cached"}
+
+
+def _cases(fresh_interpreter: bool) -> list[ParameterSet]:
+    """Every case of both tables as (entry, arguments, expected line); through a fresh interpreter, all but the cases of
+    ``THROUGH_THE_ENTRY`` are slow."""
+    cases = []
+    train = {name: pytest.param("train.py", *c.values, marks=c.marks) if isinstance(c, ParameterSet) else ("train.py", *c)
+             for name, c in CASES.items()}
+    for name, case in (train | ENTRY_CASES).items():
+        values, marks = (case.values, list(case.marks)) if isinstance(case, ParameterSet) else (case, [])
+        if fresh_interpreter and name not in THROUGH_THE_ENTRY:
+            marks.append(pytest.mark.slow)
+        if fresh_interpreter or name not in IN_A_FRESH_INTERPRETER_ONLY:
+            cases.append(pytest.param(*values, marks=marks, id=name))
+    return cases
+
+
+def assert_one_clear_line(proc, run_dir: Path, expected: str) -> None:
+    """Exit code 2 and one ``error:`` line holding ``expected``, no traceback; nothing was scored or trained first (no
+    results written, and no progress bar but the model's weights loading and analyze.py's overall bar before its
+    first point: scoring a long window first took minutes)."""
     # Progress bars of work that finished before the error (loading a model's weights) are not error output.
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip() and not PROGRESS_BAR.search(line)]
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1, proc.stderr[-2000:]
-    assert lines[0].startswith("error: ") and _fill(expected, assets) in lines[0], lines[0]
+    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
     assert "Traceback" not in proc.stderr + proc.stdout
-
-
-def run_entry(entry: str, tmp_path: Path, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
-    """``eval.py`` / ``analyze.py`` (run folder ``tmp_path``), or ``python -m npft_lightning <entry>``, from this checkout."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
-    env.pop("HYDRA_FULL_ERROR", None)
-    head = [str(ROOT / entry), f"hydra.run.dir={tmp_path}"] if entry.endswith(".py") else ["-m", "npft_lightning", entry]
-    return subprocess.run([sys.executable, *head, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.mark.parametrize("entry,args,expected", list(ENTRY_CASES.values()), ids=list(ENTRY_CASES.keys()))
-def test_bad_input_to_another_entry_gives_one_clear_line(tmp_path, monkeypatch, assets, entry, args, expected):
-    monkeypatch.setenv("HF_HOME", assets["hf"])
-    proc = run_entry(entry, tmp_path, *[_fill(a, assets) for a in args])
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip() and not PROGRESS_BAR.search(line)]
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert len(lines) == 1, proc.stderr[-2000:]
-    assert lines[0].startswith("error: ") and _fill(expected, assets) in lines[0], lines[0]
-    assert "Traceback" not in proc.stderr + proc.stdout
-    # Nothing was scored first (scoring a long window first took minutes): no results written, and no progress bar
-    # but the model's weights loading and analyze.py's overall bar before its first point.
-    assert not any(tmp_path.glob("*.csv")) and not (tmp_path / "metrics.json").exists()
+    assert not any(run_dir.glob("*.csv")) and not (run_dir / "metrics.json").exists()
     bars = [line.strip() for line in proc.stderr.splitlines() if PROGRESS_BAR.search(line)]
     assert all(line.startswith("Loading") or re.match(r"analysis: +0%\|.*\| 0/", line) for line in bars), bars
+
+
+@pytest.mark.parametrize("entry,args,expected", _cases(fresh_interpreter=False))
+def test_bad_input_gives_one_clear_line(tmp_path, assets, entry, args, expected):
+    proc = run_in_process(entry, tmp_path, *[_fill(a, assets) for a in args])
+    assert_one_clear_line(proc, tmp_path, _fill(expected, assets))
+
+
+@pytest.mark.parametrize("entry,args,expected", _cases(fresh_interpreter=True))
+def test_bad_input_through_the_entry_point_gives_one_clear_line(tmp_path, assets, entry, args, expected):
+    proc = run_entry(entry, tmp_path, *[_fill(a, assets) for a in args], HF_HOME=assets["hf"])
+    assert_one_clear_line(proc, tmp_path, _fill(expected, assets))
 
 
 def _table_rows(page: str, heading: str) -> list[str]:
@@ -354,16 +372,14 @@ def test_catalogue_is_large_and_in_the_docs():
     assert len(CASES) >= 25 and len(ENTRY_CASES) >= 20
     entries = {(case.values if isinstance(case, ParameterSet) else case)[0] for case in ENTRY_CASES.values()}
     assert entries == {"eval.py", "analyze.py", "report", "export"}
-    page = (Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md").read_text()
+    page = (ROOT / "docs" / "troubleshooting.md").read_text()
     assert len(_table_rows(page, "\n| input |")) >= 25
     assert len(_table_rows(page, "\n| entry point | input |")) >= 20
 
 
 def test_full_traceback_on_request(tmp_path):
     """HYDRA_FULL_ERROR=1 keeps the traceback of a user error for debugging."""
-    env = dict(os.environ, HYDRA_FULL_ERROR="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path}", *TINY, "noise.scale=-1"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    proc = run_entry("train.py", tmp_path, *TINY, "noise.scale=-1", HYDRA_FULL_ERROR="1")
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "noise.scale=-1" in proc.stderr
 

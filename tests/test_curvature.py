@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import QuadraticModel, make_tiny_llama
+from helpers import QuadraticModel, make_tiny_llama
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -22,23 +22,6 @@ from npft_lightning.core.layers import decoder_linears
 ROWS, COLS = 4, 8
 N = ROWS * COLS
 WINDOWS = torch.zeros(2, 4, dtype=torch.long)  # the quadratic ignores its input
-
-
-
-
-def _quadratic(diagonal: bool, seed: int = 0) -> QuadraticModel:
-    g = torch.Generator().manual_seed(seed)
-    if diagonal:
-        A = torch.diag(torch.rand(N, generator=g, dtype=torch.float64) * 3 + 0.5)
-    else:
-        m = torch.randn(N, N, generator=g, dtype=torch.float64)
-        A = m @ m.T / N + torch.eye(N, dtype=torch.float64)
-    b = torch.randn(N, generator=g, dtype=torch.float64)  # not at a minimum: a real gradient term
-    w_star = torch.randn(N, generator=g, dtype=torch.float64)
-    w0 = torch.randn(ROWS, COLS, generator=g, dtype=torch.float64)
-    return QuadraticModel(A, b, w_star, w0)
-
-
 MASK = torch.tensor([1, 2, 5, 9, 10, 17, 20, 31])
 
 
@@ -50,7 +33,7 @@ def _true_trace(model: QuadraticModel) -> float:
 
 
 def test_hutchinson_exact_for_diagonal_hessian():
-    model = _quadratic(diagonal=True)
+    model = QuadraticModel.random(diagonal=True)
     linears = decoder_linears(model)
     out = hutchinson_trace(model, linears, {"layers.0": MASK}, WINDOWS, probes=3)
     assert out["trace"] == pytest.approx(_true_trace(model), rel=1e-6)  # vᵀAv = Σ A_ii for any ±1 v
@@ -60,7 +43,7 @@ def test_hutchinson_exact_for_diagonal_hessian():
 
 
 def test_hutchinson_converges_for_dense_hessian():
-    model = _quadratic(diagonal=False)
+    model = QuadraticModel.random(diagonal=False)
     linears = decoder_linears(model)
     probes = 1000
     out = hutchinson_trace(model, linears, {"layers.0": MASK}, WINDOWS[:1], probes=probes, seed=1)
@@ -108,7 +91,7 @@ def test_hutchinson_on_tiny_llama_matches_gradient_difference():
 
 
 def test_perturbation_estimate_is_unbiased_for_quadratic():
-    model = _quadratic(diagonal=True)
+    model = QuadraticModel.random(diagonal=True)
     linears = decoder_linears(model)
     w0 = linears["layers.0"].weight.detach().clone()
     draws = 2000
@@ -129,7 +112,7 @@ def test_perturbation_estimate_is_unbiased_for_quadratic():
 
 
 def test_perturbation_estimate_dense_and_one_sided():
-    model = _quadratic(diagonal=False)
+    model = QuadraticModel.random(diagonal=False)
     linears = decoder_linears(model)
     true = _true_trace(model)
     two = perturbation_trace_estimate(model, linears, {"layers.0": MASK}, WINDOWS[:1], sigma=0.05, draws=1000, seed=3)
@@ -144,7 +127,7 @@ def test_perturbation_estimate_dense_and_one_sided():
 
 
 def test_outlier_sigma_and_validation():
-    model = _quadratic(diagonal=True)
+    model = QuadraticModel.random(diagonal=True)
     linears = decoder_linears(model)
     w = linears["layers.0"].weight.detach().reshape(-1)
     assert outlier_sigma(linears, {"layers.0": MASK}, c=0.5) == pytest.approx(0.5 * w[MASK].abs().mean().item())
@@ -160,7 +143,7 @@ def test_outlier_sigma_and_validation():
 
 
 def test_hessian_quadratic_form_exact_for_dense_quadratic():
-    model = _quadratic(diagonal=False)
+    model = QuadraticModel.random(diagonal=False)
     linears = decoder_linears(model)
     v = torch.randn(ROWS, COLS, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     got = hessian_quadratic_form(model, linears, {"layers.0": v}, WINDOWS)

@@ -8,16 +8,13 @@ the files must come from the spawned workers that hold the trained weights.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import types
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import make_tiny_llama
+from helpers import QUIET_TRAIN, TINY_TRAIN, fill_lora_b, make_tiny_llama, run_sweep
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
@@ -30,14 +27,10 @@ from npft_lightning.tasks.build import build_quantizers
 from npft_lightning.training.callbacks import FakeQuantValidation
 from npft_lightning.training.module import NPFTModule
 
-ROOT = Path(__file__).resolve().parents[1]
-
 # 8 training windows = 2 batches of 2 per rank, so the 2 steps end the epoch and its validation loop
 # (the SumMetric path) runs; 3 validation windows do not split evenly over 2 ranks.
 # NPFT as first built (sparse Fisher masks, noise every step): the masks and the noise must agree across ranks.
-TINY = ["experiment=npft_fisher", "model=tiny-llama", "data.seq_len=64", "data.eval_seq_len=128", "data.max_eval_windows=3",
-        "data.max_train_windows=8", "outliers.calibration_windows=2", "outliers.calibration_length=64",
-        "curvature=null", "quant=[rtn4]", "callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false",
+TINY = ["experiment=npft_fisher", *TINY_TRAIN, *QUIET_TRAIN, "data.max_eval_windows=3", "data.max_train_windows=8",
         "trainer.max_steps=2"]
 
 
@@ -73,13 +66,6 @@ class RankProbe(Callback):
                         "world_size": trainer.world_size}, self.out_dir / f"rank{trainer.global_rank}.pt")
 
 
-def run_sweep(tmp_path: Path, *overrides: str, tiny: list[str] = TINY, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
-    env.pop("HYDRA_FULL_ERROR", None)
-    cmd = [sys.executable, str(ROOT / "train.py"), "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", *tiny, *overrides]
-    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 def single_process_ppl(config: dict, adapter_dir: Path | None) -> dict[str, float]:
     """The run's validation PPLs recomputed in this process, on all windows at once (no DDP)."""
     cfg = OmegaConf.create(config)
@@ -95,8 +81,10 @@ def single_process_ppl(config: dict, adapter_dir: Path | None) -> dict[str, floa
     return FakeQuantValidation(build_quantizers(cfg))._evaluate_all(trainer, module)
 
 
+@pytest.mark.slow
 def test_two_cpu_ranks_agree_and_match_a_single_process(tmp_path):
-    proc = run_sweep(tmp_path, "trainer=ddp_cpu", "+callbacks.probe._target_=test_ddp.RankProbe", f"+callbacks.probe.out_dir={tmp_path}")
+    proc = run_sweep(tmp_path / "sweep", *TINY, "trainer=ddp_cpu", "+callbacks.probe._target_=test_ddp.RankProbe",
+                     f"+callbacks.probe.out_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     job = tmp_path / "sweep" / "0"
     metrics = json.loads((job / "metrics.json").read_text())
@@ -121,15 +109,16 @@ def test_two_cpu_ranks_agree_and_match_a_single_process(tmp_path):
     assert after["fp"] != before["fp"]
 
 
+@pytest.mark.slow
 def test_two_cpu_ranks_draw_identical_quant_error_noise_at_a_later_step(tmp_path):
     """The exact-error noise with Quant-Noise probability on bitmap masks (10 %), at step 2 (in the second epoch), when
     the adapters have trained (ΔW ≠ 0): every rank holds the same merged weights and perturbs identically, by the
     RTN-4 error of that merged weight."""
     later = [o for o in TINY if not o.startswith("trainer.max_steps=")] + ["trainer.max_steps=3", "trainer.max_epochs=2"]
     # A large learning rate, so two steps move the adapters well away from B = 0.
-    proc = run_sweep(tmp_path, "trainer=ddp_cpu", "noise=quant_error", "noise.distribution.probability=0.5", "outliers.ratio=10",
-                     "optimizer.lr=1e-2", "+callbacks.probe._target_=test_ddp.RankProbe", f"+callbacks.probe.out_dir={tmp_path}",
-                     "+callbacks.probe.step=2", tiny=later)
+    proc = run_sweep(tmp_path / "sweep", *later, "trainer=ddp_cpu", "noise=quant_error", "noise.distribution.probability=0.5",
+                     "outliers.ratio=10", "optimizer.lr=1e-2", "+callbacks.probe._target_=test_ddp.RankProbe",
+                     f"+callbacks.probe.out_dir={tmp_path}", "+callbacks.probe.step=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["masks"] and all(torch.equal(r0["masks"][k], r1["masks"][k]) for k in r0["masks"])
@@ -156,11 +145,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for checkpointing in (False, True):
         torch.manual_seed(0)  # the same LoRA init in both modules
         lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
-        module = NPFTModule(make_tiny_llama(), lora, gradient_checkpointing=checkpointing)
-        with torch.no_grad():
-            for name, p in module.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        module = fill_lora_b(NPFTModule(make_tiny_llama(), lora, gradient_checkpointing=checkpointing))
         module.model.train()
         assert module.model.base_model.model.model.gradient_checkpointing == checkpointing
         module.model(input_ids=batch, labels=batch).loss.backward()

@@ -13,20 +13,16 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import os
 import re
 import shlex
-import subprocess
-import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import pytest
+from helpers import ROOT, compose, run_in_process
 from omegaconf import DictConfig, open_dict
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 ENTRIES = {"train.py": "train", "eval.py": "eval", "analyze.py": "analyze"}
 TOOLS = ("export", "report")
@@ -106,19 +102,25 @@ UNPARSABLE = [c for c in COMMANDS if c.entry == "unparsable"]
 
 
 # ------------------------------------------------------------------------------------------ checks
+def _positionals(args: tuple[str, ...], valued_flags) -> list[str]:
+    """The arguments that are neither a flag nor the value after one of ``valued_flags``."""
+    positionals, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg.startswith("-"):
+            skip = arg in valued_flags
+        else:
+            positionals.append(arg)
+    return positionals
+
+
 def _override_sets(args: tuple[str, ...]) -> list[list[str]]:
     """The override lists one command runs: one, or one per combination of a ``-m`` sweep."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     multirun = any(a in ("-m", "--multirun") for a in args)
-    items, skip = [], False
-    for arg in args:  # Hydra's own flags (-m, --cfg job, --info, ...) are not overrides
-        if skip:
-            skip = False
-        elif arg.startswith("-"):
-            skip = arg in HYDRA_VALUED_FLAGS
-        else:
-            items.append(arg)
+    items = _positionals(args, HYDRA_VALUED_FLAGS)  # Hydra's own flags (-m, --cfg job, --info, ...) are not overrides
     # The SLURM launcher is an optional plugin (pip install hydra-submitit-launcher), not part of this project.
     items = [a for a in items if not re.match(r"[+~]?hydra[./]launcher", a)]
     parsed = OverridesParser.create().parse_overrides(items)
@@ -127,18 +129,6 @@ def _override_sets(args: tuple[str, ...]) -> list[list[str]]:
     choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
                else [o.input_line] for o in parsed]
     return [list(combo) for combo in itertools.product(*choices)]
-
-
-def _compose(task: str, overrides: list[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3", job_name=task):
-            return compose(task, overrides=overrides, return_hydra_config=True)
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def _without_user_files(cfg: DictConfig, scratch: Path) -> DictConfig:
@@ -168,7 +158,7 @@ def check_command(command: Command, scratch: Path) -> None:
     from npft_lightning.tasks import checks
 
     for overrides in _override_sets(command.args):
-        cfg = _compose(command.entry, overrides)
+        cfg = compose(command.entry, *overrides, hydra=True)
         outliers = cfg.get("outliers")
         if outliers is not None and outliers.get("method") == "all":
             ignored = [o for o in overrides if re.match(rf"outliers\.({'|'.join(IGNORED_UNDER_ALL)})\b", o)]
@@ -179,8 +169,7 @@ def check_command(command: Command, scratch: Path) -> None:
 
 @cache
 def tool_help(tool: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "npft_lightning", tool, "--help"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    proc = run_in_process(tool, ROOT, "--help")
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
 
@@ -224,15 +213,7 @@ def check_tool_command(command: Command) -> None:
     options = [a.split("=", 1)[0] for a in command.args if a.startswith("--")]
     unknown = [o for o in options if not re.search(rf"{re.escape(o)}\b", text)]
     assert not unknown, f"{command.where}: {unknown} not in python -m npft_lightning {command.entry} --help"
-    valued = set(re.findall(r"(--[a-z-]+) [A-Z]+", text))  # options that take a value
-    positionals, skip = [], False
-    for arg in command.args:
-        if skip:
-            skip = False
-        elif arg.startswith("--"):
-            skip = arg in valued
-        else:
-            positionals.append(arg)
+    positionals = _positionals(command.args, set(re.findall(r"(--[a-z-]+) [A-Z]+", text)))  # options that take a value
     # A bare mention (`python -m npft_lightning report` in prose) names the tool; a command gives its one folder or file.
     assert len(positionals) == (1 if command.args else 0), f"{command.where}: one folder or checkpoint expected, got {positionals}"
 

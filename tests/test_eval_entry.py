@@ -5,27 +5,17 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import TINY_EVAL, compose, run_entry
 
-ROOT = Path(__file__).resolve().parents[1]
-
-TINY = ["model=tiny-llama", "data.eval_seq_len=128", "data.max_eval_windows=2", "calibration.windows=4",
-        "calibration.length=64", "calibration.sensitivity_windows=2", "print_config=false"]
-
-
-def run_eval(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("HYDRA_FULL_ERROR", None)
-    cmd = [sys.executable, str(ROOT / "eval.py"), f"hydra.run.dir={tmp_path}", *TINY, *overrides]
-    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+TINY = [*TINY_EVAL, "data.max_eval_windows=2", "calibration.windows=4", "calibration.length=64",
+        "calibration.sensitivity_windows=2", "print_config=false"]
 
 
 def test_eval_scores_every_quantizer_and_the_export_reproduces_it(tmp_path):
-    proc = run_eval(tmp_path, "quant=[rtn4,gptq4,kmeans3]", "splits=[validation,test]", f"export_dir={tmp_path / 'exports'}")
+    proc = run_entry("eval.py", tmp_path, *TINY, "quant=[rtn4,gptq4,kmeans3]", "splits=[validation,test]",
+                     f"export_dir={tmp_path / 'exports'}", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["complete"] is True
@@ -46,14 +36,10 @@ def test_eval_scores_every_quantizer_and_the_export_reproduces_it(tmp_path):
 def test_an_export_that_fails_midway_keeps_the_measured_results(tmp_path, monkeypatch):
     """The export folder was writable when the run started, then the disk fills: one line saying where the results are,
     and metrics.json holds every PPL measured before it. (``splits=test``, a bare name, is taken as ``[test]``.)"""
-    from hydra import compose, initialize_config_dir
-
     import npft_lightning.tasks.evaluate as evaluation
     from npft_lightning.core.errors import UserError
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("eval", overrides=[*TINY, "quant=[rtn4,rtn3]", "splits=test", f"export_dir={tmp_path / 'exports'}",
-                                         f"paths.output_dir={tmp_path}"])
+    cfg = compose("eval", *TINY, "quant=[rtn4,rtn3]", "splits=test", f"export_dir={tmp_path / 'exports'}", f"paths.output_dir={tmp_path}")
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

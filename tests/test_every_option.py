@@ -13,13 +13,12 @@ import re
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from helpers import compose
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from npft_lightning.tasks.checks import validate_config
 from npft_lightning.tasks.one_line_errors import user_message
 
-ROOT = Path(__file__).resolve().parents[1]
 # (key, value) pairs the checks accept on purpose.
 ACCEPTED = {
     ("peft.lora_alpha", 2.5): "LoRA's alpha is any positive number (the update is scaled by alpha / r)",
@@ -27,9 +26,7 @@ ACCEPTED = {
 
 
 def composed(entry: str, tmp_path: Path) -> DictConfig:
-    overrides = ["model=tiny-llama", f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name=entry, overrides=overrides)
+    return compose(entry, "model=tiny-llama", f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}")
 
 
 def leaves(node: DictConfig | ListConfig, path: str = ""):

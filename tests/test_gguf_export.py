@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
+from helpers import TINY_EVAL, run_in_process
 from torch import nn
 
 from npft_lightning.core.errors import UserError
@@ -174,26 +175,14 @@ def test_pretrained_smollm2_as_q4_1_is_the_bundled_file(tmp_path: Path) -> None:
 # through eval.py
 # ---------------------------------------------------------------------------------------------
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model=tiny-llama", "data.eval_seq_len=128", "data.max_eval_windows=2", "print_config=false"]
-
-
-def _eval(tmp_path: Path, *overrides: str):
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("HYDRA_FULL_ERROR", None)
-    cmd = [sys.executable, str(ROOT / "eval.py"), f"hydra.run.dir={tmp_path}", *overrides]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+TINY = [*TINY_EVAL, "data.max_eval_windows=2", "print_config=false"]
 
 
 def test_eval_writes_gguf_and_a_self_contained_artefact(tmp_path: Path) -> None:
     import json
 
     run = tmp_path / "run"
-    proc = _eval(run, *TINY, "quant=[q4_0,q8_0]", f"gguf_out={tmp_path / 'tiny.gguf'}", f"export_dir={tmp_path / 'exp'}")
+    proc = run_in_process("eval.py", run, *TINY, "quant=[q4_0,q8_0]", f"gguf_out={tmp_path / 'tiny.gguf'}", f"export_dir={tmp_path / 'exp'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     for name in ("q4_0", "q8_0"):  # several quantizers: <stem>-<name>.gguf
@@ -202,7 +191,7 @@ def test_eval_writes_gguf_and_a_self_contained_artefact(tmp_path: Path) -> None:
         assert metrics["gguf"][name]["tensor_types"][name.upper()] == 14
     # The artefact folder carries its tokenizer: scored on its own, it gives the fake-quant PPL.
     assert (tmp_path / "exp" / "q4_0" / "byte_tokenizer.json").is_file()
-    again = _eval(tmp_path / "again", *TINY[1:], "model=local", f"model.path={tmp_path / 'exp' / 'q4_0'}", "quant=none")
+    again = run_in_process("eval.py", tmp_path / "again", *TINY[1:], "model=local", f"model.path={tmp_path / 'exp' / 'q4_0'}", "quant=none")
     assert again.returncode == 0, again.stderr[-3000:]
     reloaded = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert reloaded["ppl"]["validation"]["fp"] == metrics["ppl"]["validation"]["q4_0"]
@@ -218,7 +207,7 @@ def test_eval_writes_gguf_and_a_self_contained_artefact(tmp_path: Path) -> None:
 ])
 def test_bad_gguf_input_is_one_line_before_loading(overrides: list[str], message: str, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a folder")
-    proc = _eval(tmp_path / "run", *TINY, *[o.format(tmp=tmp_path) for o in overrides])
+    proc = run_in_process("eval.py", tmp_path / "run", *TINY, *[o.format(tmp=tmp_path) for o in overrides])
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message.format(tmp=tmp_path) in lines[0], proc.stderr

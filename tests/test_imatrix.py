@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
+from helpers import make_tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from npft_lightning.quant.gguf_export import gguf_linear_names
@@ -22,13 +23,6 @@ from npft_lightning.quant.imatrix import (
 )
 
 LEAVES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-
-
-def _tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +63,7 @@ def _linear_inputs_by_hand(model: LlamaForCausalLM, ids: torch.Tensor) -> dict[s
 
 
 def test_imatrix_is_the_mean_squared_input_per_column() -> None:
-    model = _tiny_llama()
+    model = make_tiny_llama(intermediate_size=96, max_position_embeddings=128)
     ids = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(1))
     imatrix = collect_imatrix(model, ids.split(2), gguf_linear_names(model), "random bytes")
     by_hand = _linear_inputs_by_hand(model, ids)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_peaked_llama
+from helpers import make_peaked_llama
 
 from npft_lightning.core.layers import decoder_linears
 from npft_lightning.core.perplexity import causal_lm_nll, dataset_nll, perplexity

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_peaked_llama
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+from helpers import make_peaked_llama
 from transformers import LlamaForCausalLM
 
 from npft_lightning.core.errors import UserError

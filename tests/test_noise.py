@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from helpers import make_tiny_llama
 
 from npft_lightning.core.layers import decoder_linears
 from npft_lightning.npft.noise import (

@@ -22,10 +22,9 @@ from functools import partial
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import make_tiny_llama
+from helpers import TARGETS, fill_lora_b, make_datamodule, make_module, make_tiny_llama
 from lightning.pytorch.callbacks import Callback
 from peft import LoraConfig
-from test_callbacks import TARGETS, make_datamodule, make_module
 
 from npft_lightning.core import masks as mask_ops
 from npft_lightning.core.layers import decoder_linears
@@ -256,10 +255,7 @@ def test_bf16_weights_take_the_documented_exact_error_and_come_back_bit_exactly(
     W + δ rounded once to bf16, with δ = Q(W') − W' and W' = W + ΔW in float32 (``apply_noise`` / ``QuantErrorNoise``);
     a clean step reads W, and after every step W is back bit for bit."""
     module = NPFTModule(make_tiny_llama().to(torch.bfloat16), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    fill_lora_b(module)
     clean = {n: lin.weight.detach().clone() for n, lin in module.decoder_linears().items()}
     assert all(w.dtype == torch.bfloat16 for w in clean.values())
     noise = NoisePerturbation(QuantErrorNoise(RTN(4)), seed=SEED, step_probability=STEP_PROBABILITY)

@@ -8,8 +8,8 @@ import types
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import make_datamodule, make_module, snapshot
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from test_callbacks import make_datamodule, make_module, snapshot
 
 from npft_lightning.core.errors import UserError
 from npft_lightning.quant import RTN, fake_quantized

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from helpers import layer_input_and_output, make_tiny_llama
 
 from npft_lightning.core import masks as mask_ops
 from npft_lightning.core.layers import decoder_linears
@@ -175,16 +175,13 @@ def test_perturbed_activations_perturb_each_linear_input_then_go_away():
     linears = decoder_linears(model)
     name = "model.layers.0.self_attn.q_proj"
     layer = linears[name]
-    seen = {}
-    pre = layer.register_forward_pre_hook(lambda m, args: seen.__setitem__("raw", args[0].detach().clone()))
-    post = layer.register_forward_hook(lambda m, args, out: seen.__setitem__("out", out.detach().clone()))
     p = Perturbation("a", target="activation", distribution="rademacher", relative="element")
     ids = torch.randint(0, 256, (1, 16), generator=gen(0))
-    with torch.no_grad(), perturbed_activations({name: layer}, p, 0.5, gen(0)):
-        model(input_ids=ids)
+    with layer_input_and_output(layer) as seen:
+        with torch.no_grad(), perturbed_activations({name: layer}, p, 0.5, gen(0)):
+            model(input_ids=ids)
     # the layer saw a perturbed input: its output is not that of the clean input
     assert not torch.allclose(seen["out"], layer(seen["raw"]), atol=1e-5)
-    pre.remove(), post.remove()
     assert len(layer._forward_pre_hooks) == 0
     with pytest.raises(ValueError, match="targets activations, not weights"):
         with perturbed_weights(linears, p, 0.1, gen()):

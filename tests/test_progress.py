@@ -40,15 +40,13 @@ def test_without_max_steps_the_epoch_is_the_total(tmp_path):
 
 def test_enable_progress_bar_false_drops_the_bar_callback():
     """trainer.enable_progress_bar=false wins over callbacks.rich_progress_bar (Lightning would refuse the pair)."""
-    from hydra import compose, initialize_config_dir
-    from test_train_entry import ROOT
+    from helpers import compose
 
     from npft_lightning.tasks.build import build_quantizers
     from npft_lightning.tasks.train import build_callbacks
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        for flag, expected in (("true", 1), ("false", 0)):
-            cfg = compose("train", overrides=["model=tiny-llama", "paths.output_dir=/tmp", f"trainer.enable_progress_bar={flag}"])
-            callbacks, _ = build_callbacks(cfg, build_quantizers(cfg))
-            assert sum(isinstance(c, StepLimitedRichProgressBar) for c in callbacks) == expected
-            pl.Trainer(**{k: v for k, v in cfg.trainer.items() if k not in ("_target_", "default_root_dir")}, callbacks=callbacks)
+    for flag, expected in (("true", 1), ("false", 0)):
+        cfg = compose("train", "model=tiny-llama", "paths.output_dir=/tmp", f"trainer.enable_progress_bar={flag}")
+        callbacks, _ = build_callbacks(cfg, build_quantizers(cfg))
+        assert sum(isinstance(c, StepLimitedRichProgressBar) for c in callbacks) == expected
+        pl.Trainer(**{k: v for k, v in cfg.trainer.items() if k not in ("_target_", "default_root_dir")}, callbacks=callbacks)

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from test_callbacks import TARGETS, WeightSpy, make_datamodule, make_module
+from helpers import TARGETS, WeightSpy, make_datamodule, make_module
 from torch import nn
 
 from npft_lightning.core import masks as mask_ops

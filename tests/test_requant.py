@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QuadraticModel
+from helpers import QuadraticModel, assert_export_exact
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from test_artefact import _assert_export_exact
 from torch import Tensor, nn
 
 from npft_lightning.core.gradients import pqi_along
@@ -191,7 +190,7 @@ def test_detach_steps() -> None:
                          ids=["rtn4", "gptq3_g32"])
 def test_export_load_bit_exact_and_effective_bits(make, tiny_llama, token_windows, tmp_path) -> None:
     quantizer = make()
-    report = _assert_export_exact(tiny_llama, quantizer, tmp_path / "rq", token_windows[:2], calibration=token_windows)
+    report = assert_export_exact(tiny_llama, quantizer, tmp_path / "rq", token_windows[:2], calibration=token_windows)
     assert report["sparse_bytes"] > 0
     # the effective bits counted while fake-quantizing match the bytes the artefact stores
     model = copy.deepcopy(tiny_llama)

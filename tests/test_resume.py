@@ -6,20 +6,17 @@ import csv
 import os
 import shlex
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import QUIET_TRAIN, ROOT, TINY_TRAIN, run_python
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
 from npft_lightning.tasks.export import adapter_from_checkpoint
 from npft_lightning.training.run_artifacts import AtomicCheckpointIO
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # A tiny model, 10 training windows = 5 batches per epoch, 6 steps: the run crosses an epoch boundary
 # (with its validation) and the kill at step 4 falls mid-epoch. LoRA dropout (0.05) and per-step noise
@@ -28,11 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # steps replayed after the checkpoint at step 4 are a clean one and a perturbed one in the next epoch, and a
 # resume that restarted its step count would draw the other pattern (step 0 perturbed, epoch 1's step 1 clean).
 SEED = 197
-TINY = ["model=tiny-llama", "data.seq_len=64", "data.eval_seq_len=128", "data.max_eval_windows=1",
-        "data.max_train_windows=10", "outliers.calibration_windows=2", "outliers.calibration_length=64",
-        "curvature=null", "quant=[rtn4]", "callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false",
-        "trainer.max_epochs=2", "trainer.max_steps=6", "callbacks.model_checkpoint.every_n_train_steps=2",
-        "callbacks.model_checkpoint.save_top_k=-1", f"seed={SEED}"]
+TINY = [*TINY_TRAIN, *QUIET_TRAIN, "data.max_eval_windows=1", "data.max_train_windows=10", "trainer.max_epochs=2",
+        "trainer.max_steps=6", "callbacks.model_checkpoint.every_n_train_steps=2", "callbacks.model_checkpoint.save_top_k=-1",
+        f"seed={SEED}"]
 RESUMED_AT = 4  # the checkpoint both interrupted runs resume from
 # The recipes resumed: the default (exact RTN-4 error of every merged weight on 15 % of the steps) and per-step
 # random noise (uniform step noise on 0.5 % Fisher outliers, every step a fresh draw).
@@ -61,15 +56,8 @@ class CtrlCAt(Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
-def run_train(run_dir: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *TINY, *overrides]
-    return run(cmd, run_dir.parent, timeout)
-
-
-def run(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+def run_train(run_dir: Path, *overrides: str):
+    return run_python([str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *TINY, *overrides], run_dir.parent)
 
 
 def adapter_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -96,7 +84,7 @@ def replayed_noise(run_dir: Path) -> list[tuple[int, float]]:
     return [(step, float(value)) for step, value in logged(run_dir, "noise/scale") if step >= RESUMED_AT]
 
 
-@pytest.fixture(scope="module", params=[pytest.param("default"), pytest.param("per_step_noise", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=[pytest.param("default", marks=pytest.mark.slow), pytest.param("per_step_noise", marks=pytest.mark.slow)])
 def recipe(request) -> list[str]:
     """The overrides of the recipe under test."""
     return RECIPES[request.param]
@@ -162,7 +150,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_printed_command_resumes_it(tmp_path, 
 
     command = shlex.split(lines[0].split("resume with: ", 1)[1])
     assert command[-2:] == [f"ckpt_path={checkpoint}", f"hydra.run.dir={stopped}"]
-    proc = run([sys.executable, *command[1:]], tmp_path)
+    proc = run_python(command[1:], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert logged(stopped, "noise/scale") == logged(full_run, "noise/scale")  # perturbed and clean at the same steps
     assert_same_adapter(stopped, full_run)
@@ -221,8 +209,8 @@ def test_a_run_written_before_the_layering_still_exports(tmp_path, full_run):
     assert "npft_lightning.lm." not in text and "npft_lightning.models.CausalLMSpec" in text
     old_config = tmp_path / "config.yaml"
     old_config.write_text(text)
-    proc = run([sys.executable, "-m", "npft_lightning", "export", str(full_run / "checkpoints" / "last.ckpt"),
-                "--config", str(old_config), "--out", str(tmp_path / "adapter")], tmp_path)
+    proc = run_python(["-m", "npft_lightning", "export", str(full_run / "checkpoints" / "last.ckpt"),
+                       "--config", str(old_config), "--out", str(tmp_path / "adapter")], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     exported = Path(proc.stdout.strip().splitlines()[-1])
     weights, expected = load_file(exported / "adapter_model.safetensors"), adapter_weights(full_run)

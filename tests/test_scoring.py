@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import TINY_EVAL, compose, fill_lora_b, make_tiny_llama
 from hydra.utils import instantiate
 from peft import LoraConfig
 
@@ -23,18 +23,15 @@ from npft_lightning.tasks.evaluate import evaluate
 from npft_lightning.training.callbacks import FakeQuantValidation
 from npft_lightning.training.module import NPFTModule
 
-ROOT = Path(__file__).resolve().parents[1]
 # GPTQ runs the model on calibration windows, k-means gets the Fisher, ReQuant both (and takes gradients).
 QUANT = ["rtn4", "gptq4", "kmeans3", "requant_rtn4"]
-TINY = ["model=tiny-llama", "data.eval_seq_len=128", "data.max_eval_windows=2", "calibration.windows=4",
-        "calibration.length=64", "calibration.sensitivity_windows=2", f"quant=[{','.join(QUANT)}]",
+TINY = [*TINY_EVAL, "data.max_eval_windows=2", "calibration.windows=4", "calibration.length=64",
+        "calibration.sensitivity_windows=2", f"quant=[{','.join(QUANT)}]",
         "quant.requant_rtn4.pqi_intervals=2"]
 
 
 def composed(task: str, tmp_path: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(task, overrides=[*TINY, f"paths.output_dir={tmp_path / task}", f"paths.cache_dir={tmp_path / 'cache'}",
-                                        *overrides])
+    return compose(task, *TINY, f"paths.output_dir={tmp_path / task}", f"paths.cache_dir={tmp_path / 'cache'}", *overrides)
 
 
 def trained_module(cfg) -> tuple[NPFTModule, object]:
@@ -42,11 +39,7 @@ def trained_module(cfg) -> tuple[NPFTModule, object]:
     model, tokenizer = instantiate(cfg.model).load()
     torch.manual_seed(0)  # LoRA's A
     module = NPFTModule(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], lora_dropout=0.0))
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
-    return module, tokenizer
+    return fill_lora_b(module), tokenizer
 
 
 def test_eval_analyze_and_the_fake_quant_callback_score_alike(tmp_path):
@@ -85,8 +78,6 @@ def test_eval_analyze_and_the_fake_quant_callback_score_alike(tmp_path):
 
 def test_the_calibration_hands_the_fisher_over_once_and_takes_it_back():
     """Several sensitivity-weighted quantizers of one pass share one Fisher; after the pass none holds it."""
-    from conftest import make_tiny_llama
-
     from npft_lightning.quant.nonuniform import KMeans
 
     model = make_tiny_llama()

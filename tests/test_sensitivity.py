@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import QuadraticModel, make_tiny_llama
+from helpers import QuadraticModel, fill_lora_b, make_tiny_llama
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -31,16 +31,8 @@ from npft_lightning.quant import RTN
 
 def _lora_model(seed: int = 0) -> nn.Module:
     """Tiny llama with LoRA on q/v whose B is non-zero, so the merged weight differs from the base."""
-    model = get_peft_model(
-        make_tiny_llama(seed),
-        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]),
-    )
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model
+    model = get_peft_model(make_tiny_llama(seed), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    return fill_lora_b(model, std=0.2, seed=1)
 
 
 def _lora_deltas(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -136,24 +128,9 @@ def test_magnitude_scores(tiny_llama):
 # ------------------------------------------------------------------ PQI
 
 
-def _quadratic(diagonal: bool, seed: int = 0) -> QuadraticModel:
-    g = torch.Generator().manual_seed(seed)
-    rows, cols = 4, 8
-    n = rows * cols
-    if diagonal:
-        A = torch.diag(torch.rand(n, generator=g, dtype=torch.float64) * 3 + 0.5)
-    else:
-        m = torch.randn(n, n, generator=g, dtype=torch.float64)
-        A = m @ m.T / n + torch.eye(n, dtype=torch.float64)
-    b = torch.randn(n, generator=g, dtype=torch.float64)
-    w_star = torch.randn(n, generator=g, dtype=torch.float64)
-    w0 = torch.randn(rows, cols, generator=g, dtype=torch.float64)
-    return QuadraticModel(A, b, w_star, w0)
-
-
 @pytest.mark.parametrize("diagonal", [True, False])
 def test_pqi_signed_sum_is_exact_loss_change_for_quadratic(diagonal):
-    model = _quadratic(diagonal)
+    model = QuadraticModel.random(diagonal)
     linears = decoder_linears(model)
     weight = linears["layers.0"].weight
     w0 = weight.detach().clone()
@@ -224,7 +201,7 @@ def test_taylor_loss_change_hand_checked():
 
 
 def test_taylor_is_exact_for_diagonal_quadratic():
-    model = _quadratic(diagonal=True)
+    model = QuadraticModel.random(diagonal=True)
     linears = decoder_linears(model)
     weight = linears["layers.0"].weight
     w0 = weight.detach().clone()

@@ -4,30 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+from helpers import QUIET_TRAIN, TINY_TRAIN, run_python, run_sweep
 
-TINY = ["model=tiny-llama", "data.seq_len=64", "data.eval_seq_len=128", "data.max_eval_windows=1",
-        "outliers.calibration_windows=2", "outliers.calibration_length=64", "curvature=null", "quant=[rtn4]",
-        "callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false", "trainer.max_steps=2"]
+TINY = [*TINY_TRAIN, *QUIET_TRAIN, "data.max_eval_windows=1", "trainer.max_steps=2"]
 
 
-def run(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return run([sys.executable, str(ROOT / "train.py"), "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", *TINY, *overrides], tmp_path)
-
-
+@pytest.mark.slow
 def test_noise_scale_sweep_writes_each_job_and_the_report(tmp_path):
-    proc = sweep(tmp_path, "noise.scale=0,1")
+    proc = run_sweep(tmp_path / "sweep", *TINY, "noise.scale=0,1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     root = tmp_path / "sweep"
     for num, scale in enumerate([0.0, 1.0]):
@@ -37,7 +23,7 @@ def test_noise_scale_sweep_writes_each_job_and_the_report(tmp_path):
         assert metrics["ppl"]["after"].keys() == {"fp", "rtn4"}
         assert (job / ".hydra" / "config.yaml").is_file() and (job / "adapter" / "adapter_config.json").is_file()
 
-    proc = run([sys.executable, "-m", "npft_lightning", "report", str(root)], ROOT)
+    proc = run_python(["-m", "npft_lightning", "report", str(root)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader((root / "report.csv").open()))
     assert [(r["noise.scale"], r["control"]) for r in rows] == [("0", "True"), ("1", "False")]
@@ -48,7 +34,7 @@ def test_noise_scale_sweep_writes_each_job_and_the_report(tmp_path):
     # Re-running the sweep with skip_completed=true trains only what did not finish (here: job 1).
     (root / "1" / "metrics.json").unlink()
     stamp = (root / "0" / "metrics.json").stat().st_mtime_ns
-    proc = sweep(tmp_path, "noise.scale=0,1", "skip_completed=true")
+    proc = run_sweep(tmp_path / "sweep", *TINY, "noise.scale=0,1", "skip_completed=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("Skipped:") == 1
     assert (root / "0" / "metrics.json").stat().st_mtime_ns == stamp and (root / "1" / "metrics.json").is_file()
@@ -56,6 +42,6 @@ def test_noise_scale_sweep_writes_each_job_and_the_report(tmp_path):
 
 def test_ddp_with_lightning_relaunch_is_refused_inside_a_sweep(tmp_path):
     """strategy=ddp re-runs the command line for rank 1, which for -m would restart the sweep: one clear line instead."""
-    proc = sweep(tmp_path, "noise.scale=1", "trainer=ddp_cpu", "trainer.strategy=ddp")
+    proc = run_sweep(tmp_path / "sweep", *TINY, "noise.scale=1", "trainer=ddp_cpu", "trainer.strategy=ddp")
     assert proc.returncode == 2
     assert "use trainer=ddp_spawn" in proc.stderr and "Traceback" not in proc.stderr

@@ -3,37 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import TINY_TRAIN, run_entry
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_train(tmp_path: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HYDRA_FULL_ERROR="0", PYTHONUNBUFFERED="1")
-    env.pop("HYDRA_FULL_ERROR")
-    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path}", *overrides]
-    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-TINY = ["model=tiny-llama", "data.seq_len=64", "data.eval_seq_len=128", "data.max_eval_windows=2",
-        "outliers.calibration_windows=2", "outliers.calibration_length=64", "curvature.windows=2", "curvature.length=64"]
+TINY = [*TINY_TRAIN, "data.max_eval_windows=2", "curvature.windows=2", "curvature.length=64"]
 
 
 def test_fast_dev_run_through_the_real_entry(tmp_path):
-    proc = run_train(tmp_path, *TINY, "trainer.fast_dev_run=true")
+    proc = run_entry("train.py", tmp_path, *TINY, "trainer.fast_dev_run=true", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics["ppl"]["before"]) == {"fp", "rtn4", "rtn3_g32"}
     assert "Validation perplexity" in proc.stdout
 
 
+@pytest.mark.slow
 def test_short_training_run_writes_before_and_after(tmp_path):
-    proc = run_train(tmp_path, *TINY, "trainer.max_steps=3", "quant=[rtn4,rtn3]", "noise=npft_paper")
+    proc = run_entry("train.py", tmp_path, *TINY, "trainer.max_steps=3", "quant=[rtn4,rtn3]", "noise=npft_paper", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics["ppl"]["after"]) == {"fp", "rtn4", "rtn3"}
@@ -48,8 +35,8 @@ def test_short_training_run_writes_before_and_after(tmp_path):
 @pytest.mark.slow
 def test_real_smollm2_end_to_end(tmp_path):
     """The bundled SmolLM2-135M on Wikipedia: a few steps, before/after table, plausible numbers."""
-    proc = run_train(
-        tmp_path, "trainer.max_steps=2", "data.max_eval_windows=1", "data.eval_seq_len=512",
+    proc = run_entry(
+        "train.py", tmp_path, "trainer.max_steps=2", "data.max_eval_windows=1", "data.eval_seq_len=512",
         "outliers.calibration_windows=2", "curvature.windows=1", timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import time
 import zlib
 from functools import partial
@@ -52,7 +51,7 @@ from npft_lightning.tasks.checks_eval import (
     variants_of,
 )
 from npft_lightning.tasks.evaluate import load_for_eval
-from npft_lightning.tasks.figures import save_figure
+from npft_lightning.tasks.figures import panel_grid, save_figure
 
 PERTURBATION_FIELDS = ("variant", "perturbation", "target", "distribution", "relative", "sign_preserving", "mask", "ratio",
                        "group_size", "magnitude", "ppl", "ppl_unperturbed", "perturbed", "seconds")
@@ -281,19 +280,13 @@ def print_tables(rows, quant_rows, baselines: dict[str, float], console: Console
 
 def plot_curves(rows: list[dict[str, Any]], descriptions: dict[str, str], path: Path) -> Path:
     """PPL against magnitude, one panel per kind and one line per variant; dotted: the variant's unperturbed PPL."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
 
     kinds = list(dict.fromkeys(r["perturbation"] for r in rows))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     colors = {v: f"C{i}" for i, v in enumerate(variants)}
-    cols = min(len(kinds), 3)
-    nrows = math.ceil(len(kinds) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.6 * nrows), squeeze=False)
-    for ax, kind in zip(axes.flat, kinds):
+    fig, panels = panel_grid(len(kinds), 4.6, 3.6)
+    for ax, kind in zip(panels, kinds):
         for variant in variants:
             points = sorted((r["magnitude"], r["ppl"]) for r in rows if r["perturbation"] == kind and r["variant"] == variant)
             if not points:
@@ -311,9 +304,7 @@ def plot_curves(rows: list[dict[str, Any]], descriptions: dict[str, str], path: 
         ax.set_xlabel("magnitude ε")
         ax.set_ylabel("validation PPL")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(kinds):]:
-        ax.set_visible(False)
-    axes.flat[0].legend(fontsize=8, title="dotted: unperturbed", title_fontsize=7)
+    panels[0].legend(fontsize=8, title="dotted: unperturbed", title_fontsize=7)
     fig.suptitle("Perplexity vs perturbation magnitude")
     return save_figure(fig, path)
 
@@ -322,18 +313,11 @@ def plot_relative(rows: list[dict[str, Any]], baselines: dict[str, float], refer
                   descriptions: dict[str, str], path: Path) -> Path:
     """Each variant's PPL divided by the ``reference`` variant's PPL at the same point (same noise draws),
     against magnitude (0 = unperturbed): below 1 where the variant is the more robust."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     kinds = list(dict.fromkeys(r["perturbation"] for r in rows))
     variants = [v for v in dict.fromkeys(r["variant"] for r in rows) if v != reference]
     ref = {(r["perturbation"], r["magnitude"]): r["ppl"] for r in rows if r["variant"] == reference}
-    cols = min(len(kinds), 3)
-    nrows = math.ceil(len(kinds) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.4 * nrows), squeeze=False)
-    for ax, kind in zip(axes.flat, kinds):
+    fig, panels = panel_grid(len(kinds), 4.6, 3.4)
+    for ax, kind in zip(panels, kinds):
         magnitudes = sorted({r["magnitude"] for r in rows if r["perturbation"] == kind})
         xs = list(range(len(magnitudes) + 1))  # evenly spaced: 0 (unperturbed), then the swept values
         for i, variant in enumerate(variants, start=1):
@@ -347,8 +331,6 @@ def plot_relative(rows: list[dict[str, Any]], baselines: dict[str, float], refer
         ax.set_xlabel("magnitude ε")
         ax.set_ylabel(f"PPL / PPL of {reference}")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(kinds):]:
-        ax.set_visible(False)
-    axes.flat[0].legend(fontsize=8)
+    panels[0].legend(fontsize=8)
     fig.suptitle(f"Perplexity relative to {reference} at the same perturbation")
     return save_figure(fig, path)

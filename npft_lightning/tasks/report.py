@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from rich.table import Table
 
 from npft_lightning.core.errors import UserError
 from npft_lightning.core.io import atomic_write_text
-from npft_lightning.tasks.figures import save_figure
+from npft_lightning.tasks.figures import panel_grid, save_figure
 
 
 def ppl_rows(metrics: dict[str, Any]) -> list[tuple[str, float | None, float | None]]:
@@ -210,11 +209,6 @@ def plot_sweep(jobs: list[Job], key: str, keys: list[str], path: Path) -> Path:
     Dashed: the control's PPL (highlighted with a star where it is a point of the line); dotted:
     the pretrained model's PPL.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
     finished = [job for job in jobs if job.metrics is not None]
     names = quantizer_names(finished)
     others = [k for k in keys if k != key]
@@ -223,10 +217,8 @@ def plot_sweep(jobs: list[Job], key: str, keys: list[str], path: Path) -> Path:
     position = (lambda v: v) if numeric else {v: i for i, v in enumerate(values)}.get
     control = next((job for job in finished if job.control), None)
 
-    cols = min(len(names), 3)
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
+    fig, panels = panel_grid(len(names), 4.2, 3.4)
+    for ax, name in zip(panels, names):
         groups: dict[tuple, list[Job]] = {}
         for job in finished:
             groups.setdefault(tuple(job.overrides.get(k) for k in others), []).append(job)
@@ -251,9 +243,7 @@ def plot_sweep(jobs: list[Job], key: str, keys: list[str], path: Path) -> Path:
         if not numeric:
             ax.set_xticks(range(len(values)), [str(v) for v in values])
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
-        ax.set_visible(False)
-    axes.flat[0].legend(fontsize=8)
+    panels[0].legend(fontsize=8)
     fig.suptitle(f"Perplexity after NPFT fine-tuning vs {key}")
     return save_figure(fig, path)
 

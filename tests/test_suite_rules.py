@@ -1,0 +1,65 @@
+"""Rules of the test suite itself, read from the source of tests/ (AST): every subprocess has a timeout, so a stuck
+entry point fails its test instead of hanging the suite; test files share code through helpers.py and conftest.py's
+fixtures, never by importing each other."""
+
+from __future__ import annotations
+
+import ast
+
+from helpers import ROOT
+
+TESTS = ROOT / "tests"
+# subprocess functions that wait for the child; Popen does not wait, so a test must not start one it could hang on.
+WAITING = ("run", "call", "check_call", "check_output")
+
+
+def subprocess_calls_without_timeout(source: str) -> list[int]:
+    """Line numbers of ``subprocess.run(...)`` (or call, check_call, check_output, Popen) calls, also under a
+    ``from subprocess import ...`` name, without a ``timeout=`` keyword."""
+    tree = ast.parse(source)
+    aliases = {a.asname or a.name: a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+               and node.module == "subprocess" for a in node.names}
+    lines = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == "subprocess":
+            name = func.attr
+        elif isinstance(func, ast.Name) and func.id in aliases:
+            name = aliases[func.id]
+        else:
+            continue
+        if name == "Popen" or (name in WAITING and not any(k.arg == "timeout" for k in node.keywords)):
+            lines.append(node.lineno)
+    return lines
+
+
+def imports_of_test_modules(source: str) -> list[str]:
+    """Modules named ``test_*`` or ``conftest`` that ``source`` imports."""
+    names = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+    return [n for n in names if n.split(".")[0].startswith("test_") or n.split(".")[0] == "conftest"]
+
+
+def test_the_rules_catch_what_they_guard_against():
+    bad = ("import subprocess\nfrom subprocess import check_output as co\nsubprocess.run(['x'])\nco(['x'])\n"
+           "subprocess.Popen(['x'])\nsubprocess.run(['x'], timeout=5)\n"
+           "from test_train_entry import ROOT\nimport conftest\nfrom helpers import ROOT\n")
+    assert subprocess_calls_without_timeout(bad) == [3, 4, 5]
+    assert imports_of_test_modules(bad) == ["test_train_entry", "conftest"]
+
+
+def test_every_subprocess_has_a_timeout_and_no_test_file_imports_another():
+    problems = []
+    for path in sorted(TESTS.glob("*.py")):
+        source = path.read_text()
+        problems += [f"{path.name}:{line}: subprocess call without timeout=" for line in subprocess_calls_without_timeout(source)]
+        if path.name.startswith("test_"):
+            problems += [f"{path.name}: imports {name}; shared code goes in tests/helpers.py"
+                         for name in imports_of_test_modules(source)]
+    assert not problems, "\n".join(problems)
