@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from npft_lightning.core.interrupt import check as stop_if_interrupted
 from npft_lightning.core.layers import block_index, decoder_blocks
 from npft_lightning.core.restore import weights_restored
 from npft_lightning.quant.base import WeightQuantizer
@@ -269,6 +270,7 @@ def capture_block_inputs(
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for start in range(0, calibration.shape[0], batch_size):
+            stop_if_interrupted()
             try:
                 model(input_ids=calibration[start : start + batch_size].to(device), use_cache=False)
             except _StopForward:
@@ -383,6 +385,7 @@ class GPTQ(WeightQuantizer):
         ]
         try:
             for hidden, args, kwargs in inputs:
+                stop_if_interrupted()
                 pending.update(linears)
                 try:
                     block(hidden, *args, **kwargs)
@@ -448,6 +451,7 @@ class GPTQ(WeightQuantizer):
                         # Each stage's Hessians see the outputs of the already-quantized earlier stages.
                         hessians = self._hessians(block, inputs, {n: block_linears[n] for n in stage})
                         for name in stage:
+                            stop_if_interrupted()
                             weight = block_linears[name].weight
                             keep = None if self.kept is None else self.kept.get(name)
                             enc = self.encode_matrix(weight.float(), hessians.pop(name), keep)

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from npft_lightning.core.interrupt import check as stop_if_interrupted
 from npft_lightning.core.restore import weights_restored
 from npft_lightning.quant.base import WeightQuantizer
 from npft_lightning.quant.sparse import (
@@ -267,6 +268,7 @@ class ReQuant(SparseParts):
         n_weights = sum(w.numel() for w in weights.values())
         curves, tops = {}, {}
         for name, w in tqdm(weights.items(), desc=f"{self.name} outlier search", leave=False, disable=not self.progress):
+            stop_if_interrupted()
             w = w.detach().float()
             share = w.numel() * total / n_weights
             counts = sorted({0, *(min(w.numel(), round(c * share)) for c in self.outlier_candidates)})

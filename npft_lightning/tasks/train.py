@@ -154,6 +154,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             return done
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module, datamodule, trainer, npft = build(cfg)
+    _check_checkpoint_fits(cfg.get("ckpt_path"), module)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     # RunArtifacts wrote the files on rank 0 of the training processes. Under ddp_spawn those were
@@ -164,6 +165,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         print_summary(metrics, output_dir)
     return metrics or {}
+
+
+def _check_checkpoint_fits(ckpt: Any, module: NPFTModule) -> None:
+    """A checkpoint of another model or LoRA config is one line before training, not a size-mismatch traceback (or,
+    for adapters the checkpoint lacks, a resume that silently keeps them at their start)."""
+    from npft_lightning.tasks.checks import CKPT_KEYWORDS
+
+    if not ckpt or str(ckpt) in CKPT_KEYWORDS:
+        return
+    state = torch.load(str(ckpt), map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    problem = module.adapter_mismatch(state)
+    if problem:
+        raise UserError(f"ckpt_path={ckpt} does not fit this run's model and LoRA config: {problem}; resume with the "
+                        f"overrides of the run that wrote it (<run>/.hydra/overrides.yaml)")
 
 
 def resume_args(argv0: str | None = None) -> list[str] | None:
