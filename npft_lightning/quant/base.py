@@ -13,6 +13,11 @@ from npft_lightning.core.interrupt import check as stop_if_interrupted
 from npft_lightning.core.restore import weights_restored
 
 
+def is_int(value: object) -> bool:
+    """An integer setting (``True`` is no count): what a quantizer's constructor accepts for bits, sizes, counts."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class WeightQuantizer:
     """A weight-only fake quantizer.
 

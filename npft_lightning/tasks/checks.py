@@ -101,23 +101,27 @@ def _check_quant(name: str, q: DictConfig, prefix: str = "quant.") -> None:
     group = q.get("group_size")
     if group is not None and not (is_int(group) and group > 0):
         raise UserError(f"{prefix}{name}.group_size={group} must be a positive integer (a divisor of the input features) or null")
-    if str(q.get("_target_", "")).endswith(".ReQuant"):
-        _check_requant(name, q)
+    _build(f"{prefix}{name}", q)
 
 
-def _check_requant(name: str, q: DictConfig) -> None:
-    """ReQuant's budgets, steps and base are checked by its constructor, which needs no model: build it now."""
+def _build(key: str, q: DictConfig) -> None:
+    """The constructor of a quantizer or the outlier selector checks the rest of its settings (ReQuant's budgets, a
+    ggml type, an activation method, a selection method); it needs no model, so build it now. Its one-line errors
+    name the option by its key: ``quant bits=9`` of ``quant.rtn4`` becomes ``quant.rtn4.bits=9``."""
     from hydra.utils import instantiate
 
     from npft_lightning.tasks.one_line_errors import user_message
 
+    if "_target_" not in q:
+        return
     try:
         instantiate(q)
     except Exception as err:  # noqa: BLE001 - only the constructor's one-line errors are re-worded
         message = user_message(err)
         if message is None:
             raise
-        raise UserError(f"quant.{name}: {message}") from None
+        option = re.match(r"(?:(?:requant|quant|activation|outliers) )?(\w+)=", message)
+        raise UserError(f"{key}.{message[option.start(1):]}" if option else f"{key}: {message}") from None
 
 
 def _check_calibration(calibration: DictConfig) -> None:
@@ -161,10 +165,8 @@ def _check_noise_and_outliers(cfg: DictConfig) -> None:
         ratio = outliers.get("ratio")
         if not is_number(ratio) or not (0 < ratio <= 100):
             raise UserError(f"outliers.ratio={ratio} must be a percentage in (0, 100]; 0.05 means 0.05 % of each matrix")
-        if "_target_" in outliers:
-            # The selector's constructor checks method, budget, refresh and calibration sizes; it is
-            # cheap to build (no model), so build it now rather than after the model has loaded.
-            instantiate(outliers)
+        # The selector's constructor checks method, budget, refresh and calibration sizes.
+        _build("outliers", outliers)
 
 
 def _check_data(data: DictConfig) -> None:

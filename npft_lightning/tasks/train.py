@@ -81,6 +81,7 @@ def build(cfg: DictConfig) -> tuple[NPFTModule, pl.LightningDataModule, pl.Train
     validate_against_model(cfg, model, ("data.seq_len",) + window_lengths(quantizers.values()))
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     module = build_module(cfg, model)
+    _check_checkpoint_fits(cfg.get("ckpt_path"), module)
     # Tokenize now (cached): a corpus shorter than one window fails here, before the Trainer starts.
     datamodule.train_windows()
     datamodule.eval_windows("validation")
@@ -154,7 +155,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             return done
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module, datamodule, trainer, npft = build(cfg)
-    _check_checkpoint_fits(cfg.get("ckpt_path"), module)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     # RunArtifacts wrote the files on rank 0 of the training processes. Under ddp_spawn those were
