@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -36,11 +37,13 @@ def print_config_tree(cfg: DictConfig, console: Console | None = None) -> None:
 def run(cfg: DictConfig, task: str) -> Any:
     """Validate, print the config, run ``task``; a :class:`UserError` becomes one line and exit code 2.
 
-    A run stopped by Ctrl-C after saving its checkpoint exits with 130 (the resume line is already
-    printed); Ctrl-C before training started (or during eval) exits with 130 and one line.
+    Ctrl-C and SIGTERM stop the task within seconds wherever they arrive (:mod:`npft_lightning.core.interrupt`,
+    installed here, before the model loads); the run exits with 130 (SIGINT) or 143 (SIGTERM) after one
+    line saying what was saved (a training checkpoint, the results measured so far) and how to go on.
     """
-    from npft_lightning.core.errors import RunInterrupted
+    from npft_lightning.core import interrupt
 
+    interrupt.install()
     try:
         with one_line_errors():
             from npft_lightning.tasks.checks import validate_config
@@ -65,17 +68,35 @@ def run(cfg: DictConfig, task: str) -> Any:
 
                 return analyze(cfg)
             raise ValueError(f"unknown task {task!r}")
-    except RunInterrupted:
-        sys.exit(130)
-    except KeyboardInterrupt:
-        print(f"interrupted by Ctrl-C{' before training started' if task == 'train' else ''}: nothing was saved, run the same command again", file=sys.stderr)
-        sys.exit(130)
+    except (interrupt.Interrupted, KeyboardInterrupt, SystemExit) as err:
+        signum = err.signum if isinstance(err, interrupt.Interrupted) else interrupt.received()
+        if isinstance(err, KeyboardInterrupt) and signum is None:
+            signum = signal.SIGINT  # Python's own Ctrl-C handler: the handlers were not installed in this thread
+        if signum is None or (isinstance(err, SystemExit) and not _lightning_sigterm(err)):
+            raise
+        _exit_interrupted(signum, task, forced=getattr(err, "forced", False))
 
 
+def _lightning_sigterm(err: SystemExit) -> bool:
+    """Lightning ends a fit that got SIGTERM with its ``SIGTERMException`` (a ``SystemExit`` with code None)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    return isinstance(err, SIGTERMException)
 
 
+def _exit_interrupted(signum: int, task: str, forced: bool) -> NoReturn:
+    """One line (rank 0) saying what was saved and how to go on, and the shell's exit code of a death by ``signum``."""
+    from lightning.pytorch.utilities import rank_zero_only
 
+    from npft_lightning.core import interrupt
 
+    saved = None if forced else interrupt.outcome()
+    if saved is None:
+        when = " twice, stopped at once" if forced else " before training started" if task == "train" else ""
+        saved = f"{when}; nothing was saved, run the same command again"
+    if rank_zero_only.rank == 0:
+        print(f"interrupted by {interrupt.signal_name(signum)}{saved}", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
 
 
 def check_group_choices(argv: list[str], conf_dir: str) -> None:

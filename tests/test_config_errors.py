@@ -52,19 +52,19 @@ CASES = {
     # --- config values (before the model loads)
     "bits outside 2..8": ([*TINY, "quant.rtn4.bits=9"], "quant.rtn4.bits=9 is outside 2..8"),
     "requant budget outside [0, 100)": ([*TINY, "quant=requant_rtn4", "quant.requant_rtn4.outlier_ratio=100"],
-                                        "quant.requant_rtn4: requant outlier_ratio=100.0 is outside [0, 100)"),
+                                        "quant.requant_rtn4.outlier_ratio=100 is outside [0, 100)"),
     "requant steps not dividing the budget": ([*TINY, "quant=requant_rtn4", "quant.requant_rtn4.significant_step=0.03"],
-                                              "quant.requant_rtn4: requant significant_step=0.03 does not divide significant_ratio=0.05"),
+                                              "quant.requant_rtn4.significant_step=0.03 does not divide significant_ratio=0.05"),
     "requant base that is no weight quantizer": ([*TINY, "quant=requant_rtn4", "quant.requant_rtn4.base=rtn4"],
-                                                 "quant.requant_rtn4: requant base='rtn4' is not a weight quantizer"),
+                                                 "quant.requant_rtn4.base='rtn4' is not a weight quantizer"),
     "negative noise scale": ([*TINY, "noise.scale=-1"], "noise.scale=-1 must be a finite number >= 0"),
     "non-finite noise scale": ([*TINY, "noise.scale=nan"], "noise.scale=nan must be a finite number >= 0"),
     "bad noise schedule": ([*TINY, "noise.schedule=hourly"], "noise.schedule=hourly is not one of per_step, per_epoch"),
     "bad noise ramp": ([*TINY, "noise.ramp=steep"], "noise.ramp=steep is not one of constant, linear, cosine"),
     "ratio zero": ([*TINY, "outliers.ratio=0"], "outliers.ratio=0 must be a percentage in (0, 100]"),
     "ratio above 100": ([*TINY, "outliers.ratio=150"], "outliers.ratio=150 must be a percentage in (0, 100]"),
-    "unknown outlier budget": ([*TINY, "outliers.budget=half"], "outliers budget='half' is not one of per_matrix, global, adaptive"),
-    "unknown outlier method": ([*TINY, "outliers.method=hessian"], "outliers method='hessian' is not one of"),
+    "unknown outlier budget": ([*TINY, "outliers.budget=half"], "outliers.budget='half' is not one of per_matrix, global, adaptive"),
+    "unknown outlier method": ([*TINY, "outliers.method=hessian"], "outliers.method='hessian' is not one of"),
     "no calibration windows": ([*TINY, "outliers.calibration_windows=0"], "outliers.calibration_windows=0 must be an integer >= 1"),
     "no quantizer calibration windows": ([*TINY, "calibration.windows=0"], "calibration.windows=0 must be an integer >= 1"),
     "quantizer calibration window longer than context": ([*TINY, "quant=gptq4", "calibration.length=4096"],
@@ -119,7 +119,19 @@ CASES = {
     "exact error towards a calibrated quantizer": ([*TINY, "noise=quant_error", "noise.distribution.quantizer._target_=npft_lightning.quant.GPTQ"],
                                                    "quant_error noise needs a weight-local quantizer; gptq4 needs calibration data"),
     "damage towards a grid without a step": ([*TINY, "outliers=damage", "~outliers.target", "+outliers.target={{_target_:npft_lightning.quant.NF4}}"],
-                                             "outliers method='damage' needs a target quantizer with a step size"),
+                                             "outliers.method='damage' needs a target quantizer with a step size"),
+    "binary corpus file": ([*TINY, "data=text_files", "data.corpus.train=[{binary}]"],
+                           "data.corpus.train: {binary} is binary, not text (NUL bytes in its first 64 KiB)"),
+    "corpus file not UTF-8": ([*TINY, "data=text_files", "data.corpus.train=[{latin1}]"],
+                              "data.corpus.train: {latin1} is not UTF-8 text (byte 0xe9 at offset 3)"),
+    "corpus as a .json file": ([*TINY, "data=text_files", "data.corpus.train=[{array}]"], "data.corpus.train: {array} is a .json file"),
+    "jsonl with a truncated line": ([*TINY, "data=text_files", "data.corpus.train=[{cut}]"], "data.corpus.train: {cut}:2 is not JSON"),
+    "misspelt _target_": ([*TINY, "noise=quant_error", "noise.distribution.quantizer._target_=npft_lightning.quant.RTM"],
+                          "noise.distribution.quantizer._target_=npft_lightning.quant.RTM cannot be imported (npft_lightning.quant has no RTM)"),
+    "unknown LoRA bias": ([*TINY, "peft.bias=some"], "peft.bias=some is not one of none, all, lora_only"),
+    "unknown tiny architecture": ([*TINY, "model.tiny.arch=gpt2"], "model.tiny.arch=gpt2 is not one of llama, opt"),
+    "checkpoint of another run": ([*SMALL, "ckpt_path={ckpt}"],
+                                  "ckpt_path={ckpt} does not fit this run's model and LoRA config: 28 adapter tensors missing"),
     "corpus shorter than one window": ([*SMALL, "data=text_files", "data.corpus.train=[{short}]", "data.corpus.validation=[{short}]",
                                         "data.corpus.test=[{short}]"],
                                        "the train split of text_files has 40 tokens, fewer than one window of seq_len=64"),
@@ -162,6 +174,11 @@ ENTRY_CASES = {
                                                    "gguf_out: llama.cpp needs the tokenizer in the file, and model 'local' has no GGUF"),
     "eval: gguf_out under a file": ("eval.py", [*SCORE_TINY, "quant=q4_0", "gguf_out={afile}/m.gguf"],
                                     "gguf_out={afile}/m.gguf: the folder {afile} cannot be created or written ({afile} is a file, not a folder)"),
+    "eval: gguf_vocab not a GGUF file": ("eval.py", [*UNLOADABLE, "gguf_vocab={afile}"], "gguf_vocab={afile} is not a GGUF file"),
+    "eval: gguf_vocab truncated": ("eval.py", [*UNLOADABLE, "gguf_vocab={cutgguf}"],
+                                   "gguf_vocab={cutgguf} cannot be read as GGUF"),
+    "eval: unknown llama.cpp float type": ("eval.py", [*UNLOADABLE, "llamacpp_float=f8"], "llamacpp_float=f8 is not one of f32, f16"),
+    "eval: no llama.cpp threads": ("eval.py", [*UNLOADABLE, "llamacpp_threads=0"], "llamacpp_threads=0 must be an integer >= 1 or null"),
     "eval: unknown llama.cpp file type": ("eval.py", [*UNLOADABLE, "llamacpp_types=[Q4_K_M,Q4_K_X]", "gguf_out={tmp}/m.gguf"],
                                           "llamacpp_types: 'Q4_K_X' is not a llama.cpp file type this quantizer writes; choose from "
                                           "Q4_0, Q4_1, Q5_0"),
@@ -262,6 +279,11 @@ def assets(tmp_path_factory) -> dict[str, str]:
     (root / "garbage.ckpt").write_bytes(bytes(range(256)) * 8)
     (root / "empty.txt").write_text("")
     (root / "short.txt").write_text("forty bytes of text, one window needs 64")
+    (root / "binary.gz").write_bytes(b"\x1f\x8b\x08\x00" + bytes(60))  # a gzip header: NUL bytes
+    (root / "latin1.txt").write_bytes("café au lait\n".encode("latin-1"))
+    (root / "array.json").write_text('[{"text": "a record"}]\n')
+    (root / "cut.jsonl").write_text('{"text": "a record"}\n{"text": "a record cut sh')
+    (root / "cutgguf.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(9))  # the header of a GGUF, cut short
     (root / "notamodel").mkdir()
     config = GPTNeoXConfig(vocab_size=256, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
                            max_position_embeddings=512)
@@ -301,7 +323,8 @@ def assets(tmp_path_factory) -> dict[str, str]:
         (root / "sweep" / job / ".hydra").mkdir(parents=True)
         (root / "sweep" / job / ".hydra" / "overrides.yaml").write_text(f"- noise.scale={job}\n")
     (root / "sweep" / "1" / "metrics.json").write_text("{truncated")
-    names = ("afile", "garbage.ckpt", "empty.txt", "short.txt", "notamodel", "neox", "hf", "unloadable", "brokenmodel", "badconfig",
+    names = ("afile", "garbage.ckpt", "empty.txt", "short.txt", "binary.gz", "latin1.txt", "array.json", "cut.jsonl", "cutgguf.gguf",
+             "notamodel", "neox", "hf", "unloadable", "brokenmodel", "badconfig",
              "adapter", "noweights",
              "badjson", "truncated", "exports", "lonely/last.ckpt", "other.yaml", "sweep", "plain.pt")
     return {name.split("/")[0]: str(root / name) for name in names} | {"tmp": str(root), "ckpt": str(root / "trained" / "checkpoints" / "last.ckpt")}

@@ -216,7 +216,7 @@ def test_text_files_txt_and_jsonl(tmp_path):
     )
     assert corpus.documents("validation") == ["Held out."]
     assert corpus.text("test") == "Test doc."
-    with pytest.raises(UserError, match=r"b.jsonl:1 is not a JSON object with a 'body' field"):
+    with pytest.raises(UserError, match=r"b.jsonl:1 is JSON but not an object with a 'body' field; set data.corpus.jsonl_field"):
         corpus.text("train")  # the glob also matched val.txt; b.jsonl has "text", not "body"
 
     files = {

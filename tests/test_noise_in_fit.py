@@ -9,8 +9,9 @@ At a perturbed step the training loss must equal that of a plain model holding t
 W + ΔW with the selected entries moved by the step's draw (for ``quant_error``: Q(W + ΔW), computed
 here from the quantizer directly); at a clean step the forward reads W bit for bit; ``noise/scale``
 logs 0 on clean steps; after every step the base weights are bit-identical to before the fit.
-Validation inside the epoch reads the clean weights and training goes on with the right draw; an
-exception inside a perturbed step leaves the base weights clean.
+Validation inside the epoch reads the clean weights and training goes on with the right draw; a fit resumed
+from a checkpoint draws at each step what the uninterrupted fit drew; an exception inside a perturbed step leaves
+the base weights clean.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import TARGETS, fill_lora_b, make_datamodule, make_module, make_tiny_llama
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from peft import LoraConfig
 
 from npft_lightning.core import masks as mask_ops
@@ -220,6 +221,31 @@ def test_validation_inside_training_sees_clean_weights_and_training_resumes_with
         assert all(torch.equal(probe.after[step][n], held[n]) for n in clean)
     # the fit ends with the clean weights in place
     assert all(torch.equal(lin.weight, clean[n]) for n, lin in module.decoder_linears().items())
+
+
+def test_a_resumed_fit_draws_at_each_step_what_the_uninterrupted_fit_drew(tmp_path):
+    """Resumed from the checkpoint the uninterrupted fit wrote after step 2: step 2 (perturbed) and step 3 (clean) see
+    exactly the weights the uninterrupted fit's steps 2 and 3 saw, and log the same noise/scale: the draw follows the
+    global step, not the steps this process has run."""
+    def fit(*extra, ckpt_path=None) -> tuple[ForwardProbe, StepLogger, dict[str, torch.Tensor]]:
+        module, probe, logger = make_module(), ForwardProbe(), StepLogger()
+        clean = {n: lin.weight.detach().clone() for n, lin in module.decoder_linears().items()}
+        noise = NoisePerturbation(KINDS["uniform_step"](), seed=SEED, step_probability=STEP_PROBABILITY)
+        trainer = make_trainer([OutlierSelection(SELECTORS["index"][0]()), noise, probe, *extra], logger=logger,
+                               enable_checkpointing=bool(extra))
+        trainer.fit(module, datamodule=make_datamodule(), ckpt_path=ckpt_path)
+        return probe, logger, clean
+
+    every_two = ModelCheckpoint(dirpath=tmp_path, filename="step{step}", every_n_train_steps=2, save_top_k=-1,
+                                auto_insert_metric_name=False)
+    full, full_log, clean = fit(every_two)
+    probe, logger, _ = fit(ckpt_path=tmp_path / "step2.ckpt")
+
+    assert sorted(probe.seen) == [2, 3]
+    for step in (2, 3):
+        assert logger.rows[step]["noise/scale"] == full_log.rows[step]["noise/scale"]
+        assert all(torch.equal(probe.seen[step][n], full.seen[step][n]) for n in clean), f"resumed step {step} drew another draw"
+    assert any(not torch.equal(probe.seen[2][n], clean[n]) for n in clean) and all(torch.equal(probe.seen[3][n], clean[n]) for n in clean)
 
 
 class FailAt(Callback):

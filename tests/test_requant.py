@@ -261,7 +261,7 @@ class WholeModelOnly(WeightQuantizer):
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"outlier_ratio": -0.1}, "requant outlier_ratio=-0.1 is outside [0, 100)"),
-    ({"outlier_ratio": 100}, "requant outlier_ratio=100.0 is outside [0, 100)"),
+    ({"outlier_ratio": 100}, "requant outlier_ratio=100 is outside [0, 100)"),
     ({"significant_ratio": float("nan")}, "requant significant_ratio=nan is outside [0, 100)"),
     ({"outlier_ratio": 60, "significant_ratio": 40, "significant_step": 20}, "leaves no dense part"),
     ({"significant_ratio": 0.05, "significant_step": 0.03}, "requant significant_step=0.03 does not divide significant_ratio=0.05 into whole steps"),

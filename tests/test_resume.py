@@ -143,7 +143,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_printed_command_resumes_it(tmp_path, 
     lines = [line for line in proc.stderr.splitlines() if line.startswith("interrupted")]
     assert len(lines) == 1, proc.stderr[-3000:]
     checkpoint = stopped / "checkpoints" / "last.ckpt"
-    assert lines[0].startswith(f"interrupted after step 4; checkpoint saved to {checkpoint}; resume with: python ")
+    assert lines[0].startswith(f"interrupted by Ctrl-C after step 4; checkpoint saved to {checkpoint}; resume with: python ")
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 4
     assert not (stopped / "metrics.json").exists()  # an interrupted run is not a finished one
     assert [step for step, _ in logged(stopped, "train/loss")] == [0, 1, 2, 3]  # flushed on the way out

@@ -31,6 +31,7 @@ from npft_lightning.core.gradients import (
     model_device,
     window_batches,
 )
+from npft_lightning.core.interrupt import check as stop_if_interrupted
 from npft_lightning.core.restore import values_restored
 
 
@@ -45,7 +46,10 @@ def mean_loss(model: nn.Module, batches: list[Tensor], loss_fn: LossFn | None = 
     loss_fn = loss_fn or causal_lm_loss
     device = model_device(model)
     with eval_mode(model):
-        total = sum(float(loss_fn(model, batch.to(device)).double()) for batch in batches)
+        total = 0.0
+        for batch in batches:
+            stop_if_interrupted()
+            total += float(loss_fn(model, batch.to(device)).double())
     return total / len(batches)
 
 
@@ -163,6 +167,7 @@ def hutchinson_trace(
             }
             total = 0.0
             for batch in batches:
+                stop_if_interrupted()
                 loss = loss_fn(model, batch.to(device))
                 grads = torch.autograd.grad(loss, params, create_graph=True)
                 gv = sum((g.reshape(-1)[index[n]].float() * v[n]).sum() for n, g in zip(names, grads))
@@ -210,6 +215,7 @@ def hessian_quadratic_form(
     total = 0.0
     with eval_mode(model), grads_only_on(model, weights), torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
         for batch in tqdm(batches, desc="hvp", leave=False, disable=not progress):
+            stop_if_interrupted()
             grads = torch.autograd.grad(loss_fn(model, batch.to(device)), params, create_graph=True)
             gv = sum((g * d).sum() for g, d in zip(grads, v))
             hvs = torch.autograd.grad(gv, params, allow_unused=True)

@@ -3,7 +3,3 @@
 
 class UserError(Exception):
     """A problem with the user's input or environment that they can fix; printed as one line."""
-
-
-class RunInterrupted(Exception):
-    """Training stopped on request (Ctrl-C) after saving a checkpoint; the message says how to resume."""

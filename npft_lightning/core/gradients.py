@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from npft_lightning.core.interrupt import check as stop_if_interrupted
 from npft_lightning.core.restore import values_restored
 
 LossFn = Callable[[nn.Module, Tensor], Tensor]
@@ -108,6 +109,7 @@ def _accumulate_gradients(
         handles = [w.register_post_accumulate_grad_hook(make_hook(name)) for name, w in weights.items()]
         try:
             for batch in tqdm(batches, desc=desc, leave=False, disable=not progress or bar is not None):
+                stop_if_interrupted()
                 loss_fn(model, batch.to(device)).backward()
                 if bar is not None:
                     bar.update(1)

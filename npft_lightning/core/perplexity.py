@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from npft_lightning.core.interrupt import check as stop_if_interrupted
+
 
 def cut_windows(token_ids: Tensor, seq_len: int) -> Tensor:
     """A 1-D token stream -> [n_windows, seq_len], non-overlapping, the tail dropped."""
@@ -39,6 +41,7 @@ def dataset_nll(model: nn.Module, batches: Iterable[Tensor], device: torch.devic
     """Summed NLL and token count of ``model`` over batches of windows [B, seq_len]."""
     total, count = 0.0, 0
     for input_ids in batches:
+        stop_if_interrupted()
         if device is not None:
             input_ids = input_ids.to(device)
         logits = model(input_ids=input_ids).logits

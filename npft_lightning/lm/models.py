@@ -42,6 +42,7 @@ LORA_TARGETS = {
     "qwen3": _LLAMA_LIKE_TARGETS,
 }
 
+TINY_ARCHS = ("llama", "opt")
 TINY_DEFAULTS = {
     "arch": "llama",
     "hidden_size": 64,
@@ -253,7 +254,7 @@ def build_tiny_model(
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
             )
             return OPTForCausalLM(config)
-    raise UserError(f"model.tiny.arch={arch!r} is not supported; use 'llama' or 'opt'")
+    raise UserError(f"model.tiny.arch={arch} is not one of {', '.join(TINY_ARCHS)}")
 
 
 def convert_gguf(gguf_dir: Path, gguf_file: str, folder: Path, name: str) -> None:

@@ -9,7 +9,13 @@ import torch
 from torch import Tensor, nn
 
 from npft_lightning.core.errors import UserError
+from npft_lightning.core.interrupt import check as stop_if_interrupted
 from npft_lightning.core.restore import weights_restored
+
+
+def is_int(value: object) -> bool:
+    """An integer setting (``True`` is no count): what a quantizer's constructor accepts for bits, sizes, counts."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class WeightQuantizer:
@@ -52,6 +58,7 @@ class WeightQuantizer:
     ) -> None:
         """Replace, in place, the weights of ``linears`` (canonical name -> Linear) by their fake-quantized values."""
         for name, linear in linears.items():
+            stop_if_interrupted()  # a layer of k-means takes seconds on a large model
             linear.weight.copy_(self.quantize_weight(linear.weight.float(), name=name).to(linear.weight.dtype))
 
     @torch.no_grad()
@@ -66,10 +73,11 @@ class WeightQuantizer:
         The model is left unchanged; decoding the fields and casting to the weight dtype gives
         exactly the weights :meth:`quantize_model` writes.
         """
-        return {
-            name: {field: t.cpu() for field, t in self.encode_weight(linear.weight.float(), name=name).items()}
-            for name, linear in linears.items()
-        }
+        fields = {}
+        for name, linear in linears.items():
+            stop_if_interrupted()
+            fields[name] = {field: t.cpu() for field, t in self.encode_weight(linear.weight.float(), name=name).items()}
+        return fields
 
     @property
     def stores_weights(self) -> bool:

@@ -108,6 +108,24 @@ def check_gguf_output(path: Path) -> None:
         raise UserError(str(err).replace(f"gguf_out={path.parent}", f"gguf_out={path}: the folder {path.parent}", 1)) from None
 
 
+def check_gguf_vocab(key: str, path: str | os.PathLike) -> None:
+    """One line naming ``key`` unless ``path`` is a readable GGUF file that holds a tokenizer (read, not loaded: memory-mapped)."""
+    from gguf import GGUFReader
+
+    path = Path(path).expanduser()
+    fix = "give a .gguf file with this model's tokenizer (for SmolLM2: the bundled SmolLM2-135M-Instruct.Q4_1.gguf)"
+    if not path.is_file():
+        raise UserError(f"{key}={path} {'is a folder' if path.is_dir() else 'does not exist'}; {fix}")
+    if _magic(path) != b"GGUF":
+        raise UserError(f"{key}={path} is not a GGUF file (it does not start with GGUF); {fix}")
+    try:
+        reader = GGUFReader(path)
+    except Exception as err:  # noqa: BLE001 - a truncated file fails in many ways inside the reader
+        raise UserError(f"{key}={path} cannot be read as GGUF ({type(err).__name__}; truncated?); {fix}") from None
+    if "tokenizer.ggml.tokens" not in reader.fields:
+        raise UserError(f"{key}={path} holds no tokenizer (tokenizer.ggml.tokens); {fix}")
+
+
 def _magic(path: Path) -> bytes:
     with open(path, "rb") as f:
         return f.read(4)

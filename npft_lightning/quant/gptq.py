@@ -23,6 +23,7 @@ decode. Its scale / zero are computed
 
 from __future__ import annotations
 
+import math
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, NamedTuple
@@ -31,9 +32,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from npft_lightning.core.interrupt import check as stop_if_interrupted
 from npft_lightning.core.layers import block_index, decoder_blocks
 from npft_lightning.core.restore import weights_restored
-from npft_lightning.quant.base import WeightQuantizer
+from npft_lightning.quant.base import WeightQuantizer, is_int
 from npft_lightning.quant.rtn import rtn_decode, rtn_params
 from npft_lightning.quant.uniform import decode_rtn_fields, default_name
 
@@ -269,6 +271,7 @@ def capture_block_inputs(
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for start in range(0, calibration.shape[0], batch_size):
+            stop_if_interrupted()
             try:
                 model(input_ids=calibration[start : start + batch_size].to(device), use_cache=False)
             except _StopForward:
@@ -309,14 +312,15 @@ class GPTQ(WeightQuantizer):
         static_groups: bool = False,
         batch_size: int = 8,
     ):
-        if not 2 <= int(bits) <= 8:
+        if not (is_int(bits) and 2 <= bits <= 8):
             raise ValueError(f"quant bits={bits} is outside 2..8; use a value from 2 to 8")
-        if group_size is not None and int(group_size) <= 0:
+        if group_size is not None and not (is_int(group_size) and group_size > 0):
             raise ValueError(f"quant group_size={group_size} must be a positive divisor of the input features, or null")
-        if int(block_size) <= 0 or int(batch_size) <= 0:
-            raise ValueError(f"block_size={block_size} and batch_size={batch_size} must be positive")
-        if not 0 <= float(percdamp):
-            raise ValueError(f"percdamp={percdamp} must be >= 0")
+        for key, value in (("block_size", block_size), ("batch_size", batch_size)):
+            if not (is_int(value) and value > 0):
+                raise ValueError(f"quant {key}={value} must be an integer >= 1")
+        if not (isinstance(percdamp, (int, float)) and not isinstance(percdamp, bool) and math.isfinite(percdamp) and percdamp >= 0):
+            raise ValueError(f"quant percdamp={percdamp} must be a finite number >= 0 (the Hessian damping, e.g. 0.01)")
         self.bits = int(bits)
         self.group_size = None if group_size is None else int(group_size)
         self.sym = bool(sym)
@@ -383,6 +387,7 @@ class GPTQ(WeightQuantizer):
         ]
         try:
             for hidden, args, kwargs in inputs:
+                stop_if_interrupted()
                 pending.update(linears)
                 try:
                     block(hidden, *args, **kwargs)
@@ -448,6 +453,7 @@ class GPTQ(WeightQuantizer):
                         # Each stage's Hessians see the outputs of the already-quantized earlier stages.
                         hessians = self._hessians(block, inputs, {n: block_linears[n] for n in stage})
                         for name in stage:
+                            stop_if_interrupted()
                             weight = block_linears[name].weight
                             keep = None if self.kept is None else self.kept.get(name)
                             enc = self.encode_matrix(weight.float(), hessians.pop(name), keep)

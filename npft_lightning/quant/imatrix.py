@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from npft_lightning.core.errors import UserError
+from npft_lightning.core.interrupt import check as stop_if_interrupted
 from npft_lightning.core.io import atomic_file
 from npft_lightning.core.layers import decoder_linears
 
@@ -85,6 +86,7 @@ def collect_imatrix(model: nn.Module, windows: Iterable[Tensor], gguf_names: dic
     chunks = chunk_size = 0
     try:
         for batch in windows:
+            stop_if_interrupted()
             model(input_ids=batch.to(device))
             chunks += batch.shape[0]
             chunk_size = batch.shape[1]

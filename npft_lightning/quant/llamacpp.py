@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from npft_lightning.core.errors import UserError
+from npft_lightning.core.interrupt import check as stop_if_interrupted
 
 DISTRIBUTION = "llama-cpp-python"
 INSTALL_HINT = "make llamacpp (pip install -e '.[llamacpp]': builds llama.cpp from source, about 10 minutes)"
@@ -77,6 +78,7 @@ def llamacpp_perplexity(path: str | os.PathLike, windows: Tensor, n_threads: int
         seconds = 0.0
         first = length // 2
         for window in windows:
+            stop_if_interrupted()
             llm.reset()
             start = time.perf_counter()
             llm.eval(window.tolist())

@@ -16,7 +16,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from npft_lightning.quant.base import WeightQuantizer
+from npft_lightning.quant.base import WeightQuantizer, is_int
 from npft_lightning.quant.rtn import _grouped, rtn_quantize
 from npft_lightning.quant.uniform import (
     UniformGridQuantizer,
@@ -142,10 +142,10 @@ class KMeans(WeightQuantizer):
     """
 
     def __init__(self, bits: int = 3, iters: int = 50, name: str | None = None):
-        if not 2 <= int(bits) <= 8:
+        if not (is_int(bits) and 2 <= bits <= 8):
             raise ValueError(f"quant bits={bits} is outside 2..8; use a value from 2 to 8")
-        if int(iters) < 0:
-            raise ValueError(f"iters={iters} must be >= 0")
+        if not (is_int(iters) and iters >= 0):
+            raise ValueError(f"quant iters={iters} must be an integer >= 0 (Lloyd iterations per row)")
         self.bits = int(bits)
         self.iters = int(iters)
         self.name = name or f"kmeans{self.bits}"
@@ -268,10 +268,10 @@ class NF(WeightQuantizer):
     """NormalFloat lookup-table quantizer with a float32 absmax per block of ``block_size`` elements of a row."""
 
     def __init__(self, bits: int = 4, block_size: int = 64, name: str | None = None):
-        if not 2 <= int(bits) <= 8:
+        if not (is_int(bits) and 2 <= bits <= 8):
             raise ValueError(f"quant bits={bits} is outside 2..8; use a value from 2 to 8")
-        if int(block_size) <= 0:
-            raise ValueError(f"block_size={block_size} must be a positive divisor of the input features")
+        if not (is_int(block_size) and block_size > 0):
+            raise ValueError(f"quant block_size={block_size} must be a positive divisor of the input features")
         self.bits = int(bits)
         self.block_size = int(block_size)
         self.name = name or (f"nf{self.bits}" if self.block_size == 64 else f"nf{self.bits}_b{self.block_size}")

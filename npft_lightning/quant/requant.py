@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from npft_lightning.core.interrupt import check as stop_if_interrupted
 from npft_lightning.core.restore import weights_restored
 from npft_lightning.quant.base import WeightQuantizer
 from npft_lightning.quant.sparse import (
@@ -49,13 +50,17 @@ from npft_lightning.quant.sparse import (
 from npft_lightning.quant.uniform import RTN
 
 
+def _number(value: Any) -> float:
+    """``value`` as a float; NaN (refused by the range checks) for anything that is not a number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return float("nan")
+    return float(value)
+
+
 def _percent(key: str, value: Any) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        value = float("nan")
+    shown, value = value, _number(value)
     if not (math.isfinite(value) and 0 <= value < 100):
-        raise ValueError(f"requant {key}={value} is outside [0, 100); it is a percentage of all decoder weights, e.g. 0.45")
+        raise ValueError(f"requant {key}={shown} is outside [0, 100); it is a percentage of all decoder weights, e.g. 0.45")
     return value
 
 
@@ -164,9 +169,9 @@ class ReQuant(SparseParts):
         if self.outlier_ratio + self.significant_ratio >= 100:
             raise ValueError(f"requant outlier_ratio + significant_ratio = {self.outlier_ratio + self.significant_ratio} "
                              "leaves no dense part; keep their sum below 100")
-        self.significant_step = None if significant_step is None else float(significant_step)
+        self.significant_step = None if significant_step is None else _number(significant_step)
         self.steps = detach_steps(self.significant_ratio, self.significant_step)
-        candidates = [float(c) for c in outlier_candidates]
+        candidates = [_number(c) for c in outlier_candidates] if isinstance(outlier_candidates, Sequence) else []
         if not candidates or any(not (math.isfinite(c) and c >= 0) for c in candidates) or max(candidates) < 1:
             raise ValueError(f"requant outlier_candidates={list(outlier_candidates)} must be factors >= 0 of the outlier "
                              "ratio, at least one of them >= 1 (so the budget fits), e.g. [0.25, 0.5, 1, 2, 4]")
@@ -267,6 +272,7 @@ class ReQuant(SparseParts):
         n_weights = sum(w.numel() for w in weights.values())
         curves, tops = {}, {}
         for name, w in tqdm(weights.items(), desc=f"{self.name} outlier search", leave=False, disable=not self.progress):
+            stop_if_interrupted()
             w = w.detach().float()
             share = w.numel() * total / n_weights
             counts = sorted({0, *(min(w.numel(), round(c * share)) for c in self.outlier_candidates)})

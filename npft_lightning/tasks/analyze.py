@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
+from npft_lightning.core import interrupt
 from npft_lightning.core.io import atomic_write_json, atomic_write_text
 from npft_lightning.core.layers import decoder_linears
 from npft_lightning.core.perplexity import dataset_nll, perplexity
@@ -193,6 +194,8 @@ class Analysis:
         if self.quant_rows:
             atomic_write_text(self.out_dir / "quantization.csv", to_csv(self.quant_rows, QUANT_FIELDS))
         atomic_write_json(self.out_dir / "analysis.json", self.results())
+        interrupt.set_outcome(f"; the points measured so far are in {self.out_dir} (analysis.json, perturbation.csv), "
+                              f"run the same command again for all of them")
         atomic_write_text(self.out_dir / "report.md", markdown_report(self.rows, self.quant_rows, self.baselines,
                                                                     {p.name: p.describe() for p in self.perturbations}))
         if plot and self.rows:

@@ -57,6 +57,10 @@ NUMBER_OPTIONS = {
     "trainer.gradient_clip_val": (0.0, False, True, "the largest gradient norm, e.g. 1.0 (null or 0 = no clipping)"),
     "curvature.sigma_rel": (0.0, True, False, "the probe's noise relative to the mean |w| of the outliers, e.g. 0.1"),
 }
+# PEFT's LoraConfig.bias values.
+LORA_BIAS = ("none", "all", "lora_only")
+# Lightning's LearningRateMonitor.logging_interval values.
+LOGGING_INTERVALS = ("step", "epoch")
 _ABSENT = object()
 
 
@@ -97,23 +101,27 @@ def _check_quant(name: str, q: DictConfig, prefix: str = "quant.") -> None:
     group = q.get("group_size")
     if group is not None and not (is_int(group) and group > 0):
         raise UserError(f"{prefix}{name}.group_size={group} must be a positive integer (a divisor of the input features) or null")
-    if str(q.get("_target_", "")).endswith(".ReQuant"):
-        _check_requant(name, q)
+    _build(f"{prefix}{name}", q)
 
 
-def _check_requant(name: str, q: DictConfig) -> None:
-    """ReQuant's budgets, steps and base are checked by its constructor, which needs no model: build it now."""
+def _build(key: str, q: DictConfig) -> None:
+    """The constructor of a quantizer or the outlier selector checks the rest of its settings (ReQuant's budgets, a
+    ggml type, an activation method, a selection method); it needs no model, so build it now. Its one-line errors
+    name the option by its key: ``quant bits=9`` of ``quant.rtn4`` becomes ``quant.rtn4.bits=9``."""
     from hydra.utils import instantiate
 
     from npft_lightning.tasks.one_line_errors import user_message
 
+    if "_target_" not in q:
+        return
     try:
         instantiate(q)
     except Exception as err:  # noqa: BLE001 - only the constructor's one-line errors are re-worded
         message = user_message(err)
         if message is None:
             raise
-        raise UserError(f"quant.{name}: {message}") from None
+        option = re.match(r"(?:(?:requant|quant|activation|outliers) )?(\w+)=", message)
+        raise UserError(f"{key}.{message[option.start(1):]}" if option else f"{key}: {message}") from None
 
 
 def _check_calibration(calibration: DictConfig) -> None:
@@ -157,10 +165,8 @@ def _check_noise_and_outliers(cfg: DictConfig) -> None:
         ratio = outliers.get("ratio")
         if not is_number(ratio) or not (0 < ratio <= 100):
             raise UserError(f"outliers.ratio={ratio} must be a percentage in (0, 100]; 0.05 means 0.05 % of each matrix")
-        if "_target_" in outliers:
-            # The selector's constructor checks method, budget, refresh and calibration sizes; it is
-            # cheap to build (no model), so build it now rather than after the model has loaded.
-            instantiate(outliers)
+        # The selector's constructor checks method, budget, refresh and calibration sizes.
+        _build("outliers", outliers)
 
 
 def _check_data(data: DictConfig) -> None:
@@ -187,14 +193,59 @@ def _check_data(data: DictConfig) -> None:
                 raise UserError(f"data.corpus.{split}: {pattern} matches no readable file; give .txt or .jsonl paths or globs")
             if all(f.stat().st_size == 0 for f in files):
                 raise UserError(f"data.corpus.{split}: {pattern} is empty (0 bytes); give files that hold text")
+            for file in files:
+                check_text_file(f"data.corpus.{split}", file, str(corpus.get("jsonl_field", "text")))
+
+
+# What the corpus check reads of each file: enough to tell text from a binary or wrong-format file, not the whole corpus.
+TEXT_PROBE_BYTES = 1 << 16
+JSONL_PROBE_LINES = 20
+
+
+def check_text_file(key: str, path: Path, jsonl_field: str) -> None:
+    """A corpus file is UTF-8 text (a ``.jsonl`` one: JSON objects with ``jsonl_field``), judged by its first 64 KiB;
+    a bad line further into a ``.jsonl`` file is reported when the corpus is read, after the model loads."""
+    import codecs
+
+    from npft_lightning.lm.corpora.text_files import jsonl_problem
+
+    if path.suffix == ".json":
+        raise UserError(f"{key}: {path} is a .json file; the corpus reads .jsonl (one JSON object per line) and plain text: "
+                        f"write one record per line to a .jsonl file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(TEXT_PROBE_BYTES)
+    except OSError as err:
+        raise UserError(f"{key}: cannot read {path} ({err.strerror or err})") from None
+    if b"\x00" in head:
+        raise UserError(f"{key}: {path} is binary, not text (NUL bytes in its first 64 KiB); give .txt or .jsonl files "
+                        f"(decompress a .gz first)")
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character cut at 64 KiB is fine
+    except UnicodeDecodeError as err:
+        raise UserError(f"{key}: {path} is not UTF-8 text (byte 0x{head[err.start]:02x} at offset {err.start}); convert it, "
+                        f"e.g. iconv -t utf-8") from None
+    if path.suffix != ".jsonl":
+        return
+    lines = text.splitlines()
+    if len(head) == TEXT_PROBE_BYTES:
+        lines = lines[:-1]  # the last line may be cut by the probe
+    numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()][:JSONL_PROBE_LINES]
+    for number, line in numbered:
+        problem = jsonl_problem(line, jsonl_field)
+        if problem:
+            raise UserError(f"{key}: {path}:{number} {problem}")
 
 
 def _check_model(model: DictConfig) -> None:
-    from npft_lightning.lm.models import DTYPES
+    from npft_lightning.lm.models import DTYPES, TINY_ARCHS
 
     dtype = model.get("dtype")
     if dtype is not None and dtype not in (*DTYPES, "auto"):
         raise UserError(f"model.dtype={dtype} is not one of {', '.join([*DTYPES, 'auto'])}")
+    tiny = model.get("tiny")
+    if isinstance(tiny, DictConfig) and tiny.get("arch", "llama") not in TINY_ARCHS:
+        raise UserError(f"model.tiny.arch={tiny.get('arch')} is not one of {', '.join(TINY_ARCHS)}")
     if model.get("path"):
         path = Path(str(model.path)).expanduser()
         if not path.is_dir():
@@ -206,12 +257,61 @@ def _check_model(model: DictConfig) -> None:
 
 def _check_peft(peft: DictConfig) -> None:
     positive_int("peft.r", peft.get("r"), "the LoRA rank, e.g. peft.r=8")
+    if peft.get("bias", "none") not in LORA_BIAS:
+        raise UserError(f"peft.bias={peft.get('bias')} is not one of {', '.join(LORA_BIAS)} (which biases LoRA trains too)")
+    if peft.get("task_type", "CAUSAL_LM") != "CAUSAL_LM":
+        raise UserError(f"peft.task_type={peft.get('task_type')} must be CAUSAL_LM: the tool fine-tunes causal language models")
     alpha = peft.get("lora_alpha")
     if alpha is not None and (not is_number(alpha) or alpha <= 0):
         raise UserError(f"peft.lora_alpha={alpha} must be a positive number, e.g. 32 (the update is scaled by alpha / r)")
     dropout = peft.get("lora_dropout")
     if dropout is not None and (not is_number(dropout) or not 0 <= dropout < 1):
         raise UserError(f"peft.lora_dropout={dropout} must be a probability in [0, 1), e.g. 0.05")
+
+
+def check_targets(node: DictConfig | ListConfig, path: str = "") -> None:
+    """Every ``_target_`` names something importable: a misspelt class is one line naming its key here, before
+    the model loads, not a traceback from Hydra's ``instantiate`` wherever it is first built."""
+    keys = range(len(node)) if isinstance(node, ListConfig) else [k for k in node.keys() if not (path == "" and k == "hydra")]
+    for key in keys:
+        name = f"{path}[{key}]" if isinstance(node, ListConfig) else f"{path}.{key}" if path else str(key)
+        child = node._get_node(key)
+        if isinstance(child, (DictConfig, ListConfig)):
+            check_targets(child, name)
+        elif key == "_target_":
+            problem = _import_problem(str(node[key]))
+            if problem:
+                raise UserError(f"{name}={node[key]} cannot be imported ({problem}); check the module and class name "
+                                f"(the configs in conf/ name the right ones)")
+
+
+def _import_problem(target: str) -> str | None:
+    """Why the dotted path ``target`` names nothing importable (None when it does), without Hydra's own error log."""
+    import importlib
+
+    parts = target.split(".")
+    for cut in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name is not None and not module_name.startswith(err.name):
+                return f"importing {module_name} failed: {err}"  # the module exists but imports something missing
+            continue
+        for attr in parts[cut:]:
+            if not hasattr(obj, attr):
+                return f"{'.'.join(parts[:cut])} has no {'.'.join(parts[cut:])}" if cut < len(parts) else None
+            obj = getattr(obj, attr)
+        return None
+    return f"no module named {parts[0]}"
+
+
+def _check_callbacks(callbacks: DictConfig) -> None:
+    """Lightning's own callbacks check their settings only when the trainer is built, after the model loads."""
+    monitor = callbacks.get("learning_rate_monitor")
+    if isinstance(monitor, DictConfig) and monitor.get("logging_interval") not in (None, *LOGGING_INTERVALS):
+        raise UserError(f"callbacks.learning_rate_monitor.logging_interval={monitor.get('logging_interval')} is not one of "
+                        f"{', '.join(LOGGING_INTERVALS)} (null = as the scheduler steps)")
 
 
 def _check_training(cfg: DictConfig) -> None:
@@ -335,6 +435,7 @@ def validate_config(cfg: DictConfig, task: str = "train") -> None:
     options (:mod:`npft_lightning.tasks.checks_eval`).
     """
     check_interpolations(cfg)
+    check_targets(cfg)
     _check_numbers(cfg)
     for name, q in (cfg.get("quant") or {}).items():
         if not isinstance(q, DictConfig) or "_target_" not in q:
@@ -355,6 +456,8 @@ def validate_config(cfg: DictConfig, task: str = "train") -> None:
     _check_training(cfg)
     if cfg.get("trainer") is not None:
         _check_trainer(cfg.trainer)
+    if isinstance(cfg.get("callbacks"), DictConfig):
+        _check_callbacks(cfg.callbacks)
     _check_ckpt(cfg.get("ckpt_path"))
     paths = cfg.get("paths") or {}
     if paths.get("output_dir"):

@@ -21,6 +21,7 @@ from npft_lightning.tasks.check_values import (
     check_device,
     is_int,
     is_number,
+    positive_int,
 )
 
 if TYPE_CHECKING:
@@ -101,6 +102,21 @@ def _check_perturbations(cfg: DictConfig) -> None:
     build_perturbations(cfg)  # each kind's constructor checks its values (empty magnitudes among them)
 
 
+def _check_llamacpp_options(cfg: DictConfig) -> None:
+    """The GGUF / llama.cpp options whose value alone is enough to refuse, also when nothing reads them yet."""
+    from npft_lightning.quant.gguf_export import FLOAT_TYPES, check_gguf_vocab
+
+    if cfg.get("gguf_vocab"):
+        check_gguf_vocab("gguf_vocab", str(cfg.gguf_vocab))
+    float_type = cfg.get("llamacpp_float")
+    if float_type is not None and str(float_type).lower() not in FLOAT_TYPES:
+        raise UserError(f"llamacpp_float={float_type} is not one of {', '.join(FLOAT_TYPES)} (the float GGUF llama.cpp quantizes from)")
+    positive_int("llamacpp_threads", cfg.get("llamacpp_threads"), "llama.cpp's CPU threads (null = torch's thread count)",
+                 allow_none=True)
+    if cfg.get("llamacpp_ppl") not in (None, True, False):
+        raise UserError(f"llamacpp_ppl={cfg.get('llamacpp_ppl')} must be true or false")
+
+
 def validate_scoring_config(cfg: DictConfig, task: str) -> None:
     """``eval.py`` / ``analyze.py`` options: splits, adapter folders, device, export folder, perturbations."""
     if task == "eval":
@@ -122,6 +138,8 @@ def validate_scoring_config(cfg: DictConfig, task: str) -> None:
             check_adapter_folder(adapter_key(cfg, variant), adapter)
 
     check_device("device", cfg.get("device"))
+    if task == "eval":
+        _check_llamacpp_options(cfg)
     if task == "eval" and cfg.get("export_dir"):
         _check_export_dir(cfg)
     if task == "eval" and (cfg.get("gguf_out") or cfg.get("llamacpp_ppl")):

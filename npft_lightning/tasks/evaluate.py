@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
+from npft_lightning.core import interrupt
 from npft_lightning.core.errors import UserError
 from npft_lightning.core.io import atomic_write_json
 from npft_lightning.core.layers import decoder_linears
@@ -107,6 +108,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 tqdm.write(line)
                 atomic_write_json(path, {"ppl": results, "bits": bits, "seconds": timings, "exports": exports,
                                          "quantizer_reports": reports, "complete": False, "config": config})
+                interrupt.set_outcome(f"; the perplexities measured so far are in {path} (complete: false), run the "
+                                      f"same command again for all of them")
 
         score_quantized(model, linears, quantizer, score_splits, calibration, sizes=sizes)
         if quantizer is not None and cfg.get("export_dir"):

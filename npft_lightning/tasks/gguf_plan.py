@@ -16,6 +16,7 @@ from npft_lightning.quant.gguf_export import (
     SUPPORTED_ARCHS,
     GGUFPlan,
     check_gguf_output,
+    check_gguf_vocab,
     gguf_architecture,
     gguf_paths,
     gguf_widths,
@@ -89,10 +90,8 @@ def _source_gguf(model_cfg) -> Path:
 def _vocab_source(cfg) -> str:
     """The GGUF whose tokenizer metadata is copied, or BYTES for the byte-tokenizer models."""
     if cfg.get("gguf_vocab"):
-        path = Path(str(cfg.gguf_vocab)).expanduser()
-        if not path.is_file():
-            raise UserError(f"gguf_vocab={cfg.gguf_vocab} does not exist; give a .gguf file with this model's tokenizer")
-        return str(path)
+        check_gguf_vocab("gguf_vocab", str(cfg.gguf_vocab))
+        return str(Path(str(cfg.gguf_vocab)).expanduser())
     model_cfg = cfg.model
     if model_cfg.get("path"):
         if (Path(str(model_cfg.path)).expanduser() / "byte_tokenizer.json").is_file():

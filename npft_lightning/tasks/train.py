@@ -81,6 +81,7 @@ def build(cfg: DictConfig) -> tuple[NPFTModule, pl.LightningDataModule, pl.Train
     validate_against_model(cfg, model, ("data.seq_len",) + window_lengths(quantizers.values()))
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     module = build_module(cfg, model)
+    _check_checkpoint_fits(cfg.get("ckpt_path"), module)
     # Tokenize now (cached): a corpus shorter than one window fails here, before the Trainer starts.
     datamodule.train_windows()
     datamodule.eval_windows("validation")
@@ -164,6 +165,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         print_summary(metrics, output_dir)
     return metrics or {}
+
+
+def _check_checkpoint_fits(ckpt: Any, module: NPFTModule) -> None:
+    """A checkpoint of another model or LoRA config is one line before training, not a size-mismatch traceback (or,
+    for adapters the checkpoint lacks, a resume that silently keeps them at their start)."""
+    from npft_lightning.tasks.checks import CKPT_KEYWORDS
+
+    if not ckpt or str(ckpt) in CKPT_KEYWORDS:
+        return
+    state = torch.load(str(ckpt), map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    problem = module.adapter_mismatch(state)
+    if problem:
+        raise UserError(f"ckpt_path={ckpt} does not fit this run's model and LoRA config: {problem}; resume with the "
+                        f"overrides of the run that wrote it (<run>/.hydra/overrides.yaml)")
 
 
 def resume_args(argv0: str | None = None) -> list[str] | None:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torchmetrics import SumMetric
 from tqdm.auto import tqdm
 
+from npft_lightning.core.interrupt import check as stop_if_interrupted
 from npft_lightning.core.layers import canonical_name, decoder_linears
 from npft_lightning.core.perplexity import causal_lm_nll, perplexity
 from npft_lightning.training.lr_schedule import lr_scheduler
@@ -142,6 +143,7 @@ class NPFTModule(pl.LightningModule):
         count = torch.zeros((), dtype=torch.float64, device=self.device)
         show = desc is not None and (self._trainer is None or self.trainer.is_global_zero)
         for input_ids in tqdm(batches, desc=desc, leave=False, disable=not show):
+            stop_if_interrupted()
             input_ids = input_ids.to(self.device)
             nll, n = causal_lm_nll(self(input_ids), input_ids)
             total += nll
@@ -165,6 +167,7 @@ class NPFTModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        stop_if_interrupted()  # Lightning's own loop acts on SIGTERM only, and only between batches
         nll, count = causal_lm_nll(self(batch), batch)
         self.val_nll.update(nll)
         self.val_tokens.update(count)
@@ -192,6 +195,20 @@ class NPFTModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------------------- checkpoints
+    def adapter_mismatch(self, state_dict: Mapping[str, Tensor]) -> str | None:
+        """How a checkpoint's ``state_dict`` differs from this module's adapters (None when it fits): resuming
+        loads it non-strictly (the frozen base is not saved), which would skip missing adapters silently."""
+        trainable = {name: tuple(p.shape) for name, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(set(trainable) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(trainable))
+        reshaped = sorted(n for n in set(trainable) & set(state_dict) if tuple(state_dict[n].shape) != trainable[n])
+        if not (missing or unexpected or reshaped):
+            return None
+        example = (f"{reshaped[0]} is {list(state_dict[reshaped[0]].shape)} there, {list(trainable[reshaped[0]])} here"
+                   if reshaped else f"e.g. {(missing or unexpected)[0]}")
+        return (f"{len(missing)} adapter tensors missing, {len(unexpected)} unexpected, {len(reshaped)} of another shape "
+                f"({example})")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Keep only what cannot be rebuilt: the adapters (the frozen base is reloaded from the model config).
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}

@@ -70,17 +70,24 @@ class TextFiles:
         for line_no, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-                doc = record[self.jsonl_field]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise UserError(
-                    f"{path}:{line_no} is not a JSON object with a {self.jsonl_field!r} field "
-                    f"({err.__class__.__name__}); set data.corpus.jsonl_field"
-                ) from err
+            problem = jsonl_problem(line, self.jsonl_field)
+            if problem:
+                raise UserError(f"{path}:{line_no} {problem}")
+            doc = json.loads(line)[self.jsonl_field]
             if doc:
                 docs.append(str(doc))
         return docs
+
+
+def jsonl_problem(line: str, field: str) -> str | None:
+    """Why one ``.jsonl`` line is not a record with ``field`` (None when it is one)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        return f"is not JSON ({err.msg}); a truncated or plain-text line? fix or remove it, or name the file .txt"
+    if not isinstance(record, dict) or field not in record:
+        return f"is JSON but not an object with a {field!r} field; set data.corpus.jsonl_field to the field that holds the text"
+    return None
 
 
 def _as_list(paths: str | Sequence[str] | None) -> list[str]:
