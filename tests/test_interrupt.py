@@ -197,7 +197,7 @@ def test_quantizing_layer_by_layer_stops_at_the_next_layer_and_the_weights_come_
 
 
 # ------------------------------------------------------------------------------------------ the entry points
-TINY = ["model=tiny-llama", "data.seq_len=64", "data.max_train_windows=10", "outliers.calibration_windows=2",
+TINY = ["model=tiny-llama", "data.seq_len=64", "data.eval_seq_len=64", "data.max_train_windows=10", "outliers.calibration_windows=2",
         "outliers.calibration_length=64", "curvature=null", "quant=[rtn4]", "callbacks.rich_progress_bar=null",
         "trainer.enable_progress_bar=false", "print_config=false"]
 BOUND_S = 30  # see the module docstring
@@ -248,7 +248,7 @@ def test_sigterm_while_the_data_is_prepared_stops_train_py_with_143(tmp_path):
 def test_ctrl_c_during_a_validation_inside_training_saves_the_step_and_exits_with_130(tmp_path):
     """10 windows, batch 2: the epoch-end validation follows step 5, and 60 windows at 1 s each would take a minute."""
     proc, seconds = run_until_signal(tmp_path, "train.py", "npft_lightning.training.module:NPFTModule.validation_step", 1,
-                                     signal.SIGINT, [*TINY, "data.eval_seq_len=64", "data.max_eval_windows=60",
+                                     signal.SIGINT, [*TINY, "data.max_eval_windows=60",
                                                      "trainer.max_steps=8", "trainer.max_epochs=2"])
     assert proc.returncode == 130, proc.stderr[-3000:]
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
