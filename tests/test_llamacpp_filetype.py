@@ -20,15 +20,9 @@ from npft_lightning.npft.noise import QuantErrorNoise, quantization_error
 from npft_lightning.quant.artefact import load_quantized, save_quantized
 from npft_lightning.quant.base import fake_quantized
 from npft_lightning.quant.importance import gguf_weight_name
-from npft_lightning.quant.llamacpp_filetype import (
-    FILE_TYPES,
-    LlamaCppFileType,
-    ModelShape,
-    Tensor2D,
-    ggml_bytes,
-    tensor_types,
-    twin,
-)
+from npft_lightning.quant.llamacpp_filetype import FILE_TYPES as TWIN_FILE_TYPES
+from npft_lightning.quant.llamacpp_filetype import LlamaCppFileType, ggml_bytes, twin
+from npft_lightning.quant.llamacpp_rules import FILE_TYPES, ModelShape, Tensor2D, llama_ftype, tensor_types
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "quant"
 
@@ -42,7 +36,7 @@ def _llama_quantize(src: Path, dst: Path, file_type: str, imatrix: dict[str, np.
     """Quantize ``src`` to ``dst`` with ``llama_model_quantize``; GGUF name -> ggml type of the written file."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="the llamacpp extra (make llamacpp) holds llama.cpp's quantizer")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = FILE_TYPES[file_type]
+    params.ftype = llama_ftype(file_type)
     params.nthread = 2
     keep = []
     if imatrix:
