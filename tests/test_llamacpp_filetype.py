@@ -9,7 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType, quants
+from gguf import (
+    GGMLQuantizationType,
+    GGUFReader,
+    GGUFValueType,
+    GGUFWriter,
+    LlamaFileType,
+    quants,
+)
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -20,9 +27,15 @@ from npft_lightning.npft.noise import QuantErrorNoise, quantization_error
 from npft_lightning.quant.artefact import load_quantized, save_quantized
 from npft_lightning.quant.base import fake_quantized
 from npft_lightning.quant.importance import gguf_weight_name
-from npft_lightning.quant.llamacpp_filetype import FILE_TYPES as TWIN_FILE_TYPES
 from npft_lightning.quant.llamacpp_filetype import LlamaCppFileType, ggml_bytes, twin
-from npft_lightning.quant.llamacpp_rules import FILE_TYPES, ModelShape, Tensor2D, llama_ftype, tensor_types
+from npft_lightning.quant.llamacpp_rules import (
+    FILE_TYPES,
+    ModelShape,
+    Tensor2D,
+    linear_types,
+    llama_ftype,
+    tensor_types,
+)
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "quant"
 
@@ -129,7 +142,10 @@ def test_plan_matches_the_file_llama_cpp_writes(tmp_path: Path, dims) -> None:
     shape = ModelShape(n_layer=n_layer, n_gqa=heads // kv_heads)
     for file_type in FILE_TYPES:
         for with_imatrix in (False, True):
-            _assert_plan_matches(src, tmp_path / "out.gguf", file_type, shape, with_imatrix)
+            written = _assert_plan_matches(src, tmp_path / "out.gguf", file_type, shape, with_imatrix)
+            if hidden % 256 == 0 and ffn % 256 == 0:  # no fallback: the decoder types llamacpp_quantize expects
+                decoder = {t for name, t in written.items() if name.startswith("blk.") and t != "f32"}
+                assert decoder <= set(linear_types(file_type)), (file_type, with_imatrix, decoder)
 
 
 def test_plan_uses_more_bits_and_falls_back_as_documented() -> None:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from npft_lightning.core.errors import UserError
-from npft_lightning.quant.ggml_base import GGMLTypeQuantizer
+from npft_lightning.quant.ggml_base import GGMLFamily, GGMLTypeQuantizer
 from npft_lightning.quant.ggml_search import (
     by_rows,
     make_qkx_quants,
@@ -176,12 +176,7 @@ class GGMLQuantizer(GGMLTypeQuantizer):
     """A ggml legacy block type (``qtype`` = q4_0, q4_1, q5_0, q5_1 or q8_0) as an ordinary weight quantizer
     (:class:`~npft_lightning.quant.ggml_base.GGMLTypeQuantizer`), with the uniform step noise's :meth:`step`."""
 
-    formats = FORMATS
-    default_qtype = "q4_0"
-    kind = "a ggml block type that can be written"
-    encode_fields = staticmethod(ggml_encode)
-    decode_fields = staticmethod(ggml_decode)
-    block_bytes = staticmethod(ggml_blocks)
+    family = GGMLFamily(FORMATS, "q4_0", "a ggml block type that can be written", ggml_encode, ggml_decode, ggml_blocks)
 
     def step(self, weight: Tensor, *, name: str | None = None) -> Tensor:
         """Per-element quantization step Δ = |d16| of the element's block, [rows, cols] float32 (0 in an all-zero block)."""

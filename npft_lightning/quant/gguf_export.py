@@ -11,8 +11,8 @@ What is written, for the ``llama`` architecture (the one supported):
   the type llama.cpp's quantizer gives it (its fallbacks, F16 included): the very codes and float16
   scales of the quantizer's twin (:meth:`~npft_lightning.quant.ggml_base.GGMLTypeQuantizer.gguf_tensor`), so
   the file dequantizes bit for bit to the fake-quant weights, and a file type's decoder tensors are the
-  bytes ``llama_model_quantize`` writes from the same float model; ``attn_q`` / ``attn_k`` rows permuted as llama.cpp's
-  ``convert_hf_to_gguf.py`` does (its rotary embedding pairs neighbouring features, Hugging Face's
+  bytes ``llama_model_quantize`` writes from the same float model; ``attn_q`` / ``attn_k`` rows permuted as
+  llama.cpp's ``convert_hf_to_gguf.py`` does (its rotary embedding pairs neighbouring features, Hugging Face's
   the two halves of each head); quantization blocks run along rows, so permuting rows commutes with it;
 * everything else as the converter leaves it at full precision: norms in F32, the embedding (and an
   untied ``output``) in the smallest ggml type that holds it exactly: Q8_0 (true for SmolLM2, whose

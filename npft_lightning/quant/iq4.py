@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from npft_lightning.core.errors import UserError
-from npft_lightning.quant.ggml_base import GGMLTypeQuantizer
+from npft_lightning.quant.ggml_base import GGMLFamily, GGMLTypeQuantizer
 from npft_lightning.quant.ggml_search import (
     GROUP_MAX_EPS,
     best_index,
@@ -159,10 +159,5 @@ class IQ4Quantizer(GGMLTypeQuantizer):
     """IQ4_NL or IQ4_XS (``qtype`` = iq4_nl, iq4_xs) as a weight quantizer
     (:class:`~npft_lightning.quant.ggml_base.GGMLTypeQuantizer`); its levels are not evenly spaced, so no ``step``."""
 
-    formats = SUPER
-    default_qtype = "iq4_nl"
-    kind = "an IQ4 type"
+    family = GGMLFamily(SUPER, "iq4_nl", "an IQ4 type", iq4_encode, iq4_decode, iq4_blocks)
     bits = 4  # codes index the 16 levels
-    encode_fields = staticmethod(iq4_encode)
-    decode_fields = staticmethod(iq4_decode)
-    block_bytes = staticmethod(iq4_blocks)

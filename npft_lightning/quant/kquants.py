@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from npft_lightning.core.errors import UserError
-from npft_lightning.quant.ggml_base import GGMLTypeQuantizer
+from npft_lightning.quant.ggml_base import GGMLFamily, GGMLTypeQuantizer
 from npft_lightning.quant.ggml_search import (
     GROUP_MAX_EPS,
     as_int8,
@@ -327,12 +327,7 @@ class KQuantizer(GGMLTypeQuantizer):
     """A llama.cpp K-quant (``qtype`` = q3_k, q4_k, q5_k or q6_k) as a weight quantizer
     (:class:`~npft_lightning.quant.ggml_base.GGMLTypeQuantizer`), with the uniform step noise's :meth:`step`."""
 
-    formats = FORMATS
-    default_qtype = "q4_k"
-    kind = "a K-quant"
-    encode_fields = staticmethod(kquant_encode)
-    decode_fields = staticmethod(kquant_decode)
-    block_bytes = staticmethod(kquant_blocks)
+    family = GGMLFamily(FORMATS, "q4_k", "a K-quant", kquant_encode, kquant_decode, kquant_blocks)
 
     def step(self, weight: Tensor, *, name: str | None = None) -> Tensor:
         """Per-element quantization step ``|d · sc|`` of the element's sub-block, [rows, cols] float32."""

@@ -36,7 +36,7 @@ from npft_lightning.quant.llamacpp_rules import (
 
 # ggml type -> the class of its bit-exact twin.
 TWINS: dict[str, type[GGMLTypeQuantizer]] = {qtype: cls for cls in (GGMLQuantizer, KQuantizer, IQ4Quantizer)
-                                             for qtype in cls.formats}
+                                             for qtype in cls.family.formats}
 # The file types whose every tensor type (and its fallback) has a twin: all llama.cpp writes without an imatrix but Q2_K.
 FILE_TYPES = tuple(name for name in llamacpp_rules.FILE_TYPES
                    if all(t in TWINS and FALLBACK.get(t, t) in TWINS for t in linear_types(name)))
