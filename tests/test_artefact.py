@@ -215,6 +215,33 @@ def test_quantizer_config_round_trip() -> None:
         quantizer_from_config({"class": "os.system", "params": {}})
 
 
+@pytest.mark.parametrize("key", ["q4_1", "q4_k", "iq4_xs", "Q4_K_M"])
+def test_ggml_twins_record_what_older_artefacts_hold(key: str) -> None:
+    """The ggml twins share one base class: their recorded class paths and parameters stay those of the artefacts
+    written before it, so those still load."""
+    from npft_lightning.quant.iq4 import IQ4Quantizer
+    from npft_lightning.quant.kquants import KQuantizer
+    from npft_lightning.quant.llamacpp_filetype import LlamaCppFileType
+
+    quantizer, recorded = {
+        "q4_1": (GGMLQuantizer("q4_1"), {"class": "npft_lightning.quant.ggml.GGMLQuantizer",
+                                         "params": {"qtype": "q4_1", "name": "q4_1"}}),
+        "q4_k": (KQuantizer("q4_k"), {"class": "npft_lightning.quant.kquants.KQuantizer",
+                                      "params": {"qtype": "q4_k", "name": "q4_k"}}),
+        "iq4_xs": (IQ4Quantizer("iq4_xs"), {"class": "npft_lightning.quant.iq4.IQ4Quantizer",
+                                            "params": {"qtype": "iq4_xs", "name": "iq4_xs"}}),
+        "Q4_K_M": (LlamaCppFileType("Q4_K_M"), {"class": "npft_lightning.quant.llamacpp_filetype.LlamaCppFileType",
+                                                "params": {"file_type": "Q4_K_M", "name": "llamacpp_q4_k_m"}}),
+    }[key]
+    assert quantizer_config(quantizer) == recorded
+    rebuilt = quantizer_from_config(recorded)
+    assert type(rebuilt) is type(quantizer) and repr(rebuilt) == repr(quantizer)
+    w = torch.randn(4, 256, generator=torch.Generator().manual_seed(0))
+    if key != "Q4_K_M":  # a file type needs its plan (bind): its round trip is tested in test_llamacpp_filetype
+        assert torch.equal(rebuilt.quantize_weight(w), quantizer.quantize_weight(w))
+        assert rebuilt.bits == quantizer.bits == 4  # the width the artefact packed the codes at
+
+
 def test_overwrite_and_errors(tiny_llama: nn.Module, tmp_path: Path) -> None:
     path = tmp_path / "art"
     linears = decoder_linears(tiny_llama)

@@ -168,6 +168,10 @@ ENTRY_CASES = {
                                          "export_dir={tmp}/exports has nothing to hold: quant selects no quantizer"),
     "eval: gguf_out with a non-ggml quantizer": ("eval.py", [*UNLOADABLE, "quant=rtn4", "gguf_out={tmp}/m.gguf"],
                                                  "gguf_out={tmp}/m.gguf: quant.rtn4 (RTN) has no ggml type"),
+    "eval: gguf_out with a K-quant whose blocks do not fill the rows": (
+        "eval.py", [*SCORE_TINY, "quant=q4_k", "gguf_out={tmp}/m.gguf"],
+        "gguf_out={tmp}/m.gguf: quant.q4_k (q4_k) stores blocks of 256 weights of a row, which do not divide the 64 input "
+        "features of this model's decoder linears; llama.cpp writes such tensors in a fallback type: use quant=llamacpp_q4_k_m"),
     "eval: gguf_out of an unsupported architecture": ("eval.py", ["model=tiny-opt", *SCORE_TINY[1:], "quant=q4_0", "gguf_out={tmp}/m.gguf"],
                                                       "gguf_out={tmp}/m.gguf: model tiny-opt has architecture 'opt'; the GGUF export supports llama"),
     "eval: gguf_out without a tokenizer to copy": ("eval.py", [*UNLOADABLE, "quant=q4_0", "gguf_out={tmp}/m.gguf"],

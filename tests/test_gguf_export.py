@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
-from helpers import TINY_EVAL, run_in_process
+from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
+from helpers import TINY_EVAL, make_peaked_llama, run_in_process
 from torch import nn
 
 from npft_lightning.core.errors import UserError
@@ -25,6 +25,9 @@ from npft_lightning.quant.gguf_export import (
     unpermute_rows,
     write_gguf,
 )
+from npft_lightning.quant.importance import gguf_weight_name
+from npft_lightning.quant.llamacpp_filetype import LlamaCppFileType, twin
+from npft_lightning.quant.llamacpp_rules import MOSTLY
 
 LINEAR_NAMES = {  # Hugging Face leaf -> GGUF tensor of block i
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -43,31 +46,41 @@ def _field(reader: GGUFReader, key: str):
     return reader.fields[key].contents()
 
 
-@pytest.mark.parametrize("qtype", list(FORMATS))
-def test_tiny_llama_reads_back_to_the_fake_quant_weights(qtype: str, tiny_llama: nn.Module, tmp_path: Path) -> None:
-    quantizer = GGMLQuantizer(qtype)
-    expected = _fake_quant_weights(tiny_llama, quantizer)
-    before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
-    path = tmp_path / f"tiny-{qtype}.gguf"
-    report = write_gguf(tiny_llama, ByteTokenizer(), quantizer, path, BYTES)
-    assert all(torch.equal(v, before[k]) for k, v in tiny_llama.state_dict().items())  # model untouched
-    assert report["bytes"] == path.stat().st_size and not list(tmp_path.glob(".*"))  # no temporary left
-
-    cfg = tiny_llama.config
+def _assert_reads_back(model: nn.Module, quantizer, path: Path) -> dict[str, str]:
+    """Write ``model`` with ``quantizer``; every decoder linear, dequantized by the gguf package (and unpermuted),
+    equals the fake-quant weight bit for bit. Returns GGUF name -> ggml type name (lower case) of the decoder linears."""
+    expected = _fake_quant_weights(model, quantizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = write_gguf(model, ByteTokenizer(), quantizer, path, BYTES)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # model untouched
+    assert report["bytes"] == path.stat().st_size and not list(path.parent.glob(".*"))  # no temporary left
+    cfg = model.config
     weights = read_gguf_weights(path)
-    reader = GGUFReader(path)
-    types = {t.name: t.tensor_type for t in reader.tensors}
+    types = {t.name: t.tensor_type.name.lower() for t in GGUFReader(path).tensors}
+    linear_types = {}
     for name, weight in expected.items():
         block = int(name.split(".")[2])
         leaf = ".".join(name.split(".")[3:])
         gguf_name = f"blk.{block}.{LINEAR_NAMES[leaf]}.weight"
-        assert types[gguf_name] == GGMLQuantizationType[qtype.upper()]
         stored = weights[gguf_name]
         if leaf == "self_attn.q_proj":
             stored = unpermute_rows(stored, cfg.num_attention_heads)
         elif leaf == "self_attn.k_proj":
             stored = unpermute_rows(stored, cfg.num_key_value_heads)
         assert torch.equal(stored.view(torch.int32), weight.view(torch.int32)), gguf_name
+        linear_types[gguf_name] = types[gguf_name]
+    return linear_types
+
+
+@pytest.mark.parametrize("qtype", list(FORMATS))
+def test_tiny_llama_reads_back_to_the_fake_quant_weights(qtype: str, tiny_llama: nn.Module, tmp_path: Path) -> None:
+    path = tmp_path / f"tiny-{qtype}.gguf"
+    assert set(_assert_reads_back(tiny_llama, GGMLQuantizer(qtype), path).values()) == {qtype}
+
+    cfg = tiny_llama.config
+    weights = read_gguf_weights(path)
+    reader = GGUFReader(path)
+    types = {t.name: t.tensor_type for t in reader.tensors}
     # The rest at full precision, exactly; tied embeddings: no output.weight.
     state = tiny_llama.state_dict()
     assert torch.equal(weights["token_embd.weight"], state["model.embed_tokens.weight"])
@@ -92,6 +105,35 @@ def test_tiny_llama_reads_back_to_the_fake_quant_weights(qtype: str, tiny_llama:
     assert _field(reader, "llama.vocab_size") == 256
     assert _field(reader, "tokenizer.ggml.model") == "llama"
     assert _field(reader, "tokenizer.ggml.tokens")[:2] == ["<0x00>", "<0x01>"]
+
+
+@pytest.mark.parametrize("qtype", ["q6_k", "iq4_xs", *(pytest.param(t, marks=pytest.mark.slow)  # Q4_K: the file types below
+                                                      for t in ("q3_k", "q4_k", "q5_k", "iq4_nl"))])
+def test_k_quants_and_iq4_read_back_to_the_fake_quant_weights(qtype: str, tmp_path: Path) -> None:
+    """The K-quant and IQ4 twins write llama.cpp's blocks: the file dequantizes to the fake-quant weights."""
+    model = make_peaked_llama(256, 256)  # rows of 256: whole super-blocks
+    path = tmp_path / f"tiny-{qtype}.gguf"
+    assert set(_assert_reads_back(model, twin(qtype), path).values()) == {qtype}
+    reader = GGUFReader(path)
+    assert _field(reader, "general.file_type") == int(LlamaFileType[f"MOSTLY_{MOSTLY[qtype]}"])  # q4_k: Q4_K_M
+
+
+@pytest.mark.parametrize("file_type, hidden, intermediate", [
+    ("Q4_K_M", 256, 256),   # Q4_K, Q6_K where use_more_bits picks
+    ("Q4_K_M", 64, 128),    # rows of 64 / 128: Q5_0, Q8_0 (llama.cpp's fallbacks)
+    ("IQ4_XS", 48, 96),     # 48: not even a multiple of 32, F16 (IQ4_NL for ffn_down)
+])
+def test_file_types_read_back_each_tensor_in_its_planned_type(file_type: str, hidden: int, intermediate: int,
+                                                             tmp_path: Path) -> None:
+    model = make_peaked_llama(hidden, intermediate)
+    quantizer = LlamaCppFileType(file_type)
+    path = tmp_path / f"tiny-{file_type}.gguf"
+    written = _assert_reads_back(model, quantizer, path)
+    plan = quantizer.bind(decoder_linears(model)).types
+    assert written == {gguf_weight_name(name): ggml_type for name, ggml_type in plan.items()}
+    assert _field(GGUFReader(path), "general.file_type") == int(LlamaFileType[f"MOSTLY_{file_type}"])
+    expected_types = {("Q4_K_M", 256): {"q4_k", "q6_k"}, ("Q4_K_M", 64): {"q5_0", "q8_0"}, ("IQ4_XS", 48): {"f16", "iq4_nl"}}
+    assert set(written.values()) == expected_types[file_type, hidden]
 
 
 def test_permutation_matches_llama_cpp_converter() -> None:
@@ -138,6 +180,24 @@ def test_rtn_is_not_a_ggml_type(tiny_llama: nn.Module) -> None:
     cfg = OmegaConf.create({"gguf_out": "/tmp/x.gguf", "model": {"name": "tiny-llama", "tiny": {"arch": "llama"}}})
     with pytest.raises(UserError, match="quant.rtn4 \\(RTN\\) has no ggml type"):
         plan_gguf_export(cfg, {"rtn4": RTN(4)})
+
+
+def test_plan_takes_every_twin_and_refuses_rows_a_single_type_cannot_divide(tmp_path: Path) -> None:
+    """tiny-llama's rows (64 and 128 input features) fill no K-quant super-block: a lone Q4_K stops before the model
+    loads, pointing at the file type that falls back as llama.cpp does; the file type and a 32-block type pass."""
+    from omegaconf import OmegaConf
+
+    from npft_lightning.quant.kquants import KQuantizer
+    from npft_lightning.tasks.gguf_plan import plan_gguf_export
+
+    cfg = OmegaConf.create({"gguf_out": str(tmp_path / "x.gguf"), "model": {"name": "tiny-llama", "tiny": {"arch": "llama"}}})
+    plan = plan_gguf_export(cfg, {"llamacpp_q4_k_m": LlamaCppFileType("Q4_K_M"), "q4_0": GGMLQuantizer("q4_0")})
+    assert set(plan.paths) == {"llamacpp_q4_k_m", "q4_0"}
+    with pytest.raises(UserError, match=r"quant.q4_k \(q4_k\) stores blocks of 256 weights of a row, which do not divide "
+                                        r"the 64 input features .* use quant=llamacpp_q4_k_m"):
+        plan_gguf_export(cfg, {"q4_k": KQuantizer("q4_k")})
+    cfg.model.tiny = {"arch": "llama", "hidden_size": 256, "intermediate_size": 512}
+    assert plan_gguf_export(cfg, {"q4_k": KQuantizer("q4_k")}).paths == {"q4_k": tmp_path / "x.gguf"}
 
 
 @pytest.mark.slow
@@ -204,6 +264,7 @@ def test_eval_writes_gguf_and_a_self_contained_artefact(tmp_path: Path) -> None:
     (["quant=q4_0", "gguf_out={tmp}"], "is a folder; give a file name"),
     (["quant=q4_0", "llamacpp_ppl=true"], "set gguf_out=<file>.gguf too"),
     (["quant=q4_0", "gguf_out={tmp}/file"], "already exists and is not a GGUF file"),
+    (["quant=q4_k", "gguf_out={tmp}/x.gguf"], "which do not divide the 64 input features of this model's decoder linears"),
 ])
 def test_bad_gguf_input_is_one_line_before_loading(overrides: list[str], message: str, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a folder")

@@ -24,6 +24,7 @@ from npft_lightning.quant import fake_quantized
 from npft_lightning.quant.ggml import GGMLQuantizer
 from npft_lightning.quant.gguf_export import BYTES, write_gguf
 from npft_lightning.quant.llamacpp import llama_cpp_installed, window_nll
+from npft_lightning.quant.llamacpp_filetype import LlamaCppFileType, twin
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_extra = pytest.mark.skipif(not llama_cpp_installed(), reason="the llamacpp extra is not installed (make llamacpp)")
@@ -102,17 +103,41 @@ def test_llama_cpp_matches_our_fake_quant(qtype: str, exported: dict[str, Path])
 
 
 @needs_extra
+@pytest.mark.parametrize("name", ["Q4_K_M", "iq4_xs", *(pytest.param(n, marks=pytest.mark.slow) for n in ("q4_k", "q6_k", "Q3_K_M"))])
+def test_llama_cpp_scores_k_quants_as_our_fake_quant(name: str, exported: dict[str, Path], tmp_path: Path) -> None:
+    """K-quant, IQ4 and file-type GGUFs load in llama.cpp and score the fake-quant PPL (llama.cpp rounds the
+    activations to Q8_K for the K-quants' dot products: within 1 %)."""
+    from npft_lightning.quant.llamacpp import llamacpp_perplexity
+
+    model = make_peaked_llama(256, 256, scale=3)
+    quantizer = LlamaCppFileType(name) if name.isupper() else twin(name)
+    path = tmp_path / f"tiny-{name}.gguf"
+    report = write_gguf(model, ByteTokenizer(), quantizer, path, BYTES)
+    if name.islower():  # one type (a file type: several, see test_llamacpp_quantize)
+        assert report["tensor_types"][name.upper()] == 14
+    windows = torch.randint(0, 256, (3, 128), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), fake_quantized(model, decoder_linears(model), quantizer):
+        ours = perplexity(*dataset_nll(model, windows.split(1)))
+    assert llamacpp_perplexity(path, windows, n_threads=1)["ppl"] == pytest.approx(ours, rel=0.01)
+
+
+@needs_extra
 def test_eval_scores_the_gguf_with_llama_cpp(tmp_path: Path, exported: dict[str, Path]) -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("HYDRA_FULL_ERROR", None)
     cmd = [sys.executable, str(ROOT / "eval.py"), f"hydra.run.dir={tmp_path}", "model=tiny-llama", "data.eval_seq_len=128",
-           "data.max_eval_windows=2", "print_config=false", "quant=q8_0", f"gguf_out={tmp_path / 'tiny.gguf'}",
-           "llamacpp_ppl=true", "llamacpp_threads=1"]
+           "data.max_eval_windows=2", "print_config=false", "quant=[q8_0,llamacpp_q4_k_m]",
+           f"gguf_out={tmp_path / 'tiny.gguf'}", "llamacpp_ppl=true", "llamacpp_threads=1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    report = metrics["gguf"]["q8_0"]
-    assert report["ppl_fake_quant"] == metrics["ppl"]["validation"]["q8_0"]
-    assert report["ppl_ratio"] == pytest.approx(1.0, abs=0.01)
-    assert report["tokens"] == 2 * 127 and report["ppl_second_half"] > 1
-    assert "llama.cpp q8_0: PPL" in proc.stdout
+    for name in ("q8_0", "llamacpp_q4_k_m"):
+        report = metrics["gguf"][name]
+        assert report["path"] == str(tmp_path / f"tiny-{name}.gguf")
+        assert report["ppl_fake_quant"] == metrics["ppl"]["validation"][name]
+        assert report["ppl_ratio"] == pytest.approx(1.0, abs=0.01)
+        assert report["tokens"] == 2 * 127 and report["ppl_second_half"] > 1
+        assert f"llama.cpp {name}: PPL" in proc.stdout
+    # tiny-llama's rows of 64 / 128: Q4_K_M's fallbacks, as llama.cpp writes them
+    types = metrics["gguf"]["llamacpp_q4_k_m"]["tensor_types"]
+    assert (types["Q5_0"], types["Q8_0"]) == (12, 2)

@@ -9,7 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType, quants
+from gguf import (
+    GGMLQuantizationType,
+    GGUFReader,
+    GGUFValueType,
+    GGUFWriter,
+    LlamaFileType,
+    quants,
+)
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -20,14 +27,14 @@ from npft_lightning.npft.noise import QuantErrorNoise, quantization_error
 from npft_lightning.quant.artefact import load_quantized, save_quantized
 from npft_lightning.quant.base import fake_quantized
 from npft_lightning.quant.importance import gguf_weight_name
-from npft_lightning.quant.llamacpp_filetype import (
+from npft_lightning.quant.llamacpp_filetype import LlamaCppFileType, ggml_bytes, twin
+from npft_lightning.quant.llamacpp_rules import (
     FILE_TYPES,
-    LlamaCppFileType,
     ModelShape,
     Tensor2D,
-    ggml_bytes,
+    linear_types,
+    llama_ftype,
     tensor_types,
-    twin,
 )
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "quant"
@@ -42,7 +49,7 @@ def _llama_quantize(src: Path, dst: Path, file_type: str, imatrix: dict[str, np.
     """Quantize ``src`` to ``dst`` with ``llama_model_quantize``; GGUF name -> ggml type of the written file."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="the llamacpp extra (make llamacpp) holds llama.cpp's quantizer")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = FILE_TYPES[file_type]
+    params.ftype = llama_ftype(file_type)
     params.nthread = 2
     keep = []
     if imatrix:
@@ -135,7 +142,10 @@ def test_plan_matches_the_file_llama_cpp_writes(tmp_path: Path, dims) -> None:
     shape = ModelShape(n_layer=n_layer, n_gqa=heads // kv_heads)
     for file_type in FILE_TYPES:
         for with_imatrix in (False, True):
-            _assert_plan_matches(src, tmp_path / "out.gguf", file_type, shape, with_imatrix)
+            written = _assert_plan_matches(src, tmp_path / "out.gguf", file_type, shape, with_imatrix)
+            if hidden % 256 == 0 and ffn % 256 == 0:  # no fallback: the decoder types llamacpp_quantize expects
+                decoder = {t for name, t in written.items() if name.startswith("blk.") and t != "f32"}
+                assert decoder <= set(linear_types(file_type)), (file_type, with_imatrix, decoder)
 
 
 def test_plan_uses_more_bits_and_falls_back_as_documented() -> None:

@@ -31,6 +31,8 @@ from npft_lightning.quant.gguf_export import (
 )
 from npft_lightning.quant.imatrix import ImportanceMatrix, collect_imatrix
 from npft_lightning.quant.llamacpp import llama_cpp_installed
+from npft_lightning.quant.llamacpp_filetype import FILE_TYPES as TWIN_FILE_TYPES
+from npft_lightning.quant.llamacpp_filetype import LlamaCppFileType
 from npft_lightning.quant.llamacpp_quantize import (
     FILE_TYPES,
     check_columns,
@@ -50,6 +52,13 @@ needs_extra = pytest.mark.skipif(not llama_cpp_installed(), reason="the llamacpp
 
 def test_file_types() -> None:
     assert file_type("q4_k_m") is FILE_TYPES["Q4_K_M"] and FILE_TYPES["Q4_K_M"].ftype == 15
+    # Read off llama.cpp's rules (llamacpp_rules.tensor_types), the twins' plan: the types llama_tensor_get_type gives
+    # a dense llama model's decoder linears.
+    assert FILE_TYPES["Q4_K_M"].linear_types == ("Q4_K", "Q6_K")
+    assert FILE_TYPES["Q2_K"].linear_types == ("Q2_K", "Q3_K", "Q4_K")  # attn_v Q4_K from grouped-query ratio 4 on
+    assert FILE_TYPES["IQ4_XS"].linear_types == ("IQ4_XS", "Q5_K")
+    assert FILE_TYPES["Q4_0"].linear_types == ("Q4_0", "Q4_1")  # ffn_down of the first eighth, with an imatrix
+    assert set(TWIN_FILE_TYPES) == set(FILE_TYPES) - {"Q2_K"}  # every type but Q2_K has a fake-quant twin
     for name in ("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS"):
         assert name in FILE_TYPES
     with pytest.raises(UserError, match=r"llamacpp_types: 'Q4_K_X' is not a llama.cpp file type .*choose from Q4_0, Q4_1"):
@@ -189,6 +198,50 @@ def test_an_imatrix_changes_the_quantized_tensors(name: str, model, float_file: 
                            {"blk.0.attn_q.weight": imatrix.counts["blk.0.attn_q.weight"]}, 128, 3)
     single = _tensors(Path(quantize_gguf(float_file, tmp_path / "one.gguf", name, imatrix=one, threads=1)["path"]))
     assert [k for k in plain if not np.array_equal(plain[k], single[k])] == ["blk.0.attn_q.weight"]
+
+
+def _decoder_tensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:
+    return {t.name: (t.tensor_type.name, np.asarray(t.data).copy()) for t in GGUFReader(path).tensors
+            if t.name.startswith("blk.") and len(t.shape) == 2}
+
+
+def _assert_same_decoder_tensors(model, float_file: Path, name: str, with_imatrix: bool, folder: Path) -> None:
+    """gguf_out with our twin of file type ``name`` writes the decoder tensors llama.cpp's quantizer writes from the F32
+    export of the same model: each in the same type, byte for byte (with an imatrix: the same one for both)."""
+    imatrix = collect_imatrix(model, WINDOWS.split(1), gguf_linear_names(model), "random bytes") if with_imatrix else None
+    quantize_gguf(float_file, folder / "theirs.gguf", name, imatrix=imatrix, threads=1)
+    quantizer = LlamaCppFileType(name).with_importance(imatrix.means() if imatrix else None)
+    write_gguf(model, ByteTokenizer(), quantizer, folder / "ours.gguf", BYTES)
+    theirs, ours = _decoder_tensors(folder / "theirs.gguf"), _decoder_tensors(folder / "ours.gguf")
+    assert theirs.keys() == ours.keys() and len(theirs) == 14
+    differ = [k for k in theirs if theirs[k][0] != ours[k][0] or not np.array_equal(theirs[k][1], ours[k][1])]
+    assert not differ, f"{name}: {len(differ)} decoder tensors differ from llama.cpp's file, e.g. {differ[:3]}"
+
+
+@needs_extra
+@pytest.mark.parametrize("name, with_imatrix", [("Q4_K_M", False), ("IQ4_XS", False),
+                                                 pytest.param("Q4_K_M", True, marks=pytest.mark.slow)])
+def test_our_file_type_export_is_the_file_llama_cpp_writes(name: str, with_imatrix: bool, model, float_file: Path,
+                                                           tmp_path: Path) -> None:
+    _assert_same_decoder_tensors(model, float_file, name, with_imatrix, tmp_path)
+
+
+@needs_extra
+def test_our_file_type_export_falls_back_as_llama_cpp(float_file: Path, tmp_path: Path) -> None:
+    """Rows of 64 / 128: Q4_K_M's fallbacks (Q5_0, Q8_0), the same bytes as llama.cpp's."""
+    narrow = _peaked_llama(hidden=64, intermediate=128)
+    path = tmp_path / "narrow-F32.gguf"
+    write_gguf(narrow, ByteTokenizer(), "f32", path, BYTES)
+    _assert_same_decoder_tensors(narrow, path, "Q4_K_M", False, tmp_path)
+    assert {t for t, _ in _decoder_tensors(tmp_path / "ours.gguf").values()} == {"Q5_0", "Q8_0"}
+
+
+@needs_extra
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(TWIN_FILE_TYPES))
+def test_every_file_type_export_is_the_file_llama_cpp_writes(name: str, model, float_file: Path, tmp_path: Path) -> None:
+    for with_imatrix in (False, True):
+        _assert_same_decoder_tensors(model, float_file, name, with_imatrix, tmp_path)
 
 
 @needs_extra

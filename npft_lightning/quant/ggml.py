@@ -18,7 +18,7 @@ for bit ``gguf.quants.dequantize(gguf.quants.quantize(w, type), type)`` and :fun
 gives bit for bit the bytes a GGUF file stores (both tested against the ``gguf`` package).
 
 With an importance matrix (llama.cpp's ``--imatrix``, :meth:`GGMLQuantizer.with_importance`) the
-scale is searched instead, as ggml's ``quantize_row_q*_impl`` do (:func:`ggml_encode_weighted`):
+scale is searched instead, as ggml's ``quantize_row_q*_impl`` do (:func:`ggml_encode` given the importance):
 each weight's squared error counts ``imatrix[column] · sqrt(σ² + x²)``, σ² the mean x² of its row;
 Q4_0 / Q5_0 by ``make_qx_quants``, Q4_1 / Q5_1 by ``make_qkx3_quants``; Q8_0 ignores it, as ggml does.
 """
@@ -33,9 +33,14 @@ import torch
 from torch import Tensor
 
 from npft_lightning.core.errors import UserError
-from npft_lightning.quant.base import WeightQuantizer
-from npft_lightning.quant.ggml_search import by_rows, make_qkx_quants, make_qx_quants, running_sum, sqrtf
-from npft_lightning.quant.importance import ImportanceLookup
+from npft_lightning.quant.ggml_base import GGMLFamily, GGMLTypeQuantizer
+from npft_lightning.quant.ggml_search import (
+    by_rows,
+    make_qkx_quants,
+    make_qx_quants,
+    running_sum,
+    sqrtf,
+)
 
 BLOCK = 32  # weights per block in every legacy ggml type
 
@@ -84,11 +89,19 @@ def _round_half_away(x: Tensor) -> Tensor:
     return torch.sign(x) * (floored + torch.floor(2 * (a - floored)))
 
 
-def ggml_encode(weight: Tensor, qtype: str, name: str | None = None) -> dict[str, Tensor]:
+def ggml_encode(weight: Tensor, qtype: str, quant_weights: Tensor | None = None, name: str | None = None) -> dict[str, Tensor]:
     """``codes`` [rows, cols] uint8 (< 2^bits; Q8_0's int8 values offset by 128), ``d`` and, for the
-    affine types, ``m`` [rows, cols / 32] float32 holding the float16-rounded scale and minimum."""
+    affine types, ``m`` [rows, cols / 32] float32 holding the float16-rounded scale and minimum.
+
+    ``quant_weights`` [cols]: the tensor's imatrix entry (the importance of each input column), None for
+    none; with it the fields are the ones llama.cpp writes with ``--imatrix`` (Q8_0 ignores it, as ggml does).
+    """
     fmt = FORMATS[qtype]
     x = _blocks(weight, qtype, name)
+    if quant_weights is not None and fmt.bits != 8:
+        qw = quant_weights.detach().float().to(weight.device)
+        rows = x.reshape(weight.shape)
+        return by_rows(lambda part: _encode_weighted_rows(part, fmt, qw), rows, 1 if fmt.affine else 18)  # make_qx_quants: 18 scales
     if fmt.affine:
         lo = x.amin(dim=-1, keepdim=True)
         d = (x.amax(dim=-1, keepdim=True) - lo) / fmt.levels
@@ -106,17 +119,6 @@ def ggml_encode(weight: Tensor, qtype: str, name: str | None = None) -> dict[str
         extra = {}
     codes = q.to(torch.uint8).reshape(weight.shape)
     return {"codes": codes, "d": d.half().float()[..., 0], **extra}
-
-
-def ggml_encode_weighted(weight: Tensor, qtype: str, quant_weights: Tensor, name: str | None = None) -> dict[str, Tensor]:
-    """:func:`ggml_encode`'s fields as llama.cpp writes them with an importance matrix: ``quant_weights``
-    [cols] is the tensor's imatrix entry (the importance of each input column)."""
-    fmt = FORMATS[qtype]
-    if fmt.bits == 8:
-        return ggml_encode(weight, qtype, name)  # quantize_q8_0 ignores the importance
-    qw = quant_weights.detach().float().to(weight.device)
-    x = _blocks(weight, qtype, name).reshape(weight.shape)
-    return by_rows(lambda rows: _encode_weighted_rows(rows, fmt, qw), x, 1 if fmt.affine else 18)  # make_qx_quants: 18 scales
 
 
 def _encode_weighted_rows(x: Tensor, fmt: BlockFormat, qw: Tensor) -> dict[str, Tensor]:
@@ -170,41 +172,11 @@ def ggml_blocks(payload: Mapping[str, Tensor], qtype: str) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(rows, -1))
 
 
-class GGMLQuantizer(ImportanceLookup, WeightQuantizer):
-    """A ggml legacy block type (``qtype`` = q4_0, q4_1, q5_0, q5_1 or q8_0) as an ordinary weight quantizer.
+class GGMLQuantizer(GGMLTypeQuantizer):
+    """A ggml legacy block type (``qtype`` = q4_0, q4_1, q5_0, q5_1 or q8_0) as an ordinary weight quantizer
+    (:class:`~npft_lightning.quant.ggml_base.GGMLTypeQuantizer`), with the uniform step noise's :meth:`step`."""
 
-    Usable for fake-quant validation, ``eval.py``, the packed artefact (``export_dir=``), the GGUF
-    export (``gguf_out=``) and as the target of the noise (:meth:`step`, :meth:`quantize_weight`).
-    With an importance matrix (:meth:`~npft_lightning.quant.importance.ImportanceLookup.with_importance`)
-    the tensors found in it are quantized as llama.cpp's ``--imatrix`` does.
-    """
-
-    rows_independent = True  # each row is quantized on its own (noise: only rows holding selected weights)
-
-    def __init__(self, qtype: str = "q4_0", name: str | None = None):
-        qtype = str(qtype).lower()
-        if qtype not in FORMATS:
-            raise ValueError(f"quant qtype={qtype} is not a ggml block type that can be written; use one of {', '.join(FORMATS)}")
-        self.qtype = qtype
-        self.name = name or qtype
-        self.bits = FORMATS[qtype].bits
-
-    @property
-    def ggml_type(self):
-        """The ``gguf.GGMLQuantizationType`` of this format."""
-        from gguf import GGMLQuantizationType
-
-        return GGMLQuantizationType[self.qtype.upper()]
-
-    def encode_weight(self, weight: Tensor, *, name: str | None = None) -> dict[str, Tensor]:
-        """``codes`` [rows, cols] uint8, ``d`` (and ``m`` for Q4_1 / Q5_1) [rows, cols / 32] float32."""
-        importance = self.importance_of(name, weight.shape[1])
-        if importance is not None:
-            return ggml_encode_weighted(weight, self.qtype, importance, name)
-        return ggml_encode(weight, self.qtype, name)
-
-    def decode_weight(self, payload: Mapping[str, Tensor]) -> Tensor:
-        return ggml_decode(payload, self.qtype)
+    family = GGMLFamily(FORMATS, "q4_0", "a ggml block type that can be written", ggml_encode, ggml_decode, ggml_blocks)
 
     def step(self, weight: Tensor, *, name: str | None = None) -> Tensor:
         """Per-element quantization step Δ = |d16| of the element's block, [rows, cols] float32 (0 in an all-zero block)."""

@@ -1,13 +1,18 @@
-"""GGUF export: the (adapter-merged) model as a llama.cpp file, decoder linears in a ggml block type.
+"""GGUF export: the (adapter-merged) model as a llama.cpp file, decoder linears in ggml quantized types.
 
     python eval.py adapter=<run>/adapter quant=q4_0 gguf_out=model-q4_0.gguf
+    python eval.py adapter=<run>/adapter quant=llamacpp_q4_k_m gguf_out=model-Q4_K_M.gguf
 
 What is written, for the ``llama`` architecture (the one supported):
 
-* the decoder linears in the quantizer's ggml type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): the very codes and
-  float16 scales of :class:`~npft_lightning.quant.ggml.GGMLQuantizer`, so the file dequantizes bit for
-  bit to the fake-quant weights; ``attn_q`` / ``attn_k`` rows permuted as llama.cpp's
-  ``convert_hf_to_gguf.py`` does (its rotary embedding pairs neighbouring features, Hugging Face's
+* the decoder linears in the quantizer's ggml type: a legacy type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), a
+  K-quant (Q3_K, Q4_K, Q5_K, Q6_K) or IQ4 (IQ4_NL, IQ4_XS), or, for a llama.cpp file type
+  (``quant=llamacpp_q4_k_m``, :class:`~npft_lightning.quant.llamacpp_filetype.LlamaCppFileType`), each in
+  the type llama.cpp's quantizer gives it (its fallbacks, F16 included): the very codes and float16
+  scales of the quantizer's twin (:meth:`~npft_lightning.quant.ggml_base.GGMLTypeQuantizer.gguf_tensor`), so
+  the file dequantizes bit for bit to the fake-quant weights, and a file type's decoder tensors are the
+  bytes ``llama_model_quantize`` writes from the same float model; ``attn_q`` / ``attn_k`` rows permuted as
+  llama.cpp's ``convert_hf_to_gguf.py`` does (its rotary embedding pairs neighbouring features, Hugging Face's
   the two halves of each head); quantization blocks run along rows, so permuting rows commutes with it;
 * everything else as the converter leaves it at full precision: norms in F32, the embedding (and an
   untied ``output``) in the smallest ggml type that holds it exactly: Q8_0 (true for SmolLM2, whose
@@ -38,14 +43,15 @@ from torch import Tensor, nn
 from npft_lightning.core.errors import UserError
 from npft_lightning.core.io import atomic_file
 from npft_lightning.core.layers import decoder_linears
-from npft_lightning.quant.ggml import GGMLQuantizer, ggml_blocks
+from npft_lightning.quant.ggml import GGMLQuantizer
+from npft_lightning.quant.llamacpp_rules import llama_ftype
 
 SUPPORTED_ARCHS = ("llama",)
 # The float modes of the export (the input of llama.cpp's quantizer) and their llama.cpp file types.
 FLOAT_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16"}
 FLOAT_TYPES = tuple(FLOAT_FILE_TYPES)
 BYTES = "bytes"  # the vocabulary source of the tiny byte-tokenizer models
-QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION for the legacy block types
+QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION
 # general.* keys that describe the file's content, not the model: not copied from the vocabulary source.
 _OWN_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
 
@@ -215,7 +221,7 @@ def lossless_tensor(weight: Tensor) -> tuple[np.ndarray, Any]:
         q8 = GGMLQuantizer("q8_0")
         fields = q8.encode_weight(w)
         if same_bits(q8.decode_weight(fields), w):
-            return ggml_blocks(fields, "q8_0"), GGMLQuantizationType.Q8_0
+            return q8.ggml_bytes(fields), q8.ggml_type
     if w.dim() >= 2 and same_bits(w.half().float(), w):
         return w.half().numpy(), GGMLQuantizationType.F16
     return w.numpy(), GGMLQuantizationType.F32
@@ -246,14 +252,21 @@ def gguf_linear_names(model: nn.Module) -> dict[str, str]:
     return {name: _tensor_name(names, f"{name}.weight") for name in decoder_linears(model)}
 
 
-def gguf_tensors(model: nn.Module, quantizer: GGMLQuantizer | str) -> dict[str, tuple[np.ndarray, Any]]:
-    """GGUF name -> ``(data, ggml type)`` for every tensor of the merged llama ``model``; ``quantizer`` is a ggml
-    quantizer (decoder linears in its type, the rest lossless) or one of :data:`FLOAT_TYPES` (float mode)."""
+def writes_gguf(quantizer: Any) -> bool:
+    """Whether ``quantizer`` gives the GGUF tensor of a weight (a ggml type's twin, a llama.cpp file type)."""
+    return callable(getattr(quantizer, "gguf_tensor", None))
+
+
+def gguf_tensors(model: nn.Module, quantizer: Any) -> dict[str, tuple[np.ndarray, Any]]:
+    """GGUF name -> ``(data, ggml type)`` for every tensor of the merged llama ``model``; ``quantizer`` gives the
+    decoder linears' tensors (:func:`writes_gguf`; the rest lossless) or is one of :data:`FLOAT_TYPES` (float mode)."""
     from gguf import MODEL_ARCH, get_tensor_name_map
 
     hp = llama_hparams(model.config)
     names = get_tensor_name_map(MODEL_ARCH.LLAMA, hp["block_count"])
     linears = {f"{name}.weight": name for name in decoder_linears(model)}
+    if callable(getattr(quantizer, "bind", None)):
+        quantizer.bind(decoder_linears(model))  # a file type plans its tensors on the whole model
     tensors: dict[str, tuple[np.ndarray, Any]] = {}
     for key, value in model.state_dict().items():
         if hp["tied"] and key == "lm_head.weight":
@@ -266,9 +279,8 @@ def gguf_tensors(model: nn.Module, quantizer: GGMLQuantizer | str) -> dict[str, 
             weight = permute_rows(weight, hp["head_count_kv"])
         if isinstance(quantizer, str):
             tensors[gguf_name] = float_tensor(weight, quantizer)
-        elif key in linears:  # permuting whole rows commutes with quantizing blocks of a row
-            tensors[gguf_name] = (ggml_blocks(quantizer.encode_weight(weight, name=linears[key]), quantizer.qtype),
-                                  quantizer.ggml_type)
+        elif key in linears:  # permuting whole rows commutes with quantizing each row on its own
+            tensors[gguf_name] = quantizer.gguf_tensor(weight, name=linears[key])
         else:
             tensors[gguf_name] = lossless_tensor(weight)
     return tensors
@@ -314,11 +326,11 @@ def _byte_vocab(writer, tokenizer) -> None:
     writer.add_add_space_prefix(False)
 
 
-def write_gguf(model: nn.Module, tokenizer: Any, quantizer: GGMLQuantizer | str, path: str | os.PathLike,
-               vocab: str) -> dict[str, Any]:
+def write_gguf(model: nn.Module, tokenizer: Any, quantizer: Any, path: str | os.PathLike, vocab: str) -> dict[str, Any]:
     """Write the merged ``model`` (a plain transformers llama model) to ``path`` as GGUF; returns a small report.
 
-    ``quantizer`` is a ggml quantizer, or ``"f32"`` / ``"f16"`` for the float file llama.cpp's quantizer reads.
+    ``quantizer`` is a ggml type's twin or a llama.cpp file type (:func:`writes_gguf`), or ``"f32"`` / ``"f16"`` for
+    the float file llama.cpp's quantizer reads.
     ``vocab`` is a .gguf whose tokenizer (and general.*) metadata is copied, or :data:`BYTES`.
     """
     from gguf import GGUFWriter, LlamaFileType
@@ -338,8 +350,10 @@ def write_gguf(model: nn.Module, tokenizer: Any, quantizer: GGMLQuantizer | str,
                 _byte_vocab(writer, tokenizer)
             else:
                 _copy_fields(writer, vocab, hp["vocab_size"])
-            file_type = FLOAT_FILE_TYPES[quantizer] if isinstance(quantizer, str) else f"MOSTLY_{quantizer.qtype.upper()}"
-            writer.add_file_type(int(LlamaFileType[file_type]))
+            if isinstance(quantizer, str):
+                writer.add_file_type(int(LlamaFileType[FLOAT_FILE_TYPES[quantizer]]))
+            else:
+                writer.add_file_type(llama_ftype(quantizer.llama_file_type))
             writer.add_quantization_version(QUANTIZATION_VERSION)
             writer.add_context_length(hp["context_length"])
             writer.add_embedding_length(hp["embedding_length"])

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from npft_lightning.core.errors import UserError
-from npft_lightning.quant.base import WeightQuantizer
+from npft_lightning.quant.ggml_base import GGMLFamily, GGMLTypeQuantizer
 from npft_lightning.quant.ggml_search import (
     GROUP_MAX_EPS,
     best_index,
@@ -33,7 +33,6 @@ from npft_lightning.quant.ggml_search import (
     signed_absmax,
     sqrtf,
 )
-from npft_lightning.quant.importance import ImportanceLookup
 
 KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml-common.h kvalues_iq4nl
 BLOCK = 32
@@ -156,29 +155,9 @@ def iq4_blocks(payload: Mapping[str, Tensor], qtype: str) -> np.ndarray:
     return np.ascontiguousarray(blocks.reshape(rows, -1))
 
 
-class IQ4Quantizer(ImportanceLookup, WeightQuantizer):
-    """IQ4_NL or IQ4_XS (``qtype`` = iq4_nl, iq4_xs) as a weight quantizer; with an importance matrix
-    (:meth:`~npft_lightning.quant.importance.ImportanceLookup.with_importance`) as llama.cpp's ``--imatrix``."""
+class IQ4Quantizer(GGMLTypeQuantizer):
+    """IQ4_NL or IQ4_XS (``qtype`` = iq4_nl, iq4_xs) as a weight quantizer
+    (:class:`~npft_lightning.quant.ggml_base.GGMLTypeQuantizer`); its levels are not evenly spaced, so no ``step``."""
 
-    rows_independent = True  # each row is quantized on its own (noise: only rows holding selected weights)
-
-    bits = 4
-
-    def __init__(self, qtype: str = "iq4_nl", name: str | None = None):
-        qtype = str(qtype).lower()
-        if qtype not in SUPER:
-            raise ValueError(f"quant qtype={qtype} is not an IQ4 type; use one of {', '.join(SUPER)}")
-        self.qtype = qtype
-        self.name = name or qtype
-
-    @property
-    def ggml_type(self):
-        from gguf import GGMLQuantizationType
-
-        return GGMLQuantizationType[self.qtype.upper()]
-
-    def encode_weight(self, weight: Tensor, *, name: str | None = None) -> dict[str, Tensor]:
-        return iq4_encode(weight, self.qtype, self.importance_of(name, weight.shape[1]), name)
-
-    def decode_weight(self, payload: Mapping[str, Tensor]) -> Tensor:
-        return iq4_decode(payload, self.qtype)
+    family = GGMLFamily(SUPER, "iq4_nl", "an IQ4 type", iq4_encode, iq4_decode, iq4_blocks)
+    bits = 4  # codes index the 16 levels

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from npft_lightning.core.errors import UserError
-from npft_lightning.quant.base import WeightQuantizer
+from npft_lightning.quant.ggml_base import GGMLFamily, GGMLTypeQuantizer
 from npft_lightning.quant.ggml_search import (
     GROUP_MAX_EPS,
     as_int8,
@@ -43,7 +43,6 @@ from npft_lightning.quant.ggml_search import (
     running_sum,
     sqrtf,
 )
-from npft_lightning.quant.importance import ImportanceLookup
 
 QK_K = 256  # weights per super-block
 
@@ -324,36 +323,11 @@ def kquant_blocks(payload: Mapping[str, Tensor], qtype: str) -> np.ndarray:
     return np.ascontiguousarray(blocks.reshape(rows, -1))
 
 
-class KQuantizer(ImportanceLookup, WeightQuantizer):
-    """A llama.cpp K-quant (``qtype`` = q3_k, q4_k, q5_k or q6_k) as a weight quantizer.
+class KQuantizer(GGMLTypeQuantizer):
+    """A llama.cpp K-quant (``qtype`` = q3_k, q4_k, q5_k or q6_k) as a weight quantizer
+    (:class:`~npft_lightning.quant.ggml_base.GGMLTypeQuantizer`), with the uniform step noise's :meth:`step`."""
 
-    With an importance matrix (:meth:`~npft_lightning.quant.importance.ImportanceLookup.with_importance`)
-    each tensor found in it is quantized as llama.cpp does with ``--imatrix``; the others without.
-    Usable for fake-quant validation, ``eval.py``, the packed artefact and as the target of the noise
-    (:meth:`quantize_weight`, :meth:`step`).
-    """
-
-    rows_independent = True  # each row is quantized on its own (noise: only rows holding selected weights)
-
-    def __init__(self, qtype: str = "q4_k", name: str | None = None):
-        qtype = str(qtype).lower()
-        if qtype not in FORMATS:
-            raise ValueError(f"quant qtype={qtype} is not a K-quant; use one of {', '.join(FORMATS)}")
-        self.qtype = qtype
-        self.name = name or qtype
-        self.bits = FORMATS[qtype].bits
-
-    @property
-    def ggml_type(self):
-        from gguf import GGMLQuantizationType
-
-        return GGMLQuantizationType[self.qtype.upper()]
-
-    def encode_weight(self, weight: Tensor, *, name: str | None = None) -> dict[str, Tensor]:
-        return kquant_encode(weight, self.qtype, self.importance_of(name, weight.shape[1]), name)
-
-    def decode_weight(self, payload: Mapping[str, Tensor]) -> Tensor:
-        return kquant_decode(payload, self.qtype)
+    family = GGMLFamily(FORMATS, "q4_k", "a K-quant", kquant_encode, kquant_decode, kquant_blocks)
 
     def step(self, weight: Tensor, *, name: str | None = None) -> Tensor:
         """Per-element quantization step ``|d · sc|`` of the element's sub-block, [rows, cols] float32."""

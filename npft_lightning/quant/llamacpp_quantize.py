@@ -5,7 +5,8 @@
 What a user ships is a file made by this function (``llama-quantize`` is a thin wrapper of it): it picks
 a ggml type per tensor from the file type (``llama_tensor_get_type`` in src/llama-quant.cpp: a
 ``Q4_K_M`` file holds Q4_K and Q6_K tensors, its ``output`` / tied embedding Q6_K), falls back to
-another type where a type's blocks do not divide a tensor's rows (:data:`FALLBACK`), and weights
+another type where a type's blocks do not divide a tensor's rows (both rules, and so the types expected
+here, come from :mod:`~npft_lightning.quant.llamacpp_rules`, as the fake-quant twins' do), and weights
 each tensor's rounding by the importance matrix when it is given one (:mod:`npft_lightning.quant.imatrix`).
 The file is written to a temporary name beside the target and renamed into place: a failed
 quantization leaves nothing behind (llama.cpp itself writes straight into its output file).
@@ -25,9 +26,16 @@ import torch
 
 from npft_lightning.core.errors import UserError
 from npft_lightning.core.io import atomic_file
+from npft_lightning.quant import llamacpp_rules
 from npft_lightning.quant.gguf_export import gguf_size_report
 from npft_lightning.quant.imatrix import ImportanceMatrix
 from npft_lightning.quant.llamacpp import require_llama_cpp
+from npft_lightning.quant.llamacpp_rules import (
+    block_size,
+    fallback_type,
+    linear_types,
+    llama_ftype,
+)
 
 
 @dataclass(frozen=True)
@@ -36,38 +44,13 @@ class FileType:
     linear_types: tuple[str, ...]  # the ggml types it gives a llama model's decoder linears, its default first
 
 
-# The file types llama.cpp quantizes without an importance matrix (the IQ1 / IQ2 / IQ3 ones and Q2_K_S need
-# one: left out). linear_types from llama_tensor_get_type_impl for a dense llama model; they only name the
-# fallbacks a model's shapes would cause before it loads: the file's real per-tensor types are read back.
+# The file types llama.cpp quantizes without an importance matrix, from llama.cpp's rules (llamacpp_rules): the
+# linear types only name the fallbacks a model's shapes would cause before it loads; the file's real per-tensor
+# types are read back.
 FILE_TYPES: dict[str, FileType] = {
-    "Q4_0": FileType(2, ("Q4_0", "Q4_1")),  # Q4_1: ffn_down of the first eighth of the layers, with an imatrix
-    "Q4_1": FileType(3, ("Q4_1",)),
-    "Q5_0": FileType(8, ("Q5_0", "Q5_1")),
-    "Q5_1": FileType(9, ("Q5_1",)),
-    "Q8_0": FileType(7, ("Q8_0",)),
-    "Q2_K": FileType(10, ("Q2_K", "Q3_K", "Q4_K")),
-    "Q3_K_S": FileType(11, ("Q3_K",)),
-    "Q3_K_M": FileType(12, ("Q3_K", "Q4_K", "Q5_K")),
-    "Q3_K_L": FileType(13, ("Q3_K", "Q5_K")),
-    "Q4_K_S": FileType(14, ("Q4_K", "Q5_K")),
-    "Q4_K_M": FileType(15, ("Q4_K", "Q6_K")),
-    "Q5_K_S": FileType(16, ("Q5_K",)),
-    "Q5_K_M": FileType(17, ("Q5_K", "Q6_K")),
-    "Q6_K": FileType(18, ("Q6_K",)),
-    "IQ4_NL": FileType(25, ("IQ4_NL", "Q5_K")),
-    "IQ4_XS": FileType(30, ("IQ4_XS", "Q5_K")),
+    name: FileType(llama_ftype(name), tuple(t.upper() for t in linear_types(name))) for name in llamacpp_rules.FILE_TYPES
 }
-
-# tensor_type_fallback in src/llama-quant.cpp: the type written instead when a tensor's row length is not a
-# multiple of the type's block; a 32-wide type (or a fallback) that still does not divide it: F16.
-FALLBACK = {"IQ4_XS": "IQ4_NL", "Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 UNQUANTIZED = "F16"
-
-
-def block_size(ggml_type: str) -> int:
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    return GGML_QUANT_SIZES[GGMLQuantizationType[ggml_type]][0]
 
 
 def file_type(name: str, key: str = "llamacpp_types") -> FileType:
@@ -85,9 +68,9 @@ def fallbacks(name: str, columns: Iterable[int]) -> dict[tuple[str, int], str]:
     out = {}
     for ggml_type in file_type(name).linear_types:
         for n in sorted(set(columns)):
-            if n % block_size(ggml_type):
-                fallback = FALLBACK.get(ggml_type, UNQUANTIZED)
-                out[ggml_type, n] = fallback if n % block_size(fallback) == 0 else UNQUANTIZED
+            written = fallback_type(ggml_type.lower(), n).upper()
+            if written != ggml_type:
+                out[ggml_type, n] = written
     return out
 
 
@@ -101,7 +84,7 @@ def check_columns(name: str, columns: Iterable[int], key: str = "llamacpp_types"
     if unquantized:
         ggml_type = next(t for (t, n), f in found.items() if f == UNQUANTIZED)
         raise UserError(f"{key}: {name.upper()} cannot quantize the decoder linears with {unquantized[0]} input features: "
-                        f"{ggml_type}'s {block_size(ggml_type)}-wide blocks (and any fallback) do not divide {unquantized[0]}, "
+                        f"{ggml_type}'s {block_size(ggml_type.lower())}-wide blocks (and any fallback) do not divide {unquantized[0]}, "
                         f"so llama.cpp would store them as {UNQUANTIZED}; drop {name.upper()} or use a model whose widths are "
                         f"multiples of 32")
     widths: dict[tuple[str, str], list[int]] = {}

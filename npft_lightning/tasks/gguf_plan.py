@@ -1,5 +1,6 @@
 """What eval.py's ``gguf_out`` will write, checked against the config before the model loads: our own
-ggml exports (``quant=q4_0 ...``), or llama.cpp's quantizations of the model (``llamacpp_types``)."""
+ggml exports (``quant=q4_0``, ``quant=q4_k``, ``quant=llamacpp_q4_k_m`` ...), or llama.cpp's quantizations of
+the model (``llamacpp_types``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from npft_lightning.core.errors import UserError
-from npft_lightning.quant.ggml import FORMATS, GGMLQuantizer
+from npft_lightning.quant.ggml_base import GGMLTypeQuantizer
 from npft_lightning.quant.gguf_export import (
     BYTES,
     FLOAT_TYPES,
@@ -20,14 +21,18 @@ from npft_lightning.quant.gguf_export import (
     gguf_architecture,
     gguf_paths,
     gguf_widths,
+    writes_gguf,
 )
+from npft_lightning.quant.llamacpp_filetype import TWINS
+from npft_lightning.quant.llamacpp_rules import MOSTLY, block_size
 
 
 def plan_gguf_export(cfg, quantizers: Mapping[str, Any]) -> GGUFPlan | None:
     """Check ``gguf_out`` against the config before the model loads; None when no GGUF is asked for.
 
-    Each problem is one :class:`UserError` line: a quantizer with no ggml type, a model whose
-    architecture or tokenizer cannot be written, an output path that cannot be written.
+    Each problem is one :class:`UserError` line: a quantizer with no ggml type, a single type whose blocks
+    do not divide the model's rows (where the config tells its widths), a model whose architecture or
+    tokenizer cannot be written, an output path that cannot be written.
     """
     out = cfg.get("gguf_out")
     if llamacpp_types(cfg):
@@ -38,12 +43,15 @@ def plan_gguf_export(cfg, quantizers: Mapping[str, Any]) -> GGUFPlan | None:
         return None
     names = list(quantizers)
     if not names:
-        raise UserError(f"gguf_out={out} needs a ggml quantizer: add quant=q4_0 (or q4_1, q5_0, q5_1, q8_0)")
+        raise UserError(f"gguf_out={out} needs a ggml quantizer: add quant=q4_0 (or another ggml type, e.g. q4_k, "
+                        f"iq4_xs, or a llama.cpp file type, e.g. llamacpp_q4_k_m)")
     for name, q in quantizers.items():
-        if not isinstance(q, GGMLQuantizer):
+        if not writes_gguf(q):
             raise UserError(f"gguf_out={out}: quant.{name} ({type(q).__name__}) has no ggml type; GGUF files hold "
-                            f"the ggml block types: use quant={'|'.join(FORMATS)} (or a list of them)")
+                            f"ggml types: use quant={'|'.join(TWINS)} or a llama.cpp file type (e.g. "
+                            f"llamacpp_q4_k_m), or a list of them")
     _check_architecture(cfg.model, f"gguf_out={out}")
+    _check_blocks(quantizers, _config_columns(cfg.model) or (), f"gguf_out={out}")
     vocab = _vocab_source(cfg)
     paths = gguf_paths(out, names)
     for path in paths.values():
@@ -53,6 +61,21 @@ def plan_gguf_export(cfg, quantizers: Mapping[str, Any]) -> GGUFPlan | None:
 
         require_llama_cpp()
     return GGUFPlan(paths, vocab)
+
+
+def _check_blocks(quantizers: Mapping[str, Any], columns, key: str) -> None:
+    """A single ggml type whose blocks do not divide a decoder linear's rows (``columns``: their input widths) cannot
+    be written; llama.cpp gives such tensors another type, and so does the file type named in the line."""
+    for name, q in quantizers.items():
+        if not isinstance(q, GGMLTypeQuantizer):
+            continue  # a file type falls back by itself
+        size = block_size(q.qtype)
+        for n in sorted(columns):
+            if n % size:
+                raise UserError(f"{key}: quant.{name} ({q.qtype}) stores blocks of {size} weights of a row, which do not "
+                                f"divide the {n} input features of this model's decoder linears; llama.cpp writes such "
+                                f"tensors in a fallback type: use quant=llamacpp_{MOSTLY[q.qtype].lower()} (its file type, "
+                                f"with llama.cpp's fallbacks)")
 
 
 def _check_architecture(model_cfg, key: str) -> None:
