@@ -116,13 +116,14 @@ def ggml_encode_weighted(weight: Tensor, qtype: str, quant_weights: Tensor, name
         return ggml_encode(weight, qtype, name)  # quantize_q8_0 ignores the importance
     qw = quant_weights.detach().float().to(weight.device)
     x = _blocks(weight, qtype, name).reshape(weight.shape)
-    return by_rows(lambda rows: _encode_weighted_rows(rows, fmt, qw), x, 1 if fmt.affine else 18)  # make_qx_quants: 18 scales
+    sigma2 = running_sum((x * x).T) / x.shape[1]  # [rows]: Σx² of the row in C's order, over n_per_row
+    weights = qw[None, :] * sqrtf(sigma2[:, None] + x * x)  # of the whole matrix: C's order is per row
+    return by_rows(lambda rows, w: _encode_weighted_rows(rows, w, fmt), x, 1 if fmt.affine else 18, weights)  # make_qx: 18 scales
 
 
-def _encode_weighted_rows(x: Tensor, fmt: BlockFormat, qw: Tensor) -> dict[str, Tensor]:
+def _encode_weighted_rows(x: Tensor, weights: Tensor, fmt: BlockFormat) -> dict[str, Tensor]:
     rows, cols = x.shape
-    sigma2 = running_sum((x * x).T) / cols  # [rows]: Σx² of the row in C's order, over n_per_row
-    weights = (qw[None, :] * sqrtf(sigma2[:, None] + x * x)).reshape(-1, BLOCK).T.contiguous()
+    weights = weights.reshape(-1, BLOCK).T.contiguous()
     xt = x.reshape(-1, BLOCK).T.contiguous()
     if fmt.affine:
         scale, the_min, codes = make_qkx_quants(xt, weights, fmt.levels, -0.9, 0.05, 36)
