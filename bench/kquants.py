@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, help="JSON file for the results")
+    parser.add_argument("--only", nargs="+", default=None, metavar="ARM", help="time only these arms (e.g. q4_0 Q4_K_M)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -69,6 +70,8 @@ def main() -> None:
     rows = []
     reference = reference_cpu = None
     for label, quantizer, names in arms:
+        if args.only and label not in args.only and label != "q4_0":  # q4_0: the reference of the ratios
+            continue
         seconds, cpu = timed(quantizer, linears, names)
         n = sum(weights[name] for name in names)
         per_mweight, cpu_per_mweight = seconds / n * 1e6, cpu / n * 1e6

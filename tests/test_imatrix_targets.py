@@ -165,3 +165,49 @@ def test_an_imatrix_file_weights_the_targets_as_given(tmp_path: Path) -> None:
             assert torch.equal(expected, (sums[gguf_weight_name(name)].float().double() / 7).float())
             assert torch.equal(quantizer.importance_of(name, linear.in_features), expected)
     assert read_imatrix(tmp_path / "run" / "imatrix.gguf").sums.keys() == sums.keys()
+
+
+@pytest.mark.skipif(not __import__("npft_lightning.quant.llamacpp", fromlist=["x"]).llama_cpp_installed(),
+                    reason="the llamacpp extra is not installed (make llamacpp)")
+def test_the_export_with_the_runs_imatrix_is_the_file_the_run_trained_for(tmp_path: Path) -> None:
+    """train.py experiment=mixed_q4_k_imatrix, then eval.py llamacpp_types=[Q4_K_M] imatrix=<run>/imatrix.gguf: every
+    decoder tensor of llama.cpp's file is the run's target quantizer (weighted by the run's matrix) applied to the
+    merged weight, bit for bit. Widths 256 / 512: Q4_K and Q6_K themselves, no fallback."""
+    import os
+    import subprocess
+    import sys
+
+    from hydra.utils import instantiate
+    from peft import PeftModel
+
+    from npft_lightning.quant.gguf_export import permute_rows, read_gguf_weights
+    from npft_lightning.tasks.train import train
+
+    wide = ["model.tiny.hidden_size=256", "model.tiny.intermediate_size=512"]
+    run = tmp_path / "run"
+    train(compose_train([*TINY, *wide, "experiment=mixed_q4_k_imatrix", "trainer.max_steps=2", "noise.step_probability=1.0",
+                         "data.max_train_windows=4"], run))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("HYDRA_FULL_ERROR", None)
+    cmd = [sys.executable, str(ROOT / "eval.py"), f"hydra.run.dir={tmp_path / 'eval'}", "model=tiny-llama", *wide,
+           "data.eval_seq_len=128", "data.max_eval_windows=1", "print_config=false", "quant=none", f"adapter={run / 'adapter'}",
+           "llamacpp_types=[Q4_K_M]", f"imatrix={run / 'imatrix.gguf'}", f"gguf_out={tmp_path / 'm.gguf'}", "llamacpp_threads=1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())["llamacpp"]
+    assert report["imatrix"]["given"] and set(report) == {"F32", "imatrix", "Q4_K_M+imatrix"}
+
+    cfg = compose_train([*TINY, *wide], tmp_path / "scratch")
+    base, _ = instantiate(cfg.model).load()
+    merged = PeftModel.from_pretrained(base, str(run / "adapter")).merge_and_unload()
+    linears = decoder_linears(merged)
+    target = LlamaCppFileType("Q4_K_M").with_importance(read_imatrix(run / "imatrix.gguf").means()).bind(linears)
+    assert {"q4_k", "q6_k"} <= set(target.types.values())
+    written = read_gguf_weights(tmp_path / "m-Q4_K_M-imatrix.gguf")
+    heads = {"q_proj": merged.config.num_attention_heads, "k_proj": merged.config.num_key_value_heads}
+    for name, linear in linears.items():
+        expected = target.quantize_weight(linear.weight.detach(), name=name)
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in heads:  # the GGUF holds q / k with llama.cpp's row order; rows are quantized one by one
+            expected = permute_rows(expected, heads[leaf])
+        assert torch.equal(written[gguf_weight_name(name)], expected), name
