@@ -14,6 +14,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from _pytest.mark.structures import ParameterSet
@@ -132,6 +133,24 @@ CASES = {
     "unknown tiny architecture": ([*TINY, "model.tiny.arch=gpt2"], "model.tiny.arch=gpt2 is not one of llama, opt"),
     "checkpoint of another run": ([*SMALL, "ckpt_path={ckpt}"],
                                   "ckpt_path={ckpt} does not fit this run's model and LoRA config: 28 adapter tensors missing"),
+    "imatrix not a choice": ([*TINY, "imatrix=true"], "imatrix=true is not one of calibration, null or the path of an imatrix file"),
+    "imatrix file missing": ([*TINY, "imatrix=/nonexistent/m.imatrix.gguf"], "imatrix=/nonexistent/m.imatrix.gguf does not exist"),
+    "imatrix file of another format": ([*TINY, "imatrix={garbage}"], "imatrix file {garbage} is neither a GGUF nor a legacy .dat imatrix"),
+    "imatrix file that is a model": ([*TINY, "imatrix={modelgguf}"], "imatrix file {modelgguf} is a GGUF file without importance entries"),
+    "imatrix towards a target that takes none": ([*TINY, "imatrix=calibration"],
+                                                 "imatrix=calibration weights the noise target, but noise.distribution.quantizer"),
+    "imatrix without calibration windows": ([*TINY, "experiment=mixed_q4_k", "imatrix=calibration", "~calibration"],
+                                            "imatrix=calibration is computed on calibration windows of the train split, but the "
+                                            "calibration group was removed"),
+    "imatrix window longer than context": ([*TINY, "experiment=mixed_q4_k_imatrix", "calibration.length=4096"],
+                                           "calibration.length=4096 is longer than the model's context of 512"),
+    "imatrix of another model": ([*TINY, "experiment=mixed_q4_k", "imatrix={otherimatrix}"],
+                                 "imatrix={otherimatrix}: its entry blk.0.attn_q.weight has 32 values, but the model's "
+                                 "blk.0.attn_q.weight has 64 input features; the imatrix was computed for another model"),
+    "imatrix of a model that is not llama": (["model=tiny-opt", *TINY[1:], "quant=[q4_0]", "noise=quant_error",
+                                              "noise.distribution.quantizer=${{quant.q4_0}}", "imatrix=calibration"],
+                                             "imatrix=calibration: an importance matrix names llama.cpp's tensors of a llama "
+                                             "model, but model=tiny-opt"),
     "corpus shorter than one window": ([*SMALL, "data=text_files", "data.corpus.train=[{short}]", "data.corpus.validation=[{short}]",
                                         "data.corpus.test=[{short}]"],
                                        "the train split of text_files has 40 tokens, fewer than one window of seq_len=64"),
@@ -196,6 +215,12 @@ ENTRY_CASES = {
                                                            "gguf_out={tmp}/m.gguf", "~calibration"],
                                                "imatrix=both is computed on calibration windows of the train split, but "
                                                "calibration.windows / calibration.length are not set"),
+    "eval: imatrix file of another format": ("eval.py", [*UNLOADABLE, "llamacpp_types=[Q4_0]", "imatrix={garbage}",
+                                                         "gguf_out={tmp}/m.gguf"],
+                                             "imatrix file {garbage} is neither a GGUF nor a legacy .dat imatrix"),
+    "eval: imatrix file of another model": pytest.param(
+        "eval.py", [*SCORE_TINY, "llamacpp_types=[Q4_K_M]", "imatrix={otherimatrix}", "gguf_out={tmp}/m.gguf"],
+        "imatrix={otherimatrix}: its entry blk.0.attn_q.weight has 32 values", marks=LLAMACPP),
     "eval: llama.cpp type of a non-llama model": ("eval.py", ["model=tiny-opt", *SCORE_TINY[1:], "llamacpp_types=[Q4_K_M]",
                                                               "gguf_out={tmp}/m.gguf"],
                                                   "llamacpp_types: model tiny-opt has architecture 'opt'; the GGUF export supports llama"),
@@ -327,11 +352,25 @@ def assets(tmp_path_factory) -> dict[str, str]:
         (root / "sweep" / job / ".hydra").mkdir(parents=True)
         (root / "sweep" / job / ".hydra" / "overrides.yaml").write_text(f"- noise.scale={job}\n")
     (root / "sweep" / "1" / "metrics.json").write_text("{truncated")
+    from gguf import GGUFWriter
+
+    from npft_lightning.quant.imatrix import ImportanceMatrix, write_imatrix
+
+    write_imatrix(ImportanceMatrix({"blk.0.attn_q.weight": torch.ones(32, dtype=torch.float64)}, {"blk.0.attn_q.weight": 4}, 64, 1),
+                  root / "other.imatrix.gguf")  # an imatrix of a model 32 wide
+    writer = GGUFWriter(root / "model.gguf", "llama")  # a GGUF that holds a model's tensor, no imatrix
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     names = ("afile", "garbage.ckpt", "empty.txt", "short.txt", "binary.gz", "latin1.txt", "array.json", "cut.jsonl", "cutgguf.gguf",
              "notamodel", "neox", "hf", "unloadable", "brokenmodel", "badconfig",
              "adapter", "noweights",
              "badjson", "truncated", "exports", "lonely/last.ckpt", "other.yaml", "sweep", "plain.pt")
-    return {name.split("/")[0]: str(root / name) for name in names} | {"tmp": str(root), "ckpt": str(root / "trained" / "checkpoints" / "last.ckpt")}
+    return {name.split("/")[0]: str(root / name) for name in names} | {
+        "tmp": str(root), "ckpt": str(root / "trained" / "checkpoints" / "last.ckpt"),
+        "otherimatrix": str(root / "other.imatrix.gguf"), "modelgguf": str(root / "model.gguf")}
 
 
 def _fill(text: str, assets: dict[str, str]) -> str:

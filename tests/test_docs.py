@@ -3,7 +3,7 @@
 Each ``python train.py ...``, ``python eval.py ...``, ``python analyze.py ...`` (also after ``srun`` or
 ``torchrun``) and ``make train ARGS="..."`` in a shell block or an inline code span is composed with Hydra's
 compose API and put through the entry's config checks that need no model (``validate_config``), with the user's
-own files (``ckpt_path``, ``model.path``, adapters, text-file corpora) left out and GPUs assumed present. ``-m``
+own files (``ckpt_path``, ``model.path``, adapters, text-file corpora, imatrix files) left out and GPUs assumed present. ``-m``
 sweeps are composed once per combination. Overrides a config would silently ignore (``outliers.ratio``
 under ``outliers=all``) fail too. ``python -m npft_lightning export|report`` commands must use options
 their ``--help`` lists. Shell variables (``$RUN``) stand for the user's folders.
@@ -142,6 +142,9 @@ def _without_user_files(cfg: DictConfig, scratch: Path) -> DictConfig:
         for key in ("adapter", "adapters"):  # eval.py / analyze.py: the user's trained adapter folders
             if key in cfg:
                 cfg[key] = None
+        imatrix = cfg.get("imatrix")
+        if isinstance(imatrix, str) and imatrix not in ("calibration", "both"):  # the user's imatrix file
+            cfg.imatrix = "calibration" if "noise" in cfg else True  # train.py's computed one / eval.py's
         if cfg.get("llamacpp_ppl") and importlib.util.find_spec("llama_cpp") is None:
             cfg.llamacpp_ppl = False  # the optional extra (make llamacpp) is not installed here
         if cfg.get("model") is not None and "path" in cfg.model:

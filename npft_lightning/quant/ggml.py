@@ -101,7 +101,9 @@ def ggml_encode(weight: Tensor, qtype: str, quant_weights: Tensor | None = None,
     if quant_weights is not None and fmt.bits != 8:
         qw = quant_weights.detach().float().to(weight.device)
         rows = x.reshape(weight.shape)
-        return by_rows(lambda part: _encode_weighted_rows(part, fmt, qw), rows, 1 if fmt.affine else 18)  # make_qx_quants: 18 scales
+        sigma2 = running_sum((rows * rows).T) / rows.shape[1]  # [rows]: Σx² of the row in C's order, over n_per_row
+        weights = qw[None, :] * sqrtf(sigma2[:, None] + rows * rows)  # of the whole matrix: C's order is per row
+        return by_rows(lambda part, w: _encode_weighted_rows(part, w, fmt), rows, 1 if fmt.affine else 18, weights)  # make_qx: 18 scales
     if fmt.affine:
         lo = x.amin(dim=-1, keepdim=True)
         d = (x.amax(dim=-1, keepdim=True) - lo) / fmt.levels
@@ -121,10 +123,9 @@ def ggml_encode(weight: Tensor, qtype: str, quant_weights: Tensor | None = None,
     return {"codes": codes, "d": d.half().float()[..., 0], **extra}
 
 
-def _encode_weighted_rows(x: Tensor, fmt: BlockFormat, qw: Tensor) -> dict[str, Tensor]:
+def _encode_weighted_rows(x: Tensor, weights: Tensor, fmt: BlockFormat) -> dict[str, Tensor]:
     rows, cols = x.shape
-    sigma2 = running_sum((x * x).T) / cols  # [rows]: Σx² of the row in C's order, over n_per_row
-    weights = (qw[None, :] * sqrtf(sigma2[:, None] + x * x)).reshape(-1, BLOCK).T.contiguous()
+    weights = weights.reshape(-1, BLOCK).T.contiguous()
     xt = x.reshape(-1, BLOCK).T.contiguous()
     if fmt.affine:
         scale, the_min, codes = make_qkx_quants(xt, weights, fmt.levels, -0.9, 0.05, 36)

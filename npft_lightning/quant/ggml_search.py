@@ -8,8 +8,9 @@ function returns for each of the B blocks. The arithmetic is C's, operation for 
 * sums are accumulated in C's order, one element after the other (``_running_sum``), never by a
   reduction tree: their last bits decide which candidate scale wins;
 * products keep C's association (``w*x*l`` is ``(w*x)*l``) and integer codes become floats where
-  C converts them; ``nearest_int`` is C's bit trick (``_nearest_int``), integer narrowing to
-  ``uint8`` / ``int8`` wraps as in C;
+  C converts them; ``nearest_int`` is C's bit trick (``_nearest_int``), or ``torch.round`` where the
+  value is bounded (both round half to even for |v| <= 4194303, the range C's ``nearest_int`` asserts),
+  integer narrowing to ``uint8`` / ``int8`` wraps as in C;
 * division and square roots are correctly rounded (``div``, ``sqrtf``), as C's ``/`` and ``sqrtf``;
 * no fused multiply-add: the libggml-base that llama.cpp's quantizer runs (``ggml_quantize_chunk``)
   is built without ``-mfma`` (its disassembly holds no vfmadd instruction; only ggml-cpu gets
@@ -17,6 +18,11 @@ function returns for each of the B blocks. The arithmetic is C's, operation for 
 * independent candidate scales are searched all at once (an extra dimension), and the winner is
   picked in C's order with C's strict comparisons (the earliest best wins ties); ``make_qkx*_quants``
   tries its candidates one after the other, each measured from the offset of the best one so far.
+
+Speed (they run on every weight at each step of a ``quant_error`` recipe): the hot searches loop over
+the n elements of the blocks, each step one torch call on a buffer of [candidates, B] or [B] values
+that stays in the cache, instead of whole [n, candidates, B] temporaries that stream through memory;
+per-row and per-super-block sums of a whole matrix are taken once, before it is cut into chunks of rows.
 
 The per-type drivers are in :mod:`~npft_lightning.quant.kquants` and :mod:`~npft_lightning.quant.iq4`.
 """
@@ -91,14 +97,19 @@ def signed_absmax(x: Tensor) -> tuple[Tensor, Tensor]:
     return peak.abs(), peak
 
 
-CHUNK_VALUES = 1 << 24  # weights x candidate scales searched at once: bounds each temporary to 64 MiB
+# Weights x candidate scales searched at once. The searches loop over the elements of the blocks with buffers of
+# [candidates, blocks] (make_qx_quants: 19 x 7k for 32-weight blocks, about 0.5 MiB, which stays in the cache) or
+# [blocks] (make_qkx_quants: 131k for one candidate at a time), large enough that each torch call does real work.
+CHUNK_VALUES = 1 << 22
 
 
-def by_rows(encode, x: Tensor, candidates: int) -> dict[str, Tensor]:
-    """``encode(rows)`` (fields whose first dimension is the row) over chunks of the rows of ``x``, concatenated:
-    each chunk holds at most :data:`CHUNK_VALUES` weights times the ``candidates`` scales searched side by side."""
+def by_rows(encode, x: Tensor, candidates: int, *aligned: Tensor) -> dict[str, Tensor]:
+    """``encode(rows, *aligned_rows)`` (fields whose first dimension is the row) over chunks of the rows of ``x``
+    (and the same rows of each ``aligned`` tensor), concatenated: each chunk holds at most :data:`CHUNK_VALUES`
+    weights times the ``candidates`` scales searched side by side."""
     rows, cols = x.shape
-    parts = [encode(chunk) for chunk in x.split(max(1, min(rows, CHUNK_VALUES // (cols * candidates))))]
+    size = max(1, min(rows, CHUNK_VALUES // (cols * candidates)))
+    parts = [encode(*chunks) for chunks in zip(x.split(size), *(a.split(size) for a in aligned))]
     return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
 
@@ -113,34 +124,35 @@ def make_qx_quants(x: Tensor, nmax: int, weights: Tensor | None) -> tuple[Tensor
     the first least-squares scale, then the 18 scales ``-(nmax + 0.1·is) / max`` for is = -9..9.
     Here ``|iscale · x| <= nmax + 1`` (``max`` is the largest |x|), where C's ``nearest_int`` is
     ``torch.round`` (half to even): codes are rounded in float32, and only for the winning scale.
+    The 19 scales are measured side by side, one element of the blocks at a time (C's order of the sums),
+    in buffers of [19, B] that stay in the cache (:data:`CHUNK_VALUES`).
     """
     amax, peak = signed_absmax(x)
     w = x * x if weights is None else weights
     wx = w * x
-    iscale = div(-nmax, peak)
-    lf = torch.round(iscale * x).clamp_(-nmax, nmax - 1)
-    sumlx = running_sum(wx * lf)
-    suml2 = running_sum(w * lf * lf)
-    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
-    best = scale * sumlx
     steps = [s for s in range(-9, 10) if s != 0]
-    # every candidate at once: [n, candidates, B]
     numer = np.array([-(np.float32(nmax) + np.float32(0.1) * np.float32(s)) for s in steps], dtype=np.float32)
-    isc = torch.from_numpy(numer).to(x.device)[:, None] / peak[None, :]
-    lc = torch.round(isc[None] * x[:, None]).clamp_(-nmax, nmax - 1)
-    terms = x.new_empty(x.shape[0], 2, *isc.shape)
-    torch.mul(wx[:, None], lc, out=terms[:, 0])
-    torch.mul(w[:, None] * lc, lc, out=terms[:, 1])
-    del lc
-    sumlx_c, suml2_c = running_sum(terms).unbind(0)
-    winner = iscale
-    for c in range(len(steps)):
-        take = (suml2_c[c] > 0) & (sumlx_c[c] * sumlx_c[c] > best * suml2_c[c])
-        new_scale = sumlx_c[c] / suml2_c[c]
-        scale = _pick(take, new_scale, scale)
-        best = _pick(take, new_scale * sumlx_c[c], best)
-        winner = _pick(take, isc[c], winner)
-    codes = torch.round(winner * x).clamp_(-nmax, nmax - 1).to(torch.int32) + nmax
+    # scale 0: C's first -nmax / max; then the candidates, in C's order
+    iscales = torch.cat([div(-nmax, peak)[None], torch.from_numpy(numer).to(x.device)[:, None] / peak[None, :]])
+    sums = torch.zeros(2, *iscales.shape, dtype=x.dtype, device=x.device)
+    sumlx, suml2 = sums.unbind(0)
+    l, term = torch.empty_like(iscales), torch.empty_like(iscales)
+    for xi, wi, wxi in zip(x, w, wx):  # sumlx += w·x·l, suml2 += w·l·l, as (w·x)·l and (w·l)·l
+        torch.mul(iscales, xi, out=l).round_().clamp_(-nmax, nmax - 1)
+        sumlx.add_(torch.mul(l, wxi, out=term))
+        suml2.add_(torch.mul(l, wi, out=term).mul_(l))
+    ratio = sumlx / suml2
+    first_scale = torch.where(suml2[0] != 0, ratio[0], torch.zeros_like(ratio[0]))
+    best = first_scale * sumlx[0]
+    gains, bests, positive = sumlx * sumlx, ratio * sumlx, suml2 > 0
+    winner = torch.zeros_like(best, dtype=torch.long)
+    for c in range(1, len(iscales)):  # C's scan: a later scale wins only if strictly better
+        take = positive[c] & (gains[c] > best * suml2[c])
+        best = _pick(take, bests[c], best)
+        winner.masked_fill_(take, c)
+    scale = _pick(winner == 0, first_scale, ratio.gather(0, winner[None])[0])
+    iscale = iscales.gather(0, winner[None])[0]
+    codes = torch.round(iscale * x).clamp_(-nmax, nmax - 1).to(torch.int32) + nmax
     zero = amax < GROUP_MAX_EPS
     return torch.where(zero, torch.zeros_like(scale), scale), torch.where(zero[None], torch.zeros_like(codes), codes)
 
@@ -198,33 +210,44 @@ def make_qkx_quants(
     flat_min = -lo
     iscale = div(nmax, hi - lo)
     scale = div(1, iscale)
-    L = nearest_int(iscale * (x - lo)).clamp(0, nmax)
-    diff = scale * L.float() + lo - x
+    # C's nearest_int is round half to even for |v| <= 4194303 (it asserts so); v <= nmax + 1 here
+    L = torch.round(iscale * (x - lo)).clamp_(0, nmax)
+    diff = scale * L + lo - x
     best = running_sum(weights * (diff * diff))
-    terms = x.new_empty(x.shape[0], 3, x.shape[1])  # w·l, w·l², w·l·x of one candidate
+    # L of the best grid so far is round((x - L_min) · L_iscale): kept as those two [B] values, rounded again at the end
+    L_min, L_iscale = lo, iscale
+    # One candidate at a time, one element of the blocks at a time (C's order of the sums), in [B] buffers.
+    laux = torch.empty_like(x)
+    sums = x.new_empty(3, x.shape[1])
+    sum_l, sum_l2, sum_xl = sums.unbind(0)
+    wl, term, error = (torch.empty_like(lo) for _ in range(3))
     for s in range(nstep + 1) if nstep >= 1 else ():
         numer = float(np.float32(rmin) + np.float32(rdelta) * np.float32(s) + np.float32(nmax))
-        laux = nearest_int(div(numer, hi - lo) * (x - lo)).clamp(0, nmax)
-        lf = laux.float()
-        wl = torch.mul(weights, lf, out=terms[:, 0])
-        torch.mul(wl, lf, out=terms[:, 1])
-        torch.mul(wl, x, out=terms[:, 2])
-        sum_l, sum_l2, sum_xl = running_sum(terms).unbind(0)
+        candidate = div(numer, hi - lo)
+        sums.zero_()
+        for xi, wi, li in zip(x, weights, laux):  # sum_l += w·l, sum_l2 += (w·l)·l, sum_xl += (w·l)·x
+            torch.sub(xi, lo, out=li).mul_(candidate).round_().clamp_(0, nmax)
+            sum_l.add_(torch.mul(wi, li, out=wl))
+            sum_l2.add_(torch.mul(wl, li, out=term))
+            sum_xl.add_(torch.mul(wl, xi, out=term))
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
         positive = this_min > 0
         this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
         this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
-        cdiff = this_scale * lf + this_min - x
-        error = running_sum(weights * (cdiff * cdiff))
+        error.zero_()
+        for xi, wi, li in zip(x, weights, laux):  # error += w·diff², diff = scale·l + min - x
+            torch.mul(this_scale, li, out=term).add_(this_min).sub_(xi)
+            error.add_(term.mul_(term).mul_(wi))
         take = (D > 0) & (error < best)
-        L = _pick(take[None], laux, L)
+        L_min, L_iscale = _pick(take, lo, L_min), _pick(take, candidate, L_iscale)
         best = _pick(take, error, best)
         scale = _pick(take, this_scale, scale)
         lo = _pick(take, this_min, lo)
+    L = torch.sub(x, L_min, out=laux).mul_(L_iscale).round_().clamp_(0, nmax)
     return (torch.where(flat, torch.zeros_like(scale), scale), torch.where(flat, flat_min, -lo),
-            torch.where(flat[None], torch.zeros_like(L), L))
+            torch.where(flat[None], torch.zeros_like(L), L).to(torch.int32))
 
 
 def make_qp_quants(x: Tensor, nmax: int, weights: Tensor) -> tuple[Tensor, Tensor]:

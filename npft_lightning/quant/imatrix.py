@@ -33,7 +33,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -60,6 +60,16 @@ class ImportanceMatrix:
     def means(self) -> dict[str, Tensor]:
         """GGUF weight name -> float32 mean of x² per input column: what llama.cpp's quantizer is given."""
         return {name: (s / self.counts[name]).float() for name, s in self.sums.items() if self.counts[name] > 0}
+
+    def state(self) -> dict:
+        """Tensors, numbers and strings only (a checkpoint entry that loads with ``weights_only``)."""
+        return {"sums": dict(self.sums), "counts": dict(self.counts), "chunk_size": self.chunk_size, "chunks": self.chunks,
+                "datasets": list(self.datasets)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> ImportanceMatrix:
+        return cls(dict(state["sums"]), {k: int(v) for k, v in state["counts"].items()}, int(state["chunk_size"]),
+                   int(state["chunks"]), list(state.get("datasets", [])))
 
 
 @torch.no_grad()
@@ -157,7 +167,10 @@ def read_imatrix(path: str | os.PathLike) -> ImportanceMatrix:
 def _read_gguf(path: Path) -> ImportanceMatrix:
     from gguf import GGUFReader, Keys
 
-    reader = GGUFReader(path)
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError, struct.error) as err:
+        raise UserError(f"imatrix file {path} starts like a GGUF file but cannot be read as one ({err})") from err
     sums, counts = {}, {}
     for tensor in reader.tensors:
         data = np.asarray(tensor.data, dtype=np.float32).reshape(-1)
@@ -168,6 +181,9 @@ def _read_gguf(path: Path) -> ImportanceMatrix:
                 raise UserError(f"imatrix file {path}: {tensor.name} has {data.size} counts (an MoE imatrix); "
                                 f"only dense models' imatrices are read")
             counts[tensor.name.removesuffix(".counts")] = int(round(float(data[0])))
+    if not sums:
+        raise UserError(f"imatrix file {path} is a GGUF file without importance entries (no <tensor>.in_sum2): a model, "
+                        f"not an imatrix; give the file llama-imatrix or eval.py imatrix=true wrote")
     if set(sums) != set(counts):
         raise UserError(f"imatrix file {path}: sums and counts do not pair up ({sorted(set(sums) ^ set(counts))[:3]})")
 
@@ -207,4 +223,21 @@ def _read_dat(path: Path) -> ImportanceMatrix:
             datasets = [data[offset:offset + length].decode()] if length > 0 else []
     except (struct.error, ValueError, UnicodeDecodeError) as err:
         raise UserError(f"imatrix file {path} is neither a GGUF nor a legacy .dat imatrix ({err})") from err
+    if not sums:
+        raise UserError(f"imatrix file {path} holds no entries; give the file llama-imatrix or eval.py imatrix=true wrote")
     return ImportanceMatrix(sums, counts, 1, chunks, datasets)
+
+
+def check_imatrix_fits(imatrix: ImportanceMatrix, in_features: Mapping[str, int], key: str) -> None:
+    """One line when ``imatrix`` was computed for another model: an entry whose length is not its tensor's input
+    features, or no entry for any of the model's decoder linears. ``in_features``: GGUF weight name -> input features
+    of each decoder linear; ``key``: the option that named the imatrix, for the message."""
+    matched = sorted(name for name in in_features if name in imatrix.sums)
+    for name in matched:
+        if imatrix.sums[name].numel() != in_features[name]:
+            raise UserError(f"{key}: its entry {name} has {imatrix.sums[name].numel()} values, but the model's {name} has "
+                            f"{in_features[name]} input features; the imatrix was computed for another model")
+    if not matched:
+        shown = ", ".join(sorted(imatrix.sums)[:2])
+        raise UserError(f"{key}: none of its {len(imatrix.sums)} entries ({shown}, ...) is a decoder linear of this model "
+                        f"({min(in_features)}, ...); the imatrix was computed for another model")

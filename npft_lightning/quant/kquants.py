@@ -138,12 +138,12 @@ def _superblock_sigma2(x: Tensor) -> Tensor:
     return 2 * running_sum(xt * xt) / QK_K
 
 
-def _importance_weights(x: Tensor, quant_weights: Tensor, sub: int) -> Tensor:
-    """``qw[col] · sqrt(σ² + x²)`` of each weight (σ² of its super-block), in the sub-block layout [sub, B]."""
+def _importance_weights(x: Tensor, quant_weights: Tensor) -> Tensor:
+    """``qw[col] · sqrt(σ² + x²)`` of each weight (σ² of its super-block), [rows, cols]: computed once for the whole
+    matrix (the sums of σ² run over 256 weights; per chunk of rows they would cost as many small steps again)."""
     rows, cols = x.shape
     sigma2 = _superblock_sigma2(x).reshape(rows, cols // QK_K, 1).expand(rows, cols // QK_K, QK_K).reshape(rows, cols)
-    weights = quant_weights[None, :] * sqrtf(sigma2 + x * x)
-    return _sub_blocks(weights, sub)
+    return quant_weights[None, :] * sqrtf(sigma2 + x * x)
 
 
 def _positive_max(values: Tensor) -> Tensor:
@@ -160,12 +160,12 @@ def _requantize(xt: Tensor, L: Tensor, d: Tensor, dm: Tensor | None, lo: int, hi
     return torch.where((d != 0)[None], codes, L)
 
 
-def _encode_q4_q5(x: Tensor, fmt: KFormat, quant_weights: Tensor | None) -> dict[str, Tensor]:
+def _encode_q4_q5(x: Tensor, fmt: KFormat, importance: Tensor | None) -> dict[str, Tensor]:
     rows, cols = x.shape
     S = rows * cols // QK_K
     nmax = 2**fmt.bits - 1
     xt = _sub_blocks(x, 32)  # [32, 8S]
-    if quant_weights is None:  # quantize_row_q{4,5}_K_ref
+    if importance is None:  # quantize_row_q{4,5}_K_ref
         sum_x2 = running_sum(xt * xt)
         weights = sqrtf(sum_x2 / 32)[None] + xt.abs()
         rmin, nstep = (-1.0, 20) if fmt.bits == 4 else (-0.5, 15)
@@ -178,7 +178,7 @@ def _encode_q4_q5(x: Tensor, fmt: KFormat, quant_weights: Tensor | None) -> dict
         lm = as_uint8(nearest_int(inv_min[:, None] * mins)).clamp_max(63)
         d, dmin = fp16(max_scale / 63.0), fp16(max_min / 63.0)
     else:  # quantize_row_q{4,5}_K_impl
-        weights = _importance_weights(x, quant_weights, 32)
+        weights = _sub_blocks(importance, 32)
         sw = running_sum(weights).reshape(S, 8).T.contiguous()
         scales, mins, L = make_qkx_quants(xt, weights, nmax, -0.9, 0.05, 36)
         d_block, ls = make_qp_quants(scales.reshape(S, 8).T.contiguous(), 63, sw)
@@ -194,11 +194,11 @@ def _encode_q4_q5(x: Tensor, fmt: KFormat, quant_weights: Tensor | None) -> dict
     return {"codes": L.T.reshape(rows, cols), "d": d, "dmin": dmin, "sub_scales": sc, "sub_mins": m}
 
 
-def _encode_q3(x: Tensor, fmt: KFormat, quant_weights: Tensor | None) -> dict[str, Tensor]:
+def _encode_q3(x: Tensor, fmt: KFormat, importance: Tensor | None) -> dict[str, Tensor]:
     rows, cols = x.shape
     S = rows * cols // QK_K
     xt = _sub_blocks(x, 16)  # [16, 16S]
-    if quant_weights is None:  # quantize_row_q3_K_ref
+    if importance is None:  # quantize_row_q3_K_ref
         scales, L = make_q3_quants(xt, 4)
         scales = scales.reshape(S, 16)
         peak = scales.gather(1, first_argmax(scales.abs().T)[:, None])[:, 0]
@@ -207,7 +207,7 @@ def _encode_q3(x: Tensor, fmt: KFormat, quant_weights: Tensor | None) -> dict[st
         ls = torch.where((peak != 0)[:, None], ls, torch.zeros_like(ls))
         d = torch.where(peak != 0, fp16(div(1, iscale)), torch.zeros_like(peak))
     else:  # quantize_row_q3_K_impl
-        weights = _importance_weights(x, quant_weights, 16)
+        weights = _sub_blocks(importance, 16)
         sw = running_sum(weights).reshape(S, 16).T.contiguous()
         scales, L = make_qx_quants(xt, 4, weights)
         d_block, ls = make_qx_quants(scales.reshape(S, 16).T.contiguous(), 32, sw)
@@ -218,11 +218,11 @@ def _encode_q3(x: Tensor, fmt: KFormat, quant_weights: Tensor | None) -> dict[st
     return {"codes": L.T.reshape(rows, cols), "d": d, "sub_scales": sc + 32}
 
 
-def _encode_q6(x: Tensor, fmt: KFormat, quant_weights: Tensor | None) -> dict[str, Tensor]:
+def _encode_q6(x: Tensor, fmt: KFormat, importance: Tensor | None) -> dict[str, Tensor]:
     rows, cols = x.shape
     S = rows * cols // QK_K
     xt = _sub_blocks(x, 16)
-    weights = None if quant_weights is None else _sub_blocks(quant_weights[None, :].expand(rows, cols), 16)
+    weights = None if importance is None else _sub_blocks(importance, 16)
     scales, L = make_qx_quants(xt, 32, weights)  # ref: weights x²; impl: the importance alone
     scales = scales.reshape(S, 16)
     peak = scales.gather(1, first_argmax(scales.abs().T)[:, None])[:, 0]
@@ -250,8 +250,13 @@ def kquant_encode(weight: Tensor, qtype: str, quant_weights: Tensor | None = Non
     rows, cols = weight.shape
     check_superblocks(cols, qtype, name)
     x = weight.detach().float()
-    qw = None if quant_weights is None else quant_weights.detach().float().to(x.device)
-    fields = by_rows(lambda rows_: _ENCODERS[fmt.bits](rows_, fmt, qw), x, _PARALLEL_CANDIDATES[fmt.bits])
+    encode = _ENCODERS[fmt.bits]
+    if quant_weights is None:
+        fields = by_rows(lambda rows_: encode(rows_, fmt, None), x, _PARALLEL_CANDIDATES[fmt.bits])
+    else:  # each weight's importance: Q6_K the column's alone, the others qw[col] · sqrt(σ² + x²)
+        qw = quant_weights.detach().float().to(x.device)
+        importance = qw[None, :].expand(rows, cols) if fmt.bits == 6 else _importance_weights(x, qw)
+        fields = by_rows(lambda rows_, w: encode(rows_, fmt, w), x, _PARALLEL_CANDIDATES[fmt.bits], importance)
     n_sb = cols // QK_K
     out = {"codes": fields["codes"].to(torch.uint8), "d": fields["d"].reshape(rows, n_sb)}
     if fmt.affine:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from npft_lightning.quant.base import WeightQuantizer
 from npft_lightning.quant.calibration import CalibrationSpec
+from npft_lightning.quant.importance import ImportanceLookup
+
+IMATRIX_CALIBRATION = "calibration"  # train.py imatrix=calibration: computed at the start of training
 
 
 def build_quantizers(cfg: Any) -> dict[str, WeightQuantizer]:
@@ -26,3 +29,9 @@ def calibration_spec(cfg: Any) -> CalibrationSpec | None:
         return None
     return CalibrationSpec(windows=int(c.windows), length=int(c.length), seed=int(c.seed),
                            sensitivity_windows=int(c.sensitivity_windows))
+
+
+def imatrix_targets(noise_target: WeightQuantizer | None, quantizers: Mapping[str, WeightQuantizer]) -> list[ImportanceLookup]:
+    """What train.py's ``imatrix`` weights: the noise's target quantizer and the fake-quant validation's quantizers,
+    those that take an importance matrix (ggml and llama.cpp types; the others stay unweighted)."""
+    return [q for q in (noise_target, *quantizers.values()) if isinstance(q, ImportanceLookup)]

@@ -169,6 +169,68 @@ def _check_noise_and_outliers(cfg: DictConfig) -> None:
         _build("outliers", outliers)
 
 
+def _check_imatrix(cfg: DictConfig) -> None:
+    """train.py's ``imatrix``: calibration (with the calibration group), an imatrix file that reads as one, and
+    something to weight: a noise target that takes an importance matrix, or one among the fake-quant quantizers."""
+    from hydra.utils import instantiate
+
+    from npft_lightning.quant.imatrix import read_imatrix
+    from npft_lightning.tasks.build import (
+        IMATRIX_CALIBRATION,
+        build_quantizers,
+        imatrix_targets,
+    )
+
+    source = cfg.get("imatrix")
+    if source is None:
+        return
+    shown = str(source).lower() if isinstance(source, bool) else source  # as typed: true, not Python's True
+    if not isinstance(source, str) or source in ("true", "false", "both", ""):
+        raise UserError(f"imatrix={shown} is not one of calibration, null or the path of an imatrix file; imatrix=calibration "
+                        f"computes one at the start of training (eval.py's true / both are its own llamacpp_types option)")
+    if source == IMATRIX_CALIBRATION:
+        if cfg.get("calibration") is None:
+            raise UserError("imatrix=calibration is computed on calibration windows of the train split, but the calibration "
+                            "group was removed; keep it (calibration=default) or give an imatrix file")
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise UserError(f"imatrix={source} does not exist; give an imatrix file (llama-imatrix's, or the .imatrix.gguf "
+                            f"of eval.py imatrix=true), or imatrix=calibration to compute one")
+        read_imatrix(path)  # a file of another format is one line here
+    noise = cfg.get("noise")
+    distribution = instantiate(noise).distribution if noise is not None and "_target_" in noise else None
+    target = getattr(distribution, "quantizer", None) if distribution is not None and distribution.enabled else None
+    quantizers = build_quantizers(cfg)
+    if target is not None and not imatrix_targets(target, {}):
+        raise UserError(f"imatrix={source} weights the noise target, but noise.distribution.quantizer ({target.name}, "
+                        f"{type(target).__name__}) takes no importance matrix; target a ggml or llama.cpp type (e.g. "
+                        f"quant=[llamacpp_q4_k_m] 'noise.distribution.quantizer=${{quant.llamacpp_q4_k_m}}') or drop imatrix")
+    if not imatrix_targets(target, quantizers):
+        raise UserError(f"imatrix={source} weights ggml / llama.cpp quantizers, but neither the noise nor quant={list(quantizers)} "
+                        f"has one; add one (e.g. quant=[llamacpp_q4_k_m]) or drop imatrix")
+
+
+def check_imatrix_against_model(cfg: DictConfig, model) -> None:
+    """train.py's ``imatrix`` against the loaded model: llama tensor names, and a file's entries of its shapes."""
+    from npft_lightning.core.layers import decoder_linears
+    from npft_lightning.quant.imatrix import check_imatrix_fits, read_imatrix
+    from npft_lightning.quant.importance import gguf_weight_name
+    from npft_lightning.tasks.build import IMATRIX_CALIBRATION
+
+    source = cfg.get("imatrix")
+    if source is None:
+        return
+    linears = decoder_linears(model)
+    try:
+        names = {gguf_weight_name(name): linear.in_features for name, linear in linears.items()}
+    except ValueError:
+        raise UserError(f"imatrix={source}: an importance matrix names llama.cpp's tensors of a llama model, but "
+                        f"model={(cfg.get('model') or {}).get('name')} ({type(model).__name__}) has other layers; drop imatrix") from None
+    if source != IMATRIX_CALIBRATION:
+        check_imatrix_fits(read_imatrix(Path(source).expanduser()), names, f"imatrix={source}")
+
+
 def _check_data(data: DictConfig) -> None:
     for key in ("seq_len", "eval_seq_len"):
         if key in data:
@@ -445,6 +507,8 @@ def validate_config(cfg: DictConfig, task: str = "train") -> None:
     if seed is not None and (not is_int(seed) or seed < 0):
         raise UserError(f"seed={seed} must be an integer >= 0")
     _check_noise_and_outliers(cfg)
+    if task == "train":
+        _check_imatrix(cfg)  # eval.py's imatrix is its own option (checks_eval)
     if cfg.get("data") is not None:
         _check_data(cfg.data)
     if cfg.get("calibration") is not None:

@@ -143,8 +143,9 @@ class LlamaCppPlan:
     float_type: str  # f32 or f16
     float_path: Path
     files: list[tuple[str, bool, Path]]  # (file type, with the imatrix, path)
-    imatrix_path: Path | None  # where the importance matrix is written (None: no imatrix)
+    imatrix_path: Path | None  # where the importance matrix is written, or read from (None: no imatrix)
     vocab: str  # a .gguf path, or BYTES
+    imatrix_given: bool = False  # imatrix=<file>: read (a training run's <run>/imatrix.gguf, llama-imatrix's), not computed
 
 
 def llamacpp_types(cfg) -> list[str]:
@@ -166,8 +167,9 @@ def plan_llamacpp_files(cfg) -> LlamaCppPlan | None:
     types = llamacpp_types(cfg)
     imatrix = cfg.get("imatrix", False)
     shown = str(imatrix).lower()  # as typed: true, not Python's True
-    if imatrix not in IMATRIX_CHOICES:
-        raise UserError(f"imatrix={shown} is not one of true, false, both (each llamacpp_types file with and without it)")
+    given = _imatrix_file(imatrix)
+    if given is not None:
+        imatrix = True
     if not types:
         if imatrix:
             raise UserError(f"imatrix={shown} weights llama.cpp's quantizer, but llamacpp_types is empty; "
@@ -183,7 +185,7 @@ def plan_llamacpp_files(cfg) -> LlamaCppPlan | None:
     if not out:
         raise UserError(f"{key}={types} writes GGUF files: set gguf_out=<file>.gguf (their names derive from it: "
                         f"<stem>-{types[0]}.gguf)")
-    if imatrix and not _has_calibration(cfg.get("calibration")):
+    if imatrix and given is None and not _has_calibration(cfg.get("calibration")):
         raise UserError(f"imatrix={shown} is computed on calibration windows of the train split, but calibration.windows "
                         f"/ calibration.length are not set; set them (e.g. calibration.windows=128 calibration.length=512)")
     _check_architecture(cfg.model, key)
@@ -197,14 +199,30 @@ def plan_llamacpp_files(cfg) -> LlamaCppPlan | None:
     variants = {"both": (False, True), True: (True,), False: (False,)}[imatrix]
     files = [(name, with_imatrix, out.with_name(f"{out.stem}-{name}{'-imatrix' if with_imatrix else ''}{suffix}"))
              for name in types for with_imatrix in variants]
+    imatrix_path = given if given is not None else out.with_name(f"{out.stem}.imatrix.gguf") if imatrix else None
     plan = LlamaCppPlan(types, float_type, out.with_name(f"{out.stem}-{float_type.upper()}{suffix}"), files,
-                        out.with_name(f"{out.stem}.imatrix.gguf") if imatrix else None, vocab)
-    for path in [plan.float_path, *(path for *_, path in files), *([plan.imatrix_path] if imatrix else [])]:
+                        imatrix_path, vocab, imatrix_given=given is not None)
+    for path in [plan.float_path, *(path for *_, path in files), *([imatrix_path] if imatrix and given is None else [])]:
         check_gguf_output(path)
     from npft_lightning.quant.llamacpp import require_llama_cpp
 
     require_llama_cpp(key)
     return plan
+
+
+def _imatrix_file(imatrix) -> Path | None:
+    """eval.py's ``imatrix`` as a file to read (None: true / false / both); one line for anything else, or a file
+    that is no imatrix."""
+    if imatrix in IMATRIX_CHOICES:
+        return None
+    path = Path(str(imatrix)).expanduser()
+    if not isinstance(imatrix, str) or not path.is_file():
+        raise UserError(f"imatrix={str(imatrix).lower()} is not one of true, false, both (each llamacpp_types file with and "
+                        f"without it), nor an imatrix file that exists (e.g. a training run's <run>/imatrix.gguf)")
+    from npft_lightning.quant.imatrix import read_imatrix
+
+    read_imatrix(path)  # another format: one line now
+    return path
 
 
 def _has_calibration(calibration) -> bool:

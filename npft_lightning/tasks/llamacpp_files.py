@@ -4,7 +4,8 @@
 
 The merged model is written as a float GGUF (``<stem>-F32.gguf``); with ``imatrix``, an importance matrix
 is computed on the calibration windows of the train split (``<stem>.imatrix.gguf``, for
-``llama-quantize --imatrix`` too); each file type is quantized from the float file by
+``llama-quantize --imatrix`` too), or read from the file ``imatrix`` names (a training run's
+``<run>/imatrix.gguf``: the matrix its target was weighted by); each file type is quantized from the float file by
 ``llama_model_quantize`` (``<stem>-<TYPE>.gguf``, ``<stem>-<TYPE>-imatrix.gguf``); every file, the float
 one included, is scored by llama.cpp's forward on the first split's windows, with its bits per weight
 (whole file and decoder linears) and llama.cpp's tokens per second.
@@ -28,7 +29,13 @@ from npft_lightning.quant.gguf_export import (
     llama_hparams,
     write_gguf,
 )
-from npft_lightning.quant.imatrix import collect_imatrix, write_imatrix
+from npft_lightning.quant.imatrix import (
+    check_imatrix_fits,
+    collect_imatrix,
+    read_imatrix,
+    write_imatrix,
+)
+from npft_lightning.quant.importance import gguf_weight_name
 from npft_lightning.quant.llamacpp import llamacpp_perplexity
 from npft_lightning.quant.llamacpp_quantize import check_columns, quantize_gguf
 from npft_lightning.tasks.gguf_plan import LlamaCppPlan
@@ -43,7 +50,10 @@ def check_llamacpp_against_model(plan: LlamaCppPlan, model, datamodule, cfg: Dic
         note = check_columns(name, columns)
         if note:
             print(note)
-    if plan.imatrix_path is not None:
+    if plan.imatrix_given:  # a file computed for another model stops here
+        in_features = {gguf_weight_name(name): linear.in_features for name, linear in decoder_linears(model).items()}
+        check_imatrix_fits(read_imatrix(plan.imatrix_path), in_features, f"imatrix={plan.imatrix_path}")
+    elif plan.imatrix_path is not None:
         length, context = cfg.calibration.length, max_context(model)
         if context and length > context:
             raise UserError(f"calibration.length={length} (the imatrix windows) is longer than the model's context of "
@@ -74,7 +84,12 @@ def write_and_score_llamacpp_files(model, tokenizer, datamodule, plan: LlamaCppP
     write_gguf(model, tokenizer, plan.float_type, plan.float_path, plan.vocab)
     score(plan.float_type.upper(), gguf_size_report(plan.float_path))
     imatrix = None
-    if plan.imatrix_path is not None:
+    if plan.imatrix_given:
+        imatrix = read_imatrix(plan.imatrix_path)
+        dataset = ", ".join(imatrix.datasets) or "no dataset recorded"
+        reports["imatrix"] = {"path": str(plan.imatrix_path), "dataset": dataset, "entries": len(imatrix.sums), "given": True}
+        print(f"importance matrix of {len(imatrix.sums)} tensors read from {plan.imatrix_path} ({dataset})")
+    elif plan.imatrix_path is not None:
         calibration = cfg.calibration
         start = time.perf_counter()
         calib = datamodule.calibration_windows(calibration.windows, calibration.length, seed=calibration.seed)

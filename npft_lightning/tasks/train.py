@@ -22,12 +22,23 @@ from omegaconf import DictConfig, OmegaConf
 
 from npft_lightning.core.errors import UserError
 from npft_lightning.lm.models import default_lora_targets
-from npft_lightning.tasks.build import build_quantizers, calibration_spec
-from npft_lightning.tasks.checks import validate_against_model, window_lengths
+from npft_lightning.quant.imatrix import read_imatrix
+from npft_lightning.tasks.build import (
+    IMATRIX_CALIBRATION,
+    build_quantizers,
+    calibration_spec,
+    imatrix_targets,
+)
+from npft_lightning.tasks.checks import (
+    check_imatrix_against_model,
+    validate_against_model,
+    window_lengths,
+)
 from npft_lightning.tasks.report import print_summary
 from npft_lightning.training.callbacks import (
     CurvatureProbe,
     FakeQuantValidation,
+    ImportanceWeighting,
     NoisePerturbation,
     OutlierSelection,
 )
@@ -53,6 +64,8 @@ def build_callbacks(cfg: DictConfig, quantizers: dict[str, Any]) -> tuple[list[p
     noise: NoisePerturbation = instantiate(cfg.noise)
     probe: CurvatureProbe | None = instantiate(cfg.curvature) if cfg.get("curvature") else None
     npft: dict[str, pl.Callback] = {}
+    if cfg.get("imatrix") is not None:  # first: the fake-quant score before training is weighted too
+        npft["imatrix"] = build_importance(cfg, getattr(noise.distribution, "quantizer", None), quantizers)
     if noise.enabled or probe is not None:
         npft["outliers"] = OutlierSelection(instantiate(cfg.outliers))
     if probe is not None:
@@ -60,6 +73,15 @@ def build_callbacks(cfg: DictConfig, quantizers: dict[str, Any]) -> tuple[list[p
     npft["noise"] = noise
     npft["fake_quant"] = FakeQuantValidation(quantizers, calibration=calibration_spec(cfg))
     return callbacks + list(npft.values()), npft
+
+
+def build_importance(cfg: DictConfig, noise_target: Any, quantizers: dict[str, Any]) -> ImportanceWeighting:
+    """``imatrix``: the file read now, or ``calibration`` computed at train start; weights the noise target and the
+    fake-quant quantizers that take one."""
+    source = str(cfg.imatrix)
+    imatrix = None if source == IMATRIX_CALIBRATION else read_imatrix(Path(source).expanduser())
+    return ImportanceWeighting(imatrix_targets(noise_target, quantizers), cfg.paths.output_dir, imatrix,
+                               calibration_spec(cfg), batch_size=int(cfg.data.eval_batch_size), source=source)
 
 
 def build_module(cfg: DictConfig, model: torch.nn.Module) -> NPFTModule:
@@ -78,7 +100,9 @@ def build(cfg: DictConfig) -> tuple[NPFTModule, pl.LightningDataModule, pl.Train
     """Model, data, callbacks and trainer from a composed config (shared by ``train`` and the benches)."""
     model, tokenizer = instantiate(cfg.model).load()
     quantizers = build_quantizers(cfg)
-    validate_against_model(cfg, model, ("data.seq_len",) + window_lengths(quantizers.values()))
+    imatrix_windows = ("calibration.length",) if cfg.get("imatrix") == IMATRIX_CALIBRATION else ()
+    validate_against_model(cfg, model, tuple(dict.fromkeys(("data.seq_len",) + window_lengths(quantizers.values()) + imatrix_windows)))
+    check_imatrix_against_model(cfg, model)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     module = build_module(cfg, model)
     _check_checkpoint_fits(cfg.get("ckpt_path"), module)

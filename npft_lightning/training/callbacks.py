@@ -9,7 +9,9 @@ before noise is drawn on them, and the curvature probe reads the same masks.
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -35,6 +37,12 @@ from npft_lightning.quant.calibration import (
     needs_fisher,
     needs_windows,
 )
+from npft_lightning.quant.imatrix import (
+    ImportanceMatrix,
+    collect_imatrix,
+    write_imatrix,
+)
+from npft_lightning.quant.importance import ImportanceLookup, gguf_weight_name
 from npft_lightning.quant.scoring import score_quantized
 
 log = logging.getLogger(__name__)
@@ -47,6 +55,91 @@ def _shard(windows: Tensor, trainer: pl.Trainer) -> Tensor:
 
 def _total_steps(trainer: pl.Trainer) -> int:
     return trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
+
+
+# ------------------------------------------------------------------------------------------ importance
+IMATRIX_FILE = "imatrix.gguf"  # in the run folder: eval.py ... llamacpp_types=[Q4_K_M] imatrix=<run>/imatrix.gguf
+
+
+class ImportanceWeighting(Callback):
+    """Weights the run's llama.cpp quantizers (the noise target, the fake-quant validation) by an importance matrix.
+
+    Users ship GGUF files quantized with ``llama-quantize --imatrix``: a recipe trained for such a file targets the
+    quantizer weighted as llama.cpp weights it. ``imatrix`` given (a file the training task read), or computed once at
+    train start, before the first update, on ``calibration``'s windows of the train split (the windows of eval.py's
+    ``imatrix=true``), with the adapters off (LoRA B = 0 then: the pretrained model). Under DDP each rank collects on
+    its share of the windows and the sums and token counts are all-reduced, so every rank holds the same matrix.
+    Written to ``<run>/imatrix.gguf`` (rank 0) for the export, and kept in the checkpoint: a resumed run uses the
+    matrix it started with. Runs first among the NPFT callbacks (the fake-quant score before training needs it).
+    """
+
+    def __init__(self, quantizers: Sequence[ImportanceLookup], output_dir: str | os.PathLike, imatrix: ImportanceMatrix | None = None,
+                 calibration: CalibrationSpec | None = None, batch_size: int = 1, source: str = "calibration"):
+        if imatrix is None and calibration is None:
+            raise ValueError("ImportanceWeighting needs an imatrix or the calibration windows to compute one")
+        self.quantizers = list(quantizers)
+        self.output_dir = Path(output_dir)
+        self.imatrix = imatrix
+        self.calibration = calibration
+        self.batch_size = batch_size
+        self.source = source  # "calibration" or the file's path, for metrics.json
+
+    def _collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ImportanceMatrix:
+        spec = self.calibration
+        windows = _shard(trainer.datamodule.calibration_windows(spec.windows, spec.length, seed=spec.seed), trainer)
+        corpus = getattr(getattr(trainer.datamodule, "corpus", None), "name", "")
+        dataset = f"{corpus} train split: {spec.windows} windows of {spec.length} tokens, seed {spec.seed}"
+        model = pl_module.model
+        was_training = model.training
+        model.eval()  # no dropout in the activations that are measured
+        try:
+            with pl_module.adapters_disabled():
+                names = {name: gguf_weight_name(name) for name in pl_module.decoder_linears()}
+                imatrix = collect_imatrix(model, windows.split(self.batch_size), names, dataset)
+        finally:
+            model.train(was_training)
+        if trainer.world_size > 1:
+            names = sorted(imatrix.sums)
+            flat = torch.cat([imatrix.sums[n] for n in names] + [torch.tensor([float(imatrix.counts[n]) for n in names], dtype=torch.float64)])
+            flat = trainer.strategy.reduce(flat.to(pl_module.device), reduce_op="sum").cpu()
+            sums = flat[: -len(names)].split([imatrix.sums[n].numel() for n in names])
+            imatrix.sums = dict(zip(names, sums))
+            imatrix.counts = {n: int(c) for n, c in zip(names, flat[-len(names):].tolist())}
+        imatrix.chunks, imatrix.chunk_size = spec.windows, spec.length
+        return imatrix
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.imatrix is None:
+            self.imatrix = self._collect(trainer, pl_module)
+        means = self.imatrix.means()
+        for quantizer in self.quantizers:
+            quantizer.with_importance(means)
+        if trainer.is_global_zero:
+            write_imatrix(self.imatrix, self.output_dir / IMATRIX_FILE)
+
+    def summary(self) -> dict[str, Any]:
+        """What ``metrics.json`` records of the matrix."""
+        if self.imatrix is None:
+            return {"source": self.source}
+        return {"source": self.source, "path": str(self.output_dir / IMATRIX_FILE), "entries": len(self.imatrix.sums),
+                "datasets": list(self.imatrix.datasets), "chunks": self.imatrix.chunks, "chunk_size": self.imatrix.chunk_size}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"imatrix": None if self.imatrix is None else self.imatrix.state(), "source": self.source}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("imatrix")
+        if saved is None:
+            return
+        restored = ImportanceMatrix.from_state(saved)
+        if self.imatrix is not None and _differs(self.imatrix, restored):
+            rank_zero_warn(f"resuming with the checkpoint's importance matrix ({state_dict.get('source')}); "
+                           f"imatrix={self.source} differs from it")
+        self.imatrix = restored
+
+
+def _differs(a: ImportanceMatrix, b: ImportanceMatrix) -> bool:
+    return a.counts != b.counts or any(not torch.equal(a.sums[n], b.sums[n]) for n in a.sums)
 
 
 # ------------------------------------------------------------------------------------------ outliers

@@ -22,6 +22,7 @@ from npft_lightning.core.io import atomic_dir, atomic_file, atomic_write_json
 from npft_lightning.training.callbacks import (
     CurvatureProbe,
     FakeQuantValidation,
+    ImportanceWeighting,
     OutlierSelection,
 )
 
@@ -60,7 +61,7 @@ class StepClock(Callback):
 
 
 def collect_metrics(trainer: pl.Trainer) -> dict[str, Any]:
-    """``{"ppl": {"before": {...}, "after": {...}}, "curvature": {...}, "outliers": {...}, "train": {...}}``.
+    """``{"ppl": {"before": {...}, "after": {...}}, "curvature": {...}, "outliers": {...}, "imatrix": {...}, "train": {...}}``.
 
     Read from the NPFT callbacks of ``trainer`` (those absent are left out).
     """
@@ -70,6 +71,8 @@ def collect_metrics(trainer: pl.Trainer) -> dict[str, Any]:
         metrics["quant_errors"] = found[FakeQuantValidation].errors
     if CurvatureProbe in found:
         metrics["curvature"] = found[CurvatureProbe].results
+    if ImportanceWeighting in found:
+        metrics["imatrix"] = found[ImportanceWeighting].summary()
     if OutlierSelection in found:
         masks = found[OutlierSelection].masks
         metrics["outliers"] = {"count": sum(mask_ops.count(m) for m in masks.values()), "matrices": len(masks)}
