@@ -57,6 +57,12 @@ def train_overrides(row: str, seed: int, steps: int | None, common: list[str], e
     return [*common, *ROWS[row], *extra, f"seed={seed}", *([f"trainer.max_steps={steps}"] if steps else [])]
 
 
+def column_label(text: str) -> str:
+    """A --columns value as eval.py labels its file: ``q4_k_m+imatrix`` -> ``Q4_K_M+imatrix``."""
+    with_imatrix = text.lower().endswith(IMATRIX)
+    return text[:len(text) - len(IMATRIX) * with_imatrix].upper() + IMATRIX * with_imatrix
+
+
 def file_types(columns: list[str]) -> tuple[list[str], bool | str]:
     """eval.py's ``llamacpp_types`` and ``imatrix`` that make the files of ``columns`` (TYPE or TYPE+imatrix).
 

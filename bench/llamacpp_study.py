@@ -51,6 +51,7 @@ from llamacpp_rows import (
     STUDY_ROWS,
     aggregate,
     check_rows,
+    column_label,
     file_types,
     train_overrides,
 )
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", default=STUDY_ROWS, choices=list(ROWS))
     parser.add_argument("--seeds", nargs="+", type=int, default=SEEDS)
-    parser.add_argument("--columns", nargs="+", default=COLUMNS, metavar="TYPE[+imatrix]",
+    parser.add_argument("--columns", nargs="+", type=column_label, default=COLUMNS, metavar="TYPE[+imatrix]",
                         help="llama.cpp files besides F32: a file type (llamacpp_types), +imatrix for the one weighted by the imatrix")
     parser.add_argument("--max-eval-windows", type=int, default=WINDOWS, help="eval windows per corpus")
     add_study_arguments(parser)

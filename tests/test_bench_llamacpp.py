@@ -25,7 +25,8 @@ COLUMNS = ["Q4_0", "Q4_0+imatrix", "Q8_0"]
 
 def test_columns_become_eval_file_types():
     assert llamacpp_rows.file_types(llamacpp_rows.COLUMNS) == (["Q4_0", "Q4_K_M", "IQ4_XS", "Q5_K_M", "Q8_0"], "both")
-    assert llamacpp_rows.file_types(["q4_0+imatrix", "IQ4_XS+imatrix"]) == (["Q4_0", "IQ4_XS"], True)
+    assert llamacpp_rows.file_types(["Q4_0+imatrix", "IQ4_XS+imatrix"]) == (["Q4_0", "IQ4_XS"], True)
+    assert [llamacpp_rows.column_label(c) for c in ("q4_k_m+IMATRIX", "q8_0", "IQ4_XS+imatrix")] == ["Q4_K_M+imatrix", "Q8_0", "IQ4_XS+imatrix"]
     assert llamacpp_rows.file_types(["Q4_0", "Q8_0"]) == (["Q4_0", "Q8_0"], False)
     assert llamacpp_rows.imatrix_pairs(llamacpp_rows.COLUMNS) == ["Q4_0", "Q4_K_M"]  # IQ4_XS only with, Q5_K_M / Q8_0 only without
 
