@@ -36,20 +36,36 @@ runs on it too), study_corpora.py (the corpora), quality_rows.py (rows and aggre
 from __future__ import annotations
 
 import argparse
-import re
 import shlex
 import sys
 from datetime import date
 from pathlib import Path
 from typing import Any
 
-from common import StudyError, machine, write_json
-from quality_rows import QUANTIZERS, ROWS, aggregate, base_row, keyed_by_steps, steps_of, train_overrides, train_timing
-from render import BLOCK_BEGIN, BLOCK_END, plot_frontier, plot_gap_vs_steps, plot_quality, render_markdown
+from common import machine, write_json
+from quality_rows import (
+    QUANTIZERS,
+    ROWS,
+    aggregate,
+    base_row,
+    keyed_by_steps,
+    steps_of,
+    train_overrides,
+    train_timing,
+)
+from render import (
+    BLOCK_BEGIN,
+    BLOCK_END,
+    plot_frontier,
+    plot_gap_vs_steps,
+    plot_quality,
+    render_markdown,
+)
 from study import (
     add_study_arguments,
     load_merged_study,
     merge_studies,
+    parse_reuse,
     print_outcome,
     run_plan,
     study_main,
@@ -58,16 +74,6 @@ from study import (
     write_results_block,
 )
 from study_corpora import DEFAULT_CORPORA, corpus_setup
-
-
-def parse_reuse(values: list[str]) -> dict[tuple[str, int], Path]:
-    reuse = {}
-    for value in values:
-        match = re.fullmatch(r"([\w.]+):(\d+)=(.+)", value)
-        if not match or match.group(1) not in ROWS or match.group(1) == "pretrained":
-            raise StudyError(f"--reuse {value!r}: write ROW:SEED=RUN_DIR with ROW one of {', '.join(r for r in ROWS if r != 'pretrained')}")
-        reuse[(match.group(1), int(match.group(2)))] = Path(match.group(3)).expanduser().resolve()
-    return reuse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +128,7 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
     from npft_lightning.core.env import default_cache_dir
 
     study_dir = study_path(args.study_dir).resolve()
-    reuse = parse_reuse(args.reuse)
+    reuse = parse_reuse(args.reuse, [r for r in ROWS if ROWS[r] is not None])
     common = [f"model={args.model}", f"data.eval_seq_len={args.eval_seq_len}", *args.overrides]
     corpora, split_of_corpus, splits, corpus_overrides = corpus_setup(args, default_cache_dir(), common)
 

@@ -177,32 +177,44 @@ def plot_quality(result: dict[str, Any], path: Path) -> Path | None:
     if not derived:
         return None
     plt = _pyplot()
-    from npft_lightning.tasks.figures import save_figure
 
     counts = [per_q[q]["vs_control_pct"]["n"] for rows in derived.values() for per_q in rows.values() for q in columns]
     legend_lines = (max(len(rows) for rows in derived.values()) + 3) // 2  # the rows, the control and the budget, in 2 columns
     fig, axes = plt.subplots(len(derived), 1, figsize=(max(9.0, 1.1 * len(columns) + 4), 3.6 * len(derived) + 0.6 + 0.2 * legend_lines),
                              squeeze=False)
     for ax, (corpus, rows) in zip(axes.flat, derived.items()):
-        width = 0.8 / len(rows)
-        for i, (row, per_q) in enumerate(rows.items()):
-            stats = [per_q[q]["vs_control_pct"] for q in columns]
-            xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(columns))]
-            ax.bar(xs, [st["mean"] for st in stats], width, yerr=[_error(st) for st in stats], capsize=2,
-                   label=_seeds_label(row_label(row), max(st["n"] for st in stats), counts), color=_color(i, len(rows)))
+        bar_groups(ax, {row_label(row): [per_q[q]["vs_control_pct"] for q in columns] for row, per_q in rows.items()},
+                   ["unquantized" if q == "fp" else q for q in columns], counts)
         ax.axhline(0, color="black", linewidth=1.0, label="no-noise LoRA control (0 %)")
         ax.hlines(BUDGET_PCT, -0.45, 0.45, colors="red", linestyles="--", linewidth=1.2,
                   label=f"+{BUDGET_PCT:g} % unquantized (the default recipe's budget)")
         ax.annotate(f"+{BUDGET_PCT:g} %", (-0.45, BUDGET_PCT), xytext=(-2, 0), textcoords="offset points", ha="right",
                     va="center", fontsize=7, color="red")
         _keep_in_view(ax, "y", -MIN_PCT_SPAN, MIN_PCT_SPAN)
-        ax.set_xticks(range(len(columns)), ["unquantized" if q == "fp" else q for q in columns])
         ax.set_ylabel("PPL vs the control (%)")
         ax.set_title(CORPORA.get(corpus, corpus))
-        ax.grid(axis="y", alpha=0.3)
+    return finish_bar_figure(fig, axes, "PPL change against the no-noise LoRA control, paired by seed; below 0 = better",
+                             counts, result["settings"]["seeds"], path)
+
+
+def bar_groups(ax: Any, bars: dict[str, list[dict[str, Any]]], ticks: list[str], counts: list[int], **tick_style: Any) -> None:
+    """A group of bars per tick, a bar per entry of ``bars`` (label -> a mean ± std stat per tick): ± std error bars
+    where a stat has several seeds, the label marked (1 seed) where it has one and other bars more (``counts``)."""
+    width = 0.8 / len(bars)
+    for i, (label, stats) in enumerate(bars.items()):
+        xs = [j + (i - (len(bars) - 1) / 2) * width for j in range(len(ticks))]
+        ax.bar(xs, [st["mean"] for st in stats], width, yerr=[_error(st) for st in stats], capsize=2,
+               label=_seeds_label(label, max(st["n"] for st in stats), counts), color=_color(i, len(bars)))
+    ax.set_xticks(range(len(ticks)), ticks, **tick_style)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def finish_bar_figure(fig: Any, axes: Any, title: str, counts: list[int], seeds: list[int], path: Path) -> Path:
+    """The legend under the last panel, ``title`` and the line on seeds above them all; the figure saved to ``path``."""
+    from npft_lightning.tasks.figures import save_figure
+
     _legend_below(axes.flat[-1], columns=2)
-    fig.suptitle("PPL change against the no-noise LoRA control, paired by seed; below 0 = better\n"
-                 + seed_note(counts, result["settings"]["seeds"], "rows"), fontsize=10)
+    fig.suptitle(title + "\n" + seed_note(counts, seeds, "rows"), fontsize=10)
     return save_figure(fig, path)
 
 

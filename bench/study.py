@@ -3,8 +3,10 @@ subprocesses into a resumable study folder, optionally under a lock shared with 
 merging of an earlier study's cells into this one's tables.
 
 A plan is a list of steps, each a dict with ``kind`` ("train" or "eval"), ``dir`` (its run folder), ``command``
-and ``row``; a train step also carries its Hydra ``overrides`` (to check a finished run against) and ``reuse``
-(the --reuse argument it came from, or None); an eval step may name the train folder it needs in ``after``.
+and ``row``; a train step also carries its Hydra ``overrides`` (to check a finished run against), ``reuse``
+(the --reuse argument it came from, or None) and optionally ``trained_elsewhere`` (another job trains that
+folder: wait for it, never train it here); an eval step may name the train folder it needs in ``after`` and
+the files to delete once its metrics are in (``discard``: glob patterns in its folder).
 A finished cell is never run again: a train step whose folder holds a run of the same training config, an
 eval step whose metrics exist for the same command.
 """
@@ -15,6 +17,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -46,6 +49,20 @@ def study_path(path: str | Path) -> Path:
 # --------------------------------------------------------------------------------------------
 # Finished cells
 # --------------------------------------------------------------------------------------------
+
+
+def validation_overrides(overrides: list[str]) -> list[str]:
+    """``TRAIN_FIXED`` for a training with ``overrides``, less ``quant=none`` where the recipe's noise targets a
+    quantizer of its quant group (``${quant.q4_0}``): that run keeps the recipe's quant (one validation window)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationResolutionError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            OmegaConf.to_container(load_config([*overrides, *TRAIN_FIXED], tmp).noise, resolve=True)
+        except InterpolationResolutionError:
+            return [o for o in TRAIN_FIXED if o != "quant=none"]
+    return TRAIN_FIXED
 
 
 def strip_ignored(tree: Any) -> Any:
@@ -109,6 +126,17 @@ def finished_eval(cell: Path, command: list[str]) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------------------------
 
 
+def parse_reuse(values: list[str], rows: list[str]) -> dict[tuple[str, int], Path]:
+    """--reuse ROW:SEED=RUN_DIR arguments as (row, seed) -> run folder; ``rows``: the trained rows."""
+    reuse = {}
+    for value in values:
+        match = re.fullmatch(r"([\w.]+):(\d+)=(.+)", value)
+        if not match or match.group(1) not in rows:
+            raise StudyError(f"--reuse {value!r}: write ROW:SEED=RUN_DIR with ROW one of {', '.join(rows)}")
+        reuse[(match.group(1), int(match.group(2)))] = Path(match.group(3)).expanduser().resolve()
+    return reuse
+
+
 def held(lock: str | None) -> contextlib.AbstractContextManager:
     """An exclusive lock on the file ``lock`` (an flock on Unix: shared with other heavy jobs that flock it), or nothing."""
     return FileLock(lock) if lock else contextlib.nullcontext()
@@ -131,7 +159,7 @@ def trained_row(row: str, seed: int, overrides: list[str], run_dir: Path, reuse:
     """The two steps of a trained row: train.py with ``overrides`` into ``run_dir`` (a --reuse run when ``reuse``),
     then eval.py with ``eval_args`` on its adapter into ``eval_dir``; ``fields`` go into both steps."""
     train = {"row": row, "seed": seed, **fields, "kind": "train", "dir": run_dir, "overrides": overrides, "reuse": reuse,
-             "command": [sys.executable, "train.py", *overrides, *TRAIN_FIXED, f"hydra.run.dir={run_dir}"]}
+             "command": [sys.executable, "train.py", *overrides, *validation_overrides(overrides), f"hydra.run.dir={run_dir}"]}
     evaluate = {"row": row, "seed": seed, **fields, "kind": "eval", "dir": eval_dir, "after": run_dir,
                 "command": [sys.executable, "eval.py", *eval_args, f"adapter={run_dir / 'adapter'}"]}
     return [train, evaluate]
@@ -143,8 +171,10 @@ def run_plan(plan: list[dict[str, Any]], lock: str | None, dry_run: bool, desc: 
     cells run and reused, and the failures.
 
     A ``train`` step is skipped when its folder holds a finished run of the same config; its ``reuse`` (the
-    --reuse argument it came from) makes an unusable run stop the study. An ``eval`` step is skipped when its
-    metrics exist for the same command, and left out when the training in its ``after`` folder failed.
+    --reuse argument it came from) makes an unusable run stop the study; ``trained_elsewhere`` makes a run
+    without metrics.json yet (another job is training it) a wait: its evals are left out this time. An ``eval``
+    step is skipped when its metrics exist for the same command, and left out when the training in its
+    ``after`` folder failed or is awaited; once it has run, the files of its ``discard`` patterns are deleted.
     ``dry_run`` prints the commands still to run instead; ``finished_only`` runs nothing and returns the
     evals that have finished (to write the tables of a study that is still running).
     """
@@ -155,6 +185,10 @@ def run_plan(plan: list[dict[str, Any]], lock: str | None, dry_run: bool, desc: 
     for step in tqdm(plan, desc=desc, disable=dry_run):
         if step["kind"] == "train":
             done, why = finished_train(step["dir"], expected_train_signature(step["overrides"]))
+            if not done and step.get("trained_elsewhere") and not (step["dir"] / "metrics.json").is_file():
+                tqdm.write(f"waiting for {step['dir']} (trained by another job, no metrics.json yet): its evals are left out")
+                failed_train.add(step["dir"])
+                continue
             if step.get("reuse") and not done:
                 raise StudyError(f"--reuse {step['reuse']} cannot be used: {why}")
             if done:
@@ -184,6 +218,9 @@ def run_plan(plan: list[dict[str, Any]], lock: str | None, dry_run: bool, desc: 
                 atomic_write_json(step["dir"] / "command.json", command)
                 metrics = json.loads((step["dir"] / "metrics.json").read_text())
                 ran += 1
+                for pattern in step.get("discard", ()):
+                    for path in step["dir"].glob(pattern):
+                        path.unlink()
             except RuntimeError as err:
                 failures.append(str(err))
                 continue

@@ -266,7 +266,7 @@ def test_eval_writes_and_scores_llama_cpp_files(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("HYDRA_FULL_ERROR", None)
     cmd = [sys.executable, str(ROOT / "eval.py"), f"hydra.run.dir={tmp_path / 'run'}", "model=tiny-llama", "data.eval_seq_len=128",
-           "data.max_eval_windows=2", "print_config=false", "quant=none", "llamacpp_types=[Q8_0,q4_k_m]", "imatrix=both",
+           "data.max_eval_windows=2", "print_config=false", "quant=none", "splits=[validation,test]", "llamacpp_types=[Q8_0,q4_k_m]", "imatrix=both",
            "calibration.windows=3", "calibration.length=64", f"gguf_out={tmp_path / 'tiny.gguf'}", "llamacpp_threads=1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -280,6 +280,11 @@ def test_eval_writes_and_scores_llama_cpp_files(tmp_path: Path) -> None:
         assert report["bits_per_weight"] > report["bits_per_weight_linears"] > 4  # the F32 norms weigh in the file's
         assert report["imatrix"] == key.endswith("+imatrix")
     assert files["Q8_0"]["ppl"] == pytest.approx(files["F32"]["ppl"], rel=0.01)
+    # every file scored on every split, made once: the first split's scores also at the top
+    for split in ("validation", "test"):
+        assert files["F32"]["splits"][split]["ppl"] == pytest.approx(metrics["ppl"][split]["fp"], rel=1e-3)
+    assert files["Q4_K_M"]["splits"]["validation"]["ppl"] == files["Q4_K_M"]["ppl"] != files["Q4_K_M"]["splits"]["test"]["ppl"]
+    assert proc.stdout.count("llama.cpp files scored by llama.cpp") == 2
     assert files["Q4_K_M"]["path"] == str(tmp_path / "tiny-Q4_K_M.gguf")
     assert files["Q4_K_M+imatrix"]["path"] == str(tmp_path / "tiny-Q4_K_M-imatrix.gguf")
     imatrix = read_imatrix(tmp_path / "tiny.imatrix.gguf")

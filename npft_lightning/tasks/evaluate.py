@@ -133,13 +133,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                "complete": True, "config": config}
     if ggufs:
         metrics["gguf"] = ggufs
-    if llamacpp is not None:  # llama.cpp's own quantizer, each file scored by llama.cpp on the first split
-        first = next(iter(windows))
-        metrics["llamacpp"] = write_and_score_llamacpp_files(model, tokenizer, datamodule, llamacpp, windows[first], cfg)
+    if llamacpp is not None:  # llama.cpp's own quantizer, each file scored by llama.cpp on every split
+        metrics["llamacpp"] = write_and_score_llamacpp_files(model, tokenizer, datamodule, llamacpp, windows, cfg)
     atomic_write_json(path, metrics)
     print_eval_table(results, bits)
     if llamacpp is not None:
-        print_llamacpp_table(metrics["llamacpp"], first)
+        print_llamacpp_table(metrics["llamacpp"])
     return metrics
 
 

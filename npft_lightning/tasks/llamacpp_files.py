@@ -7,8 +7,9 @@ is computed on the calibration windows of the train split (``<stem>.imatrix.gguf
 ``llama-quantize --imatrix`` too), or read from the file ``imatrix`` names (a training run's
 ``<run>/imatrix.gguf``: the matrix its target was weighted by); each file type is quantized from the float file by
 ``llama_model_quantize`` (``<stem>-<TYPE>.gguf``, ``<stem>-<TYPE>-imatrix.gguf``); every file, the float
-one included, is scored by llama.cpp's forward on the first split's windows, with its bits per weight
-(whole file and decoder linears) and llama.cpp's tokens per second.
+one included, is scored by llama.cpp's forward on the windows of every split (the float file, the imatrix and
+the quantization are made once for all of them), with its bits per weight (whole file and decoder linears)
+and llama.cpp's tokens per second.
 """
 
 from __future__ import annotations
@@ -65,21 +66,26 @@ def label(name: str, with_imatrix: bool) -> str:
     return f"{name}+imatrix" if with_imatrix else name
 
 
-def write_and_score_llamacpp_files(model, tokenizer, datamodule, plan: LlamaCppPlan, windows, cfg: DictConfig) -> dict[str, Any]:
-    """Write the float GGUF, the imatrix and every planned file; score each with llama.cpp on ``windows``.
+def write_and_score_llamacpp_files(model, tokenizer, datamodule, plan: LlamaCppPlan, windows: dict[str, Any],
+                                   cfg: DictConfig) -> dict[str, Any]:
+    """Write the float GGUF, the imatrix and every planned file; score each with llama.cpp on the windows of
+    every split (``windows``: split -> token ids [n, L]).
 
-    Returns file label (``F32``, ``Q4_K_M``, ``Q4_K_M+imatrix``, ...) -> its size report and llama.cpp scores,
+    Returns file label (``F32``, ``Q4_K_M``, ``Q4_K_M+imatrix``, ...) -> its size report and llama.cpp scores
+    (those of the first split at the top, as when only one split was scored; every split's under ``splits``),
     and ``imatrix`` -> where the importance matrix went and what it was computed on.
     """
     threads = cfg.get("llamacpp_threads")
     reports: dict[str, Any] = {}
 
     def score(key: str, report: dict[str, Any]) -> None:
-        report.update(llamacpp_perplexity(report["path"], windows, n_threads=threads))
+        report["splits"] = {split: llamacpp_perplexity(report["path"], split_windows, n_threads=threads)
+                            for split, split_windows in windows.items()}
+        report.update(next(iter(report["splits"].values())))
         reports[key] = report
-        print(f"llama.cpp {key}: PPL {report['ppl']:.4f} (second half {report['ppl_second_half']:.4f}), "
-              f"{report['bits_per_weight']:.3f} bits/weight ({report['bits_per_weight_linears']:.3f} decoder linears), "
-              f"{report['bytes'] / 2**20:.1f} MiB, {report['tokens_per_s']:.0f} tokens/s, {report['path']}")
+        scores = ", ".join(f"{split} PPL {s['ppl']:.4f} (second half {s['ppl_second_half']:.4f})" for split, s in report["splits"].items())
+        print(f"llama.cpp {key}: {scores}, {report['bits_per_weight']:.3f} bits/weight ({report['bits_per_weight_linears']:.3f} "
+              f"decoder linears), {report['bytes'] / 2**20:.1f} MiB, {report['tokens_per_s']:.0f} tokens/s, {report['path']}")
 
     write_gguf(model, tokenizer, plan.float_type, plan.float_path, plan.vocab)
     score(plan.float_type.upper(), gguf_size_report(plan.float_path))
@@ -109,15 +115,18 @@ def write_and_score_llamacpp_files(model, tokenizer, datamodule, plan: LlamaCppP
     return reports
 
 
-def print_llamacpp_table(reports: dict[str, Any], split: str) -> None:
-    """One row per llama.cpp file: its PPL (both conventions), bits per weight (whole file, decoder linears), size, speed."""
-    table = Table(title=f"llama.cpp files scored by llama.cpp ({split}): PPL of every token and of each window's second "
-                        f"half, bits per weight of the file and of the decoder linears")
-    table.add_column("file", no_wrap=True)
-    for column in ("PPL", "2nd half", "bits/w", "linears", "MiB", "tok/s"):  # short: an 80-column log keeps them whole
-        table.add_column(column, justify="right")
-    for key, r in reports.items():
-        if key != "imatrix":
-            table.add_row(key, f"{r['ppl']:.3f}", f"{r['ppl_second_half']:.3f}", f"{r['bits_per_weight']:.3f}",
-                          f"{r['bits_per_weight_linears']:.3f}", f"{r['bytes'] / 2**20:.1f}", f"{r['tokens_per_s']:.0f}")
-    Console().print(table)
+def print_llamacpp_table(reports: dict[str, Any]) -> None:
+    """Per split, one row per llama.cpp file: its PPL (both conventions), bits per weight (whole file, decoder
+    linears), size, speed."""
+    files = {key: r for key, r in reports.items() if key != "imatrix"}
+    for split in next(iter(files.values()))["splits"]:
+        table = Table(title=f"llama.cpp files scored by llama.cpp ({split}): PPL of every token and of each window's second "
+                            f"half, bits per weight of the file and of the decoder linears")
+        table.add_column("file", no_wrap=True)
+        for column in ("PPL", "2nd half", "bits/w", "linears", "MiB", "tok/s"):  # short: an 80-column log keeps them whole
+            table.add_column(column, justify="right")
+        for key, r in files.items():
+            s = r["splits"][split]
+            table.add_row(key, f"{s['ppl']:.3f}", f"{s['ppl_second_half']:.3f}", f"{r['bits_per_weight']:.3f}",
+                          f"{r['bits_per_weight_linears']:.3f}", f"{r['bytes'] / 2**20:.1f}", f"{s['tokens_per_s']:.0f}")
+        Console().print(table)

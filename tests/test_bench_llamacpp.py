@@ -1,0 +1,250 @@
+"""bench/llamacpp_study.py: the derived numbers on hand-made PPLs, resume and the reuse of a training queue's runs
+with fake cells, the figure; end to end on a tiny model (slow, needs the llamacpp extra)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import llamacpp_render  # noqa: E402
+import llamacpp_rows  # noqa: E402
+import llamacpp_study  # noqa: E402
+import study  # noqa: E402
+
+COLUMNS = ["Q4_0", "Q4_0+imatrix", "Q8_0"]
+
+
+def test_columns_become_eval_file_types():
+    assert llamacpp_rows.file_types(llamacpp_rows.COLUMNS) == (["Q4_0", "Q4_K_M", "IQ4_XS", "Q5_K_M", "Q8_0"], "both")
+    assert llamacpp_rows.file_types(["Q4_0+imatrix", "IQ4_XS+imatrix"]) == (["Q4_0", "IQ4_XS"], True)
+    assert [llamacpp_rows.column_label(c) for c in ("q4_k_m+IMATRIX", "q8_0", "IQ4_XS+imatrix")] == ["Q4_K_M+imatrix", "Q8_0", "IQ4_XS+imatrix"]
+    assert llamacpp_rows.file_types(["Q4_0", "Q8_0"]) == (["Q4_0", "Q8_0"], False)
+    assert llamacpp_rows.imatrix_pairs(llamacpp_rows.COLUMNS) == ["Q4_0", "Q4_K_M"]  # IQ4_XS only with, Q5_K_M / Q8_0 only without
+
+
+def test_derived_numbers_by_hand():
+    cells = {
+        "pretrained": {"-": {"wiki": {"F32": 13.0, "Q4_0": 16.0, "Q4_0+imatrix": 14.5, "Q8_0": 13.1}}},
+        "control": {"0": {"wiki": {"F32": 10.0, "Q4_0": 14.0, "Q4_0+imatrix": 12.0, "Q8_0": 10.1}},
+                    "1": {"wiki": {"F32": 12.0, "Q4_0": 20.0, "Q4_0+imatrix": 16.0, "Q8_0": 12.0}}},
+        "mixed_q4_0": {"0": {"wiki": {"F32": 10.5, "Q4_0": 11.0, "Q4_0+imatrix": 10.8, "Q8_0": 10.6}},
+                       "1": {"wiki": {"F32": 12.0, "Q4_0": 18.0, "Q4_0+imatrix": 17.0, "Q8_0": 12.0}}},
+    }
+    agg = llamacpp_rows.aggregate(cells, COLUMNS)
+    assert agg["table"]["wiki"]["control"]["Q4_0"]["mean"] == pytest.approx(17.0) and agg["table"]["wiki"]["control"]["Q4_0"]["n"] == 2
+    row = agg["derived"]["wiki"]["mixed_q4_0"]
+    # gap closed at Q4_0 per seed: (14-11)/(14-10) = 0.75, (20-18)/(20-12) = 0.25; at Q4_0+imatrix: (12-10.8)/2 = 0.6, (16-17)/4 = -0.25
+    assert row["gap_closed"]["Q4_0"]["mean"] == pytest.approx(0.5) and row["gap_closed"]["Q4_0"]["n"] == 2
+    assert row["gap_closed"]["Q4_0+imatrix"]["mean"] == pytest.approx((0.6 - 0.25) / 2)
+    assert row["gap_closed"]["Q8_0"]["n"] == 1  # seed 1's control has no Q8_0 gap to close
+    # the recipe's Q4_0 file against the control's Q4_0+imatrix file: 11/12 and 18/16
+    assert row["vs_control_imatrix_pct"]["Q4_0"]["mean"] == pytest.approx(100 * ((11 / 12 - 1) + (18 / 16 - 1)) / 2)
+    # what the imatrix adds to the recipe: 10.8/11 and 17/18; to the control 12/14, 16/20; to the pretrained model 14.5/16
+    assert row["imatrix_gain_pct"]["Q4_0"]["mean"] == pytest.approx(100 * ((10.8 / 11 - 1) + (17 / 18 - 1)) / 2)
+    assert agg["derived"]["wiki"]["control"]["imatrix_gain_pct"]["Q4_0"]["mean"] == pytest.approx(100 * ((12 / 14 - 1) + (16 / 20 - 1)) / 2)
+    assert agg["derived"]["wiki"]["pretrained"]["imatrix_gain_pct"]["Q4_0"]["mean"] == pytest.approx(100 * (14.5 / 16 - 1))
+    # the unquantized cost: F32 against the control's F32, 10.5/10 and 12/12
+    assert row["vs_control_pct"]["F32"]["mean"] == pytest.approx(2.5)
+    assert "gap_closed" not in agg["derived"]["wiki"]["control"] and "gap_closed" not in agg["derived"]["wiki"]["pretrained"]
+
+
+def test_queue_runs_have_the_study_rows_training_config():
+    """The training queue's commands (validation-only overrides aside) train what the study's rows train."""
+    queue = {"control": ["experiment=npft_smollm2", "noise=none", "quant=none", "seed=0", "curvature=null", "data.max_eval_windows=1"],
+             "default": ["seed=0"],
+             "mixed_q4_0": ["experiment=mixed_q4_0", "seed=0", "curvature=null", "data.max_eval_windows=1"]}
+    common = ["model=smollm2-135m", "data.eval_seq_len=2048"]
+    for row, overrides in queue.items():
+        expected = study.expected_train_signature(llamacpp_rows.train_overrides(row, 0, None, common, []))
+        assert study.config_difference(study.expected_train_signature(overrides), expected) is None, row
+    # a recipe whose noise targets its quant group (${quant.q4_0}) keeps its quant when the study trains it
+    assert "quant=none" not in study.validation_overrides(["experiment=mixed_q4_0"])
+    assert study.validation_overrides(["experiment=npft_smollm2", "noise=none"]) == study.TRAIN_FIXED
+
+
+# --------------------------------------------------------------------------------------------
+# The driver with fake cells
+# --------------------------------------------------------------------------------------------
+
+# The llama.cpp PPL of each row's files on the Wikipedia test split (F32, Q4_0, Q4_0+imatrix, Q8_0).
+FAKE_PPL = {"pretrained": (13.0, 16.0, 14.5, 13.1), "control": (10.0, 14.0, 12.0, 10.1), "default": (10.1, 12.0, 11.0, 10.2)}
+
+
+def _value(command: list[str], key: str) -> str | None:
+    return next((c.split("=", 1)[1] for c in command if c.startswith(key + "=")), None)
+
+
+class FakeCells:
+    """A ``run_cell`` stand-in: train.py writes a finished run of its config, eval.py a llama.cpp metrics.json with
+    the PPLs of ``FAKE_PPL`` (the row read from the adapter path) and a GGUF file."""
+
+    def __init__(self):
+        self.commands: list[list[str]] = []
+
+    def __call__(self, command, log, lock):
+        self.commands.append(command)
+        out = Path(_value(command, "hydra.run.dir"))
+        out.mkdir(parents=True, exist_ok=True)
+        if command[1] == "train.py":
+            overrides = [c for c in command[2:] if not c.startswith("hydra.")]
+            _write_run(out, study.expected_train_signature(overrides))
+            return
+        adapter = _value(command, "adapter")
+        row = "pretrained" if adapter is None else next(r for r in FAKE_PPL if f"/{r}" in adapter)
+        labels = ["F32", "Q4_0", "Q4_0+imatrix", "Q8_0"]
+        gguf = Path(_value(command, "gguf_out"))
+        gguf.with_name("m-F32.gguf").write_bytes(b"GGUF")
+        reports = {label: {"bits_per_weight": 4.5 + i, "bits_per_weight_linears": 4.0 + i, "bytes": 1000 * (i + 1),
+                           "splits": {"test": {"ppl": ppl, "tokens": 100, "tokens_per_s": 50.0}}}
+                   for i, (label, ppl) in enumerate(zip(labels, FAKE_PPL[row]))}
+        (out / "metrics.json").write_text(json.dumps({"ppl": {"test": {"fp": FAKE_PPL[row][0] * 1.0001}},
+                                                      "llamacpp": {**reports, "imatrix": {"path": "x"}}}))
+
+
+def _write_run(folder: Path, config: dict) -> None:
+    (folder / "adapter").mkdir(parents=True, exist_ok=True)
+    (folder / "adapter" / "adapter_config.json").write_text("{}")
+    (folder / "metrics.json").write_text(json.dumps({"config": config}))
+
+
+def _args(tmp_path: Path, *extra: str) -> list[str]:
+    return ["--model", "tiny-llama", "--rows", "pretrained", "control", "default", "--seeds", "0", "--corpora", "wiki",
+            "--columns", *COLUMNS, "--steps", "2", "--eval-seq-len", "128", "--study-dir", str(tmp_path / "study"),
+            "--out-json", str(tmp_path / "l.json"), "--results-md", str(tmp_path / "l.md"), "--plot", str(tmp_path / "l.png"), *extra]
+
+
+def test_study_resumes_and_derives_from_its_cells(tmp_path, monkeypatch, capsys):
+    fake = FakeCells()
+    monkeypatch.setattr(study, "run_cell", fake)
+    assert llamacpp_study.main(_args(tmp_path)) == 0
+    assert [c[1] for c in fake.commands] == ["eval.py", "train.py", "eval.py", "train.py", "eval.py"]
+    assert "cells: 5 run, 0 reused" in capsys.readouterr().out
+    evals = [c for c in fake.commands if c[1] == "eval.py"]
+    for command in evals:
+        assert {"quant=none", "llamacpp_types=[Q4_0,Q8_0]", "imatrix=both", "data.max_eval_windows=8"} <= set(command)
+    # the GGUF files of a finished cell are deleted (metrics.json keeps their sizes and scores)
+    assert not list((tmp_path / "study").rglob("*.gguf"))
+    result = json.loads((tmp_path / "l.json").read_text())
+    assert result["cells"]["control"]["0"]["wiki"]["Q4_0"] == 14.0
+    assert result["aggregate"]["derived"]["wiki"]["default"]["gap_closed"]["Q4_0"]["mean"] == pytest.approx(0.5)  # (14-12)/(14-10)
+    assert result["file_sizes"]["Q8_0"]["bits_per_weight"] == pytest.approx(7.5)
+    text = (tmp_path / "l.md").read_text()
+    assert "**Reduced study.**" in text and "Q4_0 vs control Q4_0+imatrix" in text and "within 0.010 %" in text
+    assert re.search(r"\| default recipe \(mixed, RTN-4\) \| 0\.50 \| ", text)
+    assert (tmp_path / "l.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a rerun runs nothing
+    fake.commands.clear()
+    assert llamacpp_study.main(_args(tmp_path)) == 0
+    assert fake.commands == [] and "cells: 0 run, 5 reused" in capsys.readouterr().out
+    assert json.loads((tmp_path / "l.json").read_text())["cells"] == result["cells"]
+    # another column set is another eval command: the evals run again, the trainings do not
+    assert llamacpp_study.main([*_args(tmp_path), "--columns", "Q4_0", "Q4_0+imatrix", "--keep-gguf"]) == 0
+    assert [c[1] for c in fake.commands] == ["eval.py"] * 3
+    assert len(list((tmp_path / "study").rglob("m-F32.gguf"))) == 3
+
+
+def test_runs_of_a_training_queue_are_used_waited_for_or_refused(tmp_path, monkeypatch, capsys):
+    fake = FakeCells()
+    monkeypatch.setattr(study, "run_cell", fake)
+    runs = tmp_path / "queue"
+    args = _args(tmp_path, "--runs", str(runs))
+    common = ["model=tiny-llama", "data.eval_seq_len=128"]
+    # control_s0 finished by the queue with the validation-only overrides; default_s0 still training (no metrics.json)
+    _write_run(runs / "control_s0", study.expected_train_signature(
+        [*llamacpp_rows.train_overrides("control", 0, 2, common, []), "quant=none", "curvature=null"]))
+    (runs / "default_s0").mkdir()
+    assert llamacpp_study.main(args) == 0
+    assert [c[1] for c in fake.commands] == ["eval.py", "eval.py"]  # nothing trained: control used, default awaited
+    assert _value(fake.commands[1], "adapter") == str(runs / "control_s0" / "adapter")
+    assert f"waiting for {runs / 'default_s0'}" in capsys.readouterr().out
+    result = json.loads((tmp_path / "l.json").read_text())
+    assert set(result["cells"]) == {"pretrained", "control"} and "default" not in result["aggregate"]["derived"]["wiki"]
+
+    # a row the queue does not have is trained in the study folder, unless --no-train
+    fake.commands.clear()
+    assert llamacpp_study.main([*_args(tmp_path, "--runs", str(tmp_path / "empty")), "--no-train"]) == 0
+    assert [c[1] for c in fake.commands] == []  # pretrained done; control and default: no run, none trained
+    assert llamacpp_study.main(_args(tmp_path, "--runs", str(tmp_path / "empty"))) == 0
+    assert [c[1] for c in fake.commands] == ["train.py", "eval.py", "train.py", "eval.py"]
+
+    # a finished run of another config cannot stand in for the default recipe: one line, exit 2
+    _write_run(runs / "default_s0", study.expected_train_signature(llamacpp_rows.train_overrides("control", 0, 2, common, [])))
+    assert llamacpp_study.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"error: --reuse default:0={runs / 'default_s0'} (from --runs) cannot be used" in err and "noise.distribution._target_" in err
+
+
+def test_bad_rows_and_columns_are_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(llamacpp_rows, "ROOT", tmp_path)  # a checkout without the recipe configs
+    assert llamacpp_study.main(_args(tmp_path)) == 2
+    assert "row control trains experiment=npft_smollm2, but conf/experiment/npft_smollm2.yaml is not in this checkout" in capsys.readouterr().err
+    monkeypatch.setattr(llamacpp_rows, "ROOT", ROOT)
+    assert llamacpp_study.main([*_args(tmp_path), "--columns", "Q4_0", "Q9_9+imatrix"]) == 2
+    assert "--columns: 'Q9_9' is not a llama.cpp file type" in capsys.readouterr().err
+
+
+def test_figure_draws_the_gap_closed_of_each_recipe_and_file(tmp_path, monkeypatch):
+    from npft_lightning.tasks import figures as project_io
+
+    cells = {"control": {"0": {"wiki": {"F32": 10.0, "Q4_0": 14.0, "Q4_0+imatrix": 12.0, "Q8_0": 10.2}}},
+             "default": {"0": {"wiki": {"F32": 10.1, "Q4_0": 12.0, "Q4_0+imatrix": 11.5, "Q8_0": 10.2}}},
+             "mixed_q4_0": {"0": {"wiki": {"F32": 10.2, "Q4_0": 11.0, "Q4_0+imatrix": 10.5, "Q8_0": 10.3}}}}
+    result = {"settings": {"columns": COLUMNS, "seeds": [0]}, "aggregate": llamacpp_rows.aggregate(cells, COLUMNS)}
+    drawn, save = [], project_io.save_figure
+
+    def spy(fig, path, dpi=120):
+        ax = fig.axes[0]
+        drawn.append({"title": fig._suptitle.get_text(), "heights": [p.get_height() for p in ax.patches],
+                      "lines": [ln.get_ydata()[0] for ln in ax.lines if len(set(ln.get_ydata())) == 1], "ylim": ax.get_ylim()})
+        return save(fig, path, dpi)
+
+    monkeypatch.setattr(project_io, "save_figure", spy)
+    assert llamacpp_render.plot_gap_closed(result, tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+    (fig,) = drawn
+    assert fig["heights"] == pytest.approx([0.5, 0.25, 0.0, 0.75, 0.75, -0.5])  # per row, each column's (q_ctrl - q_row) / gap
+    assert 0 in fig["lines"] and 1 in fig["lines"] and fig["ylim"][0] <= -0.5 and fig["ylim"][1] >= 1
+    assert "SINGLE SEED (seed 0)" in fig["title"]
+    assert llamacpp_render.plot_gap_closed({**result, "aggregate": llamacpp_rows.aggregate({"control": cells["control"]}, COLUMNS)},
+                                           tmp_path / "none.png") is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("npft_lightning.quant.llamacpp", fromlist=["x"]).llama_cpp_installed(),
+                    reason="the llamacpp extra is not installed (make llamacpp)")
+def test_llamacpp_study_end_to_end_on_tiny_llama(tmp_path):
+    """Train control + default, make and score the llama.cpp files of them and the pretrained model on two corpora; a
+    rerun runs nothing."""
+    ood = tmp_path / "ood.txt"
+    ood.write_text("def f(x):\n    return x + 1\n\nThe quick brown fox jumps over the lazy dog.\n\n" * 40)
+    args = ["--model", "tiny-llama", "--rows", "pretrained", "control", "default", "--seeds", "0", "--columns", *COLUMNS,
+            "--steps", "2", "--max-eval-windows", "1", "--calib-windows", "2", "--eval-seq-len", "128", "--ood-text", str(ood),
+            "--set", "data.seq_len=64", "--eval-set", "calibration.length=64", "--eval-set", "llamacpp_threads=1",
+            "--study-dir", str(tmp_path / "study"), "--out-json", str(tmp_path / "l.json"), "--results-md", str(tmp_path / "l.md"),
+            "--plot", str(tmp_path / "l.png")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([sys.executable, "bench/llamacpp_study.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "cells: 5 run, 0 reused" in first.stdout
+    result = json.loads((tmp_path / "l.json").read_text())
+    for row in ("pretrained", "control", "default"):
+        for corpus in ("wiki", "pydoc"):
+            cell = result["cells"][row]["0" if row != "pretrained" else "-"][corpus]
+            assert {"F32", "Q4_0", "Q4_0+imatrix", "Q8_0"} <= set(cell)
+            assert cell["F32"] == pytest.approx(cell["fp_pytorch"], rel=1e-3)  # llama.cpp's F32 is the model
+    assert result["cells"]["control"]["0"]["wiki"]["F32"] != result["cells"]["control"]["0"]["pydoc"]["F32"]
+    assert "gap_closed" in result["aggregate"]["derived"]["pydoc"]["default"]
+    assert not list((tmp_path / "study").rglob("*.gguf"))
+    text = (tmp_path / "l.md").read_text()
+    assert "Python 3.11 manual" in text and "Q4_0 vs control Q4_0+imatrix" in text
+    second = subprocess.run([sys.executable, "bench/llamacpp_study.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert second.returncode == 0 and "cells: 0 run, 5 reused" in second.stdout
