@@ -7,7 +7,9 @@ the files must come from the spawned workers that hold the trained weights.
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import types
 from pathlib import Path
 
@@ -136,6 +138,52 @@ def test_two_cpu_ranks_draw_identical_quant_error_noise_at_a_later_step(tmp_path
         torch.testing.assert_close(noise[kept], error[kept], rtol=0, atol=1e-6)  # Q(W + ΔW) − (W + ΔW), not Q(W) − W
         moved, selected = moved + int(kept.sum()), selected + noise.numel()
     assert 0.3 * selected < moved < 0.6 * selected  # about half of the selected weights take their error
+
+
+class StepProbe(Callback):
+    """Test-only: each rank saves, per optimizer step, the grid its noise drew (None on a clean step) and the noise it
+    added to every decoder weight."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+        self.steps: dict[int, dict] = {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: NPFTModule, batch, batch_idx: int) -> None:
+        # runs before the noise callback (the config's callbacks come first): the clean weights
+        self.clean = {n: lin.weight.detach().clone() for n, lin in pl_module.decoder_linears().items()}
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: NPFTModule, optimizer) -> None:
+        noise = trainer.callbacks[[type(c).__name__ for c in trainer.callbacks].index("NoisePerturbation")]
+        added = {n: lin.weight.detach() - self.clean[n] for n, lin in pl_module.decoder_linears().items()}
+        perturbed = any(bool(d.any()) for d in added.values())
+        self.steps[trainer.global_step] = {"grid": noise.distribution.grid if perturbed else None, "noise": added}
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: NPFTModule) -> None:
+        torch.save(self.steps, self.out_dir / f"steps{trainer.global_rank}.pt")
+
+
+def test_two_cpu_ranks_distil_on_the_same_steps_and_grids(tmp_path):
+    """experiment=mixed_multi (five grids) with a self-distilling teacher and the quantized steps in the last 2/3 of a
+    3-step run (steps 1 and 2): both ranks perturb the same steps with the same grid and the same noise, the perturbed
+    steps log their KL and grid, the clean step neither."""
+    overrides = [o for o in TINY if not o.startswith(("experiment=", "quant=", "trainer.max_steps="))]
+    proc = run_sweep(tmp_path, "trainer=ddp_cpu", "experiment=mixed_multi", "noise.step_probability=1.0",
+                     "noise.placement=last", "noise.last_fraction=0.67", "noise.distill.teacher=self",
+                     "noise.distill.weight=0.5", "trainer.max_steps=3", "trainer.max_epochs=2",
+                     "+callbacks.probe._target_=test_ddp.StepProbe", f"+callbacks.probe.out_dir={tmp_path}", tiny=overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"steps{r}.pt") for r in (0, 1))
+    assert sorted(r0) == sorted(r1) == [0, 1, 2]
+    assert r0[0]["grid"] is None and r0[1]["grid"] is not None and r0[2]["grid"] is not None
+    for step in r0:
+        assert r0[step]["grid"] == r1[step]["grid"]
+        assert all(torch.equal(r0[step]["noise"][n], r1[step]["noise"][n]) for n in r0[step]["noise"])
+    with open(tmp_path / "sweep" / "0" / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    kl = {int(r["step"]): float(r["train/kl"]) for r in rows if r.get("train/kl")}
+    grid = {int(r["step"]): int(float(r["noise/grid"])) for r in rows if r.get("noise/grid")}
+    assert sorted(kl) == [1, 2] and all(math.isfinite(v) and v > 0 for v in kl.values())
+    assert grid == {1: r0[1]["grid"], 2: r0[2]["grid"]}
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

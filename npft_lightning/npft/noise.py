@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,13 +30,14 @@ from npft_lightning.quant.rtn import rtn_params, rtn_step
 RAMPS = ("constant", "linear", "cosine")
 
 
-def noise_generator(seed: int, epoch: int = -1, step: int = -1) -> torch.Generator:
+def noise_generator(seed: int, epoch: int = -1, step: int = -1, stream: str = "npft-noise") -> torch.Generator:
     """A CPU generator seeded from (seed, epoch, step); -1 marks a field that is not used.
 
     The triple is hashed (SHA-256, first 8 bytes), so nearby triples give unrelated streams and
     the seed is the same on every process, platform and Python run (no ``hash()`` salting).
+    ``stream`` names what the numbers are for (another name, unrelated numbers for the same triple).
     """
-    digest = hashlib.sha256(f"npft-noise:{int(seed)}:{int(epoch)}:{int(step)}".encode()).digest()
+    digest = hashlib.sha256(f"{stream}:{int(seed)}:{int(epoch)}:{int(step)}".encode()).digest()
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
@@ -250,21 +251,48 @@ class QuantErrorNoise(NoiseDistribution):
     in each draw (Quant-Noise, Fan et al. 2020), the bridge between random and exact noise.
     ``quantizer`` is any weight-local quantizer (RTN per channel / group, NF4, ggml blocks); the
     grid is that of the whole merged matrix, recomputed every draw.
+
+    ``quantizers``: several target grids instead of one, a list of ``{quantizer, weight}``; each draw
+    quantizes with the one :meth:`use_grid` chose (the training callback draws it per step, with
+    probability proportional to its weight). ``quantizer`` is then the grid in use.
     """
 
     needs_merged = True
 
-    def __init__(self, quantizer: WeightQuantizer, scale: float = 1.0, probability: float = 1.0):
+    def __init__(self, quantizer: WeightQuantizer | None = None, scale: float = 1.0, probability: float = 1.0,
+                 quantizers: Sequence[Mapping[str, Any]] | None = None):
         super().__init__(scale)
-        if getattr(quantizer, "needs_calibration", False):
-            raise ValueError(f"quant_error noise needs a weight-local quantizer; {quantizer.name} needs calibration "
-                             f"data (GPTQ): target its grid instead, e.g. noise.distribution.quantizer=rtn4")
+        if (quantizer is None) == (quantizers is None):
+            raise ValueError("quant_error noise needs one target: noise.distribution.quantizer, or a list of "
+                             "noise.distribution.quantizers with quantizer=null")
+        grids = [{"quantizer": quantizer, "weight": 1.0}] if quantizers is None else list(quantizers)
+        if not grids:
+            raise ValueError("noise.distribution.quantizers=[] lists no grid; give at least one {quantizer: ..., weight: ...}")
+        for i, grid in enumerate(grids):
+            if not isinstance(grid, Mapping) or not isinstance(grid.get("quantizer"), WeightQuantizer):
+                raise ValueError(f"noise.distribution.quantizers[{i}]={grid!r} is not a {{quantizer: <quantizer config>, "
+                                 f"weight: <number>}}, e.g. {{quantizer: ${{quant.rtn4}}, weight: 1}}")
+            weight = grid.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight) and weight > 0):
+                raise ValueError(f"noise.distribution.quantizers[{i}].weight={weight} must be a finite number > 0 "
+                                 f"(the grid's share of the quantized steps is its weight over the sum)")
+            if getattr(grid["quantizer"], "needs_calibration", False):
+                raise ValueError(f"quant_error noise needs a weight-local quantizer; {grid['quantizer'].name} needs "
+                                 f"calibration data (GPTQ): target its grid instead, e.g. noise.distribution.quantizer=rtn4")
         probability = float(probability)
         if not (math.isfinite(probability) and 0.0 < probability <= 1.0):
             raise ValueError(f"noise.probability={probability} must be in (0, 1]: the chance that a selected weight "
                              f"takes its quantization error in a draw (1 = always)")
-        self.quantizer = quantizer
+        self.grids: list[WeightQuantizer] = [grid["quantizer"] for grid in grids]
+        self.grid_weights: list[float] = [float(grid.get("weight", 1.0)) for grid in grids]
+        self.grid = 0
+        self.quantizer = self.grids[0]
         self.probability = probability
+
+    def use_grid(self, index: int) -> None:
+        """Quantize the next draws with grid ``index`` of :attr:`grids`."""
+        self.grid = int(index)
+        self.quantizer = self.grids[self.grid]
 
     def sample(self, weight: Tensor, indices: Tensor | None, generator: torch.Generator, name: str | None = None) -> Tensor:
         k = _count(weight, indices)

@@ -158,6 +158,7 @@ def _check_noise_and_outliers(cfg: DictConfig) -> None:
         quantizer = (noise.get("distribution") or {}).get("quantizer")
         if isinstance(quantizer, DictConfig):  # the target of quant_error / uniform_step noise
             _check_quant("quantizer", quantizer, prefix="noise.distribution.")
+        _check_noise_steps(noise)
         if "_target_" in noise:
             instantiate(noise)  # the distribution checks its own settings (a quant_error target needs no calibration, ...)
     outliers = cfg.get("outliers")
@@ -229,6 +230,45 @@ def check_imatrix_against_model(cfg: DictConfig, model) -> None:
                         f"model={(cfg.get('model') or {}).get('name')} ({type(model).__name__}) has other layers; drop imatrix") from None
     if source != IMATRIX_CALIBRATION:
         check_imatrix_fits(read_imatrix(Path(source).expanduser()), names, f"imatrix={source}")
+
+
+def _check_noise_steps(noise: DictConfig) -> None:
+    """Where the perturbed steps go, the grids they draw and what they distil towards (``npft.placement``, ``npft.distill``)."""
+    from npft_lightning.npft.distill import TEACHERS
+    from npft_lightning.npft.noise import RAMPS
+    from npft_lightning.npft.placement import PLACEMENTS
+
+    if noise.get("placement") not in (None, *PLACEMENTS):
+        raise UserError(f"noise.placement={noise.get('placement')} is not one of {', '.join(PLACEMENTS)}")
+    last = noise.get("last_fraction")
+    if last is not None and (not is_number(last) or not 0 < last <= 1):
+        raise UserError(f"noise.last_fraction={last} must be in (0, 1]: the last part of the run whose steps may be "
+                        f"perturbed with noise.placement=last (e.g. 0.25 for the last quarter)")
+    if noise.get("step_probability_ramp") not in (None, *RAMPS):
+        raise UserError(f"noise.step_probability_ramp={noise.get('step_probability_ramp')} is not one of {', '.join(RAMPS)}")
+    grids = (noise.get("distribution") or {}).get("quantizers")
+    if grids is not None:
+        if not isinstance(grids, ListConfig):
+            raise UserError(f"noise.distribution.quantizers={grids} is not a list of {{quantizer: ..., weight: ...}}")
+        for i, grid in enumerate(grids):
+            if not isinstance(grid, DictConfig) or not isinstance(grid.get("quantizer"), DictConfig):
+                raise UserError(f"noise.distribution.quantizers[{i}]={grid} is not a {{quantizer: <quantizer config>, weight: "
+                                f"<number>}}, e.g. {{quantizer: ${{quant.rtn4}}, weight: 1}}")
+            _check_quant(f"quantizers[{i}].quantizer", grid.quantizer, prefix="noise.distribution.")
+            weight = grid.get("weight", 1.0)
+            if not is_number(weight) or weight <= 0:
+                raise UserError(f"noise.distribution.quantizers[{i}].weight={weight} must be a finite number > 0 (the grid's "
+                                f"share of the quantized steps is its weight over the sum)")
+    distill = noise.get("distill") or {}
+    if distill.get("teacher") not in (None, *TEACHERS):
+        raise UserError(f"noise.distill.teacher={distill.get('teacher')} is not one of {', '.join(TEACHERS)}, null "
+                        f"(null = no distillation)")
+    temperature, weight = distill.get("temperature"), distill.get("weight")
+    if temperature is not None and (not is_number(temperature) or temperature <= 0):
+        raise UserError(f"noise.distill.temperature={temperature} must be a finite number > 0, e.g. 1 (2 softens both "
+                        f"distributions)")
+    if weight is not None and (not is_number(weight) or not 0 < weight <= 1):
+        raise UserError(f"noise.distill.weight={weight} must be in (0, 1]: the KL term's share of the loss (1 = the KL alone)")
 
 
 def _check_data(data: DictConfig) -> None:

@@ -22,6 +22,8 @@ from torch import Tensor
 from npft_lightning.core import masks as mask_ops
 from npft_lightning.core.curvature import hutchinson_trace, perturbation_trace_estimate
 from npft_lightning.core.perplexity import perplexity
+from npft_lightning.core.restore import saved_values
+from npft_lightning.npft.distill import Distillation, DistillTarget
 from npft_lightning.npft.noise import (
     RAMPS,
     apply_noise,
@@ -30,6 +32,12 @@ from npft_lightning.npft.noise import (
     scale_schedule,
 )
 from npft_lightning.npft.outliers import OutlierSelector, mask_bytes
+from npft_lightning.npft.placement import (
+    PLACEMENTS,
+    grid_index,
+    step_is_perturbed,
+    step_share,
+)
 from npft_lightning.quant.base import NonFiniteQuantization, WeightQuantizer
 from npft_lightning.quant.calibration import (
     Calibration,
@@ -228,12 +236,22 @@ class NoisePerturbation(Callback):
 
     ``step_probability`` q < 1: each optimizer step is perturbed with probability q and trained on
     the clean weights otherwise, so the expected loss is (1 − q)·L(W) + q·E[L(W + δ)], a mixed
-    objective at the cost of one forward pass (per_step only). Distributions that need the merged
-    weight (``quant_error``) get the LoRA updates of the current adapters with every draw.
+    objective at the cost of one forward pass (per_step only). ``placement=last`` draws the perturbed
+    steps from the last ``last_fraction`` of the run only, ``step_probability_ramp`` lets q rise from 0
+    (:mod:`npft_lightning.npft.placement`). Distributions that need the merged weight (``quant_error``)
+    get the LoRA updates of the current adapters with every draw; one with several target grids gets
+    the step's grid, drawn from (seed, epoch, step) like the step itself.
+
+    ``distill`` (:class:`~npft_lightning.npft.distill.Distillation`, or its settings): the loss of a
+    perturbed step is (partly) the KL divergence from a teacher's next-token distribution, the model on
+    the clean weights run without gradient before the draw is written (one more forward pass on the
+    perturbed steps only; the clean steps are untouched).
     """
 
     def __init__(self, distribution: Any, scale: float | None = None, schedule: str = "per_step", seed: int = 0,
-                 warmup_steps: int = 0, ramp: str = "constant", step_probability: float = 1.0):
+                 warmup_steps: int = 0, ramp: str = "constant", step_probability: float = 1.0,
+                 placement: str = "random", last_fraction: float = 1.0, step_probability_ramp: str = "constant",
+                 distill: Distillation | Mapping[str, Any] | None = None):
         if schedule not in ("per_step", "per_epoch"):
             raise ValueError(f"noise.schedule={schedule!r} is not one of per_step, per_epoch")
         if ramp not in RAMPS:
@@ -247,7 +265,25 @@ class NoisePerturbation(Callback):
         if step_probability < 1.0 and schedule != "per_step":
             raise ValueError(f"noise.step_probability={step_probability} needs noise.schedule=per_step (a per-epoch draw "
                              f"is held for the whole epoch)")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"noise.placement={placement!r} is not one of {', '.join(PLACEMENTS)}")
+        last_fraction = float(last_fraction)
+        if not (0.0 < last_fraction <= 1.0):
+            raise ValueError(f"noise.last_fraction={last_fraction} must be in (0, 1]: the last part of the run whose steps "
+                             f"may be perturbed with noise.placement=last (e.g. 0.25 for the last quarter)")
+        if step_probability_ramp not in RAMPS:
+            raise ValueError(f"noise.step_probability_ramp={step_probability_ramp!r} is not one of {', '.join(RAMPS)}")
+        if (placement != "random" or step_probability_ramp != "constant") and schedule != "per_step":
+            raise ValueError(f"noise.placement={placement} / noise.step_probability_ramp={step_probability_ramp} choose "
+                             f"steps, so they need noise.schedule=per_step")
+        self.distill = distill if isinstance(distill, Distillation) else Distillation(**(distill or {}))
+        if self.distill.enabled and not getattr(distribution, "enabled", True):
+            raise ValueError(f"noise.distill.teacher={self.distill.teacher} distils on the perturbed steps, but this noise "
+                             f"perturbs none (noise=none): use noise=quant_error, or noise.distill.teacher=null")
         self.step_probability = step_probability
+        self.placement = placement
+        self.last_fraction = last_fraction
+        self.step_probability_ramp = step_probability_ramp
         self.distribution = distribution
         # `noise.scale` lives here only; the schedule writes the current value into the distribution.
         self.base_scale = float(distribution.scale if scale is None else scale)
@@ -259,6 +295,7 @@ class NoisePerturbation(Callback):
         self._saved: dict[str, Tensor] | None = None
         self._draw: tuple[int, int] | None = None  # (epoch, step) of the applied draw
         self._reapply_after_validation = False
+        self._total_steps = 0  # the run's optimizer steps (placement=last and the share ramp need it), set at train start
 
     @property
     def enabled(self) -> bool:
@@ -271,28 +308,62 @@ class NoisePerturbation(Callback):
         self.distribution.scale = scale_schedule(
             trainer.global_step, _total_steps(trainer), self.base_scale, self.warmup_steps, self.ramp
         )
+        weights = getattr(self.distribution, "grid_weights", None)
+        if weights is not None and len(weights) > 1:
+            self.distribution.use_grid(grid_index(self.seed, epoch, step, weights))
         deltas = pl_module.lora_deltas() if getattr(self.distribution, "needs_merged", False) else None
         self._saved = apply_noise(pl_module.decoder_linears(), masks, self.distribution, noise_generator(self.seed, epoch, step), deltas)
         self._draw = (epoch, step)
 
     def _step_is_perturbed(self, epoch: int, step: int) -> bool:
-        """Bernoulli(step_probability) per optimizer step, from its own stream (the same on every rank and on resume)."""
-        if self.step_probability >= 1.0:
-            return True
-        return bool(torch.rand(1, generator=noise_generator(self.seed, epoch, -2 - step)) < self.step_probability)
+        """Whether optimizer ``step`` sees the noise: from its own stream (the same on every rank and on resume)."""
+        share = step_share(step, self._total_steps, self.step_probability, self.placement, self.last_fraction,
+                           self.step_probability_ramp)
+        return step_is_perturbed(self.seed, epoch, step, share)
 
     def _remove(self, pl_module: pl.LightningModule) -> None:
         if self._saved is not None:
             restore_noise(pl_module.decoder_linears(), pl_module.outlier_masks, self._saved)
             self._saved = None
 
+    def _teacher_logits(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Tensor) -> Tensor:
+        """The teacher's logits for ``batch`` on the clean base weights: the draw, if one is in place (a later
+        micro-batch of the step, a per-epoch draw), is lifted for the teacher's forward pass and put back."""
+        linears, masks = pl_module.decoder_linears(), pl_module.outlier_masks
+        drawn = None
+        if self._saved is not None:
+            drawn = {name: saved_values(linears[name].weight.data.view(-1), mask_ops.index(masks[name], linears[name].weight.device))
+                     for name in self._saved}
+            restore_noise(linears, masks, self._saved)
+        try:
+            with trainer.precision_plugin.train_step_context():
+                return pl_module.teacher_logits(batch, adapters=self.distill.teacher == "self")
+        finally:
+            if drawn is not None:
+                restore_noise(linears, masks, drawn)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._total_steps = _total_steps(trainer)
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.enabled and self.schedule == "per_step" and self._saved is None and self._draw != (trainer.current_epoch, trainer.global_step):
+        if not self.enabled:
+            return
+        teacher = None
+        if self.schedule == "per_step" and self._saved is None and self._draw != (trainer.current_epoch, trainer.global_step):
             if self._step_is_perturbed(trainer.current_epoch, trainer.global_step):
+                if self.distill.enabled:  # before the draw is written: the teacher sees the clean weights
+                    teacher = self._teacher_logits(trainer, pl_module, batch)
                 self._apply(trainer, pl_module, trainer.current_epoch, trainer.global_step)
+                if len(getattr(self.distribution, "grids", ())) > 1:  # perturbed steps only: straight to the loggers
+                    for logger in trainer.loggers:
+                        logger.log_metrics({"noise/grid": self.distribution.grid}, step=trainer.global_step)
             else:
                 self._draw = (trainer.current_epoch, trainer.global_step)  # a clean step: nothing to apply
             pl_module.log("noise/scale", self.distribution.scale if self._saved is not None else 0.0, on_step=True, on_epoch=False)
+        elif self._saved is not None and self.distill.enabled:
+            teacher = self._teacher_logits(trainer, pl_module, batch)
+        if teacher is not None:
+            pl_module.distill_target = DistillTarget(teacher, self.distill)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         # global_step moves only when the optimizer stepped: keep the draw across accumulated micro-batches.
@@ -317,17 +388,30 @@ class NoisePerturbation(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove(pl_module)
+        pl_module.distill_target = None
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._remove(pl_module)
+        pl_module.distill_target = None
 
     # The draws need no state (they follow from seed, epoch and step); the checkpoint keeps what
     # they follow from, so a resume with other noise settings says so instead of silently mixing.
+    # Keys added later default to the value that reproduces a checkpoint written without them.
+    STATE_DEFAULTS = {"seed": None, "scale": None, "schedule": None, "step_probability": 1.0, "placement": "random",
+                      "last_fraction": 1.0, "step_probability_ramp": "constant", "grid_weights": None,  # None: one grid
+                      "distill": (None, 1.0, 1.0)}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "scale": self.base_scale, "schedule": self.schedule, "step_probability": self.step_probability}
+        weights = list(getattr(self.distribution, "grid_weights", None) or [])
+        return {"seed": self.seed, "scale": self.base_scale, "schedule": self.schedule, "step_probability": self.step_probability,
+                "placement": self.placement, "last_fraction": self.last_fraction,
+                "step_probability_ramp": self.step_probability_ramp,
+                "grid_weights": weights if len(weights) > 1 else None,
+                "distill": (self.distill.teacher, self.distill.temperature, self.distill.weight)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = {k: state_dict.get(k, 1.0 if k == "step_probability" else None) for k in ("seed", "scale", "schedule", "step_probability")}
+        saved = {k: state_dict.get(k, default) for k, default in self.STATE_DEFAULTS.items()}
+        saved["distill"] = tuple(saved["distill"])
         current = self.state_dict()
         if saved != current:
             rank_zero_warn(f"resuming with noise settings {current}; the checkpoint was trained with {saved}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Any, Callable, Iterable, Iterator
 
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from npft_lightning.core.interrupt import check as stop_if_interrupted
 from npft_lightning.core.layers import canonical_name, decoder_linears
 from npft_lightning.core.perplexity import causal_lm_nll, perplexity
+from npft_lightning.npft.distill import DistillTarget
 from npft_lightning.training.lr_schedule import lr_scheduler
 
 
@@ -111,6 +112,8 @@ class NPFTModule(pl.LightningModule):
         self.val_ppl: float | None = None  # the last validation PPL, in float64
         # Filled by the OutlierSelection callback; read by the noise callback and curvature probes.
         self.outlier_masks: dict[str, Tensor] = {}
+        # Set by the noise callback for a perturbed step that distils (noise.distill); read once by training_step.
+        self.distill_target: DistillTarget | None = None
 
     # ----------------------------------------------------------------------------- model access
     def forward(self, input_ids: Tensor) -> Tensor:
@@ -130,6 +133,18 @@ class NPFTModule(pl.LightningModule):
         """Run the bare base model (used while the adapters are merged into the base weights)."""
         with self.model.disable_adapter():
             yield
+
+    @torch.no_grad()
+    def teacher_logits(self, input_ids: Tensor, adapters: bool = True) -> Tensor:
+        """Next-token logits of the model as its weights are now, with its adapters (``adapters``) or without,
+        in eval mode (no dropout) and without gradient: a distillation teacher."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with nullcontext() if adapters else self.adapters_disabled():
+                return self(input_ids.to(self.device))
+        finally:
+            self.model.train(was_training)
 
     @torch.no_grad()
     def dataset_nll(self, batches: Iterable[Tensor], desc: str | None = None) -> tuple[float, int]:
@@ -162,7 +177,14 @@ class NPFTModule(pl.LightningModule):
         torch.manual_seed(batch_seed(self.seed, self.trainer.current_epoch, batch_idx, self.global_rank))
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        loss = self.model(input_ids=batch, labels=batch).loss
+        output = self.model(input_ids=batch, labels=batch)
+        loss = output.loss
+        target, self.distill_target = self.distill_target, None
+        if target is not None:  # a perturbed step that distils towards the clean teacher
+            loss, kl = target.loss(loss, output.logits)
+            # Straight to the loggers: a value self.log'ged on some steps only is repeated by Lightning on the later ones.
+            for logger in self.loggers:
+                logger.log_metrics({"train/kl": float(kl.detach())}, step=self.global_step)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch.size(0))
         return loss
 
