@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny randomly initialised LLaMA- and OPT-shaped causal LMs (no download), and llama.cpp's own
+"""Shared fixtures: tiny randomly initialised LLaMA-, OPT- and Gemma-3-shaped causal LMs (no download), and llama.cpp's own
 quantizer (``ggml_quantize_chunk``) as the reference of the ggml twins."""
 
 from __future__ import annotations
@@ -48,6 +48,24 @@ def make_tiny_opt(seed: int = 0) -> OPTForCausalLM:
     return OPTForCausalLM(cfg).eval()
 
 
+def make_tiny_gemma3(seed: int = 0, peaked: bool = False) -> nn.Module:
+    """conf/model/tiny-gemma3.yaml's model: two layers (a 32-token sliding window, then global attention).
+    ``peaked``: its matrices scaled up and its norm weights random (Gemma's init leaves them 0, i.e. a scale of 1),
+    so a wrong norm offset, window, rope base or query scale shows in the logits."""
+    from npft_lightning.lm.models import TINY_DEFAULTS, build_tiny_model
+
+    model = build_tiny_model(**{**TINY_DEFAULTS, "arch": "gemma3", "max_position_embeddings": 256, "seed": seed}).eval()
+    if peaked:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.mul_(5.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
 class QuadraticModel(nn.Module):
     """loss = ½ dᵀA d + bᵀd with d = vec(W) − w*; one Linear in ``layers`` so ``decoder_linears`` finds it."""
 
@@ -73,6 +91,11 @@ def tiny_llama() -> LlamaForCausalLM:
 @pytest.fixture
 def tiny_opt() -> OPTForCausalLM:
     return make_tiny_opt()
+
+
+@pytest.fixture
+def tiny_gemma3() -> nn.Module:
+    return make_tiny_gemma3()
 
 
 @pytest.fixture
