@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny randomly initialised LLaMA- and OPT-shaped causal LMs (no download), and llama.cpp's own
+"""Shared fixtures: tiny randomly initialised LLaMA-, OPT- and Gemma-3-shaped causal LMs (no download), and llama.cpp's own
 quantizer (``ggml_quantize_chunk``) as the reference of the ggml twins. The plain helpers they use are in
 helpers.py, which test files import; the test process is offline, as the entry points are."""
 
@@ -14,7 +14,7 @@ set_offline_defaults()  # before any Hugging Face library is imported, as train.
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import VOCAB, make_tiny_llama, make_tiny_opt  # noqa: E402
+from helpers import VOCAB, make_tiny_gemma3, make_tiny_llama, make_tiny_opt  # noqa: E402
 from transformers import LlamaForCausalLM, OPTForCausalLM  # noqa: E402
 
 
@@ -26,6 +26,11 @@ def tiny_llama() -> LlamaForCausalLM:
 @pytest.fixture
 def tiny_opt() -> OPTForCausalLM:
     return make_tiny_opt()
+
+
+@pytest.fixture
+def tiny_gemma3() -> torch.nn.Module:
+    return make_tiny_gemma3()
 
 
 @pytest.fixture

@@ -14,9 +14,11 @@ import signal
 import subprocess
 import sys
 import traceback
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -76,6 +78,24 @@ def make_tiny_opt(seed: int = 0) -> OPTForCausalLM:
         max_position_embeddings=256, word_embed_proj_dim=64,
     )
     return OPTForCausalLM(cfg).eval()
+
+def make_tiny_gemma3(seed: int = 0, peaked: bool = False) -> nn.Module:
+    """conf/model/tiny-gemma3.yaml's model: two layers (a 32-token sliding window, then global attention).
+    ``peaked``: its matrices scaled up and its norm weights random (Gemma's init leaves them 0, i.e. a scale of 1),
+    so a wrong norm offset, window, rope base or query scale shows in the logits."""
+    from npft_lightning.lm.models import TINY_DEFAULTS, build_tiny_model
+
+    model = build_tiny_model(**{**TINY_DEFAULTS, "arch": "gemma3", "max_position_embeddings": 256, "seed": seed}).eval()
+    if peaked:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.mul_(5.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
 
 
 class QuadraticModel(nn.Module):
@@ -339,3 +359,79 @@ def _hydra_entry(task: str, argv: list[str]) -> None:
         del cfg["hydra"]
     Path(HydraConfig.get().runtime.output_dir).mkdir(parents=True, exist_ok=True)
     run(cfg, task)
+
+
+# ------------------------------------------------------------------ probes of a real fit (the recipes' tests)
+SEED, STEP_PROBABILITY, STEPS = 26, 0.15, 4
+PERTURBED = {0, 2}  # what seed 26 draws for steps 0-3 at q = 0.15; checked below against the callback
+
+
+class ForwardProbe(Callback):
+    """Test-only: per training step, the weight each base linear's forward read, the LoRA updates, the batch,
+    the loss, and the base weights after the step. Place it after ``NoisePerturbation``."""
+
+    def __init__(self):
+        self.seen: dict[int, dict[str, torch.Tensor]] = {}
+        self.deltas: dict[int, dict[str, torch.Tensor]] = {}
+        self.batch: dict[int, torch.Tensor] = {}
+        self.loss: dict[int, float] = {}
+        self.after: dict[int, dict[str, torch.Tensor]] = {}
+        self.validation_seen: list[dict[str, torch.Tensor]] = []
+        self._handles = []
+        self._step = -1
+        self._in_validation_batch = False
+
+    def _record(self, trainer: pl.Trainer, name: str, module: torch.nn.Module, args) -> None:
+        if self._in_validation_batch:
+            self.validation_seen[-1].setdefault(name, module.weight.detach().clone())
+        elif trainer.training:
+            self.seen.setdefault(self._step, {}).setdefault(name, module.weight.detach().clone())
+
+    def on_fit_start(self, trainer, pl_module):
+        for name, linear in pl_module.decoder_linears().items():
+            self._handles.append(linear.register_forward_pre_hook(partial(self._record, trainer, name)))
+
+    def on_fit_end(self, trainer, pl_module):
+        for handle in self._handles:
+            handle.remove()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._step = trainer.global_step
+        self.deltas[self._step] = {n: d.clone() for n, d in pl_module.lora_deltas().items()}
+        self.batch[self._step] = batch.detach().clone()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.loss[self._step] = float(loss)
+        self.after[self._step] = {n: lin.weight.detach().clone() for n, lin in pl_module.decoder_linears().items()}
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._in_validation_batch = True
+        self.validation_seen.append({})
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._in_validation_batch = False
+
+
+class StepLogger(pl.loggers.Logger):
+    """Keeps every logged metric per step."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: dict[int, dict[str, float]] = {}
+
+    name = "steps"
+    version = 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.setdefault(step, {}).update(metrics)
+
+
+def make_trainer(callbacks, steps: int = STEPS, logger=False, **kw) -> pl.Trainer:
+    args = dict(accelerator="cpu", max_steps=steps, logger=logger, log_every_n_steps=1, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    args.update(kw)
+    return pl.Trainer(callbacks=callbacks, **args)

@@ -141,7 +141,7 @@ CASES = {
     "misspelt _target_": ([*TINY, "noise=quant_error", "noise.distribution.quantizer._target_=npft_lightning.quant.RTM"],
                           "noise.distribution.quantizer._target_=npft_lightning.quant.RTM cannot be imported (npft_lightning.quant has no RTM)"),
     "unknown LoRA bias": ([*TINY, "peft.bias=some"], "peft.bias=some is not one of none, all, lora_only"),
-    "unknown tiny architecture": ([*TINY, "model.tiny.arch=gpt2"], "model.tiny.arch=gpt2 is not one of llama, opt"),
+    "unknown tiny architecture": ([*TINY, "model.tiny.arch=gpt2"], "model.tiny.arch=gpt2 is not one of llama, opt, gemma3"),
     "checkpoint of another run": ([*SMALL, "ckpt_path={ckpt}"],
                                   "ckpt_path={ckpt} does not fit this run's model and LoRA config: 28 adapter tensors missing"),
     "imatrix not a choice": ([*TINY, "imatrix=true"], "imatrix=true is not one of calibration, null or the path of an imatrix file"),

@@ -133,6 +133,37 @@ def test_calibration_windows_are_seeded():
         dm.calibration_windows(1, 2000)
 
 
+class BosByteTokenizer(ByteTokenizer):
+    """Byte tokens behind a BOS (id 1) that ``encode`` adds by default, as Gemma's tokenizer does."""
+
+    bos_token_id = 1
+    name_or_path = "bytes-with-bos"
+
+    def encode(self, text: str, add_special_tokens: bool = True, **kwargs) -> list[int]:
+        return [self.bos_token_id] * add_special_tokens + super().encode(text)
+
+
+def test_a_tokenizer_that_adds_bos_starts_every_window_with_it(tmp_path):
+    """Gemma's tokenizer adds BOS and its models need it: every window is BOS + the next length - 1 tokens."""
+    from npft_lightning.lm.tokens import window_bos
+
+    assert window_bos(BosByteTokenizer()) == 1 and window_bos(ByteTokenizer()) is None
+    plain = datamodule()
+    corpus = StringCorpus(train=stream(1000), validation=stream(300, 1), test=stream(200, 2))
+    dm = CausalLMDataModule(corpus, BosByteTokenizer(), seq_len=64, eval_seq_len=32, batch_size=4, cache_dir=str(tmp_path))
+    assert torch.equal(dm.tokens("train"), plain.tokens("train"))  # the stream itself has no special tokens
+    train, val = dm.train_windows(), dm.eval_windows("validation")
+    assert train.shape == (15, 64) and val.shape == (9, 32)  # 1000 // 63, 300 // 31
+    assert (train[:, 0] == 1).all() and (val[:, 0] == 1).all()
+    assert torch.equal(train[:, 1:].flatten(), dm.tokens("train")[: 15 * 63])
+    assert torch.equal(val[:, 1:].flatten(), dm.tokens("validation")[: 9 * 31])
+    calib = dm.calibration_windows(4, 48, seed=5)
+    assert calib.shape == (4, 48) and (calib[:, 0] == 1).all()
+    assert all(bytes(row[1:].tolist()).decode() in stream(1000) for row in calib)
+    assert dm.summary()["validation"] == {"tokens": 300, "windows": 9}
+    assert torch.equal(plain.train_windows().flatten(), plain.tokens("train")[: 15 * 64])  # no BOS: plain GPTQ windows
+
+
 def test_ddp_shards_are_disjoint_and_complete():
     windows = torch.arange(9 * 4).reshape(9, 4)
     shards = [shard_windows(windows, rank, 2) for rank in range(2)]

@@ -15,18 +15,20 @@ from functools import partial
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import make_tiny_llama
-from lightning.pytorch.callbacks import Callback
-from peft import LoraConfig
-from test_callbacks import TARGETS, make_datamodule, make_module
-from test_noise_in_fit import (
+from helpers import (
     PERTURBED,
     SEED,
     STEP_PROBABILITY,
     STEPS,
+    TARGETS,
     StepLogger,
+    make_datamodule,
+    make_module,
+    make_tiny_llama,
     make_trainer,
 )
+from lightning.pytorch.callbacks import Callback
+from peft import LoraConfig
 
 from npft_lightning.core.layers import decoder_linears
 from npft_lightning.npft.distill import Distillation, kl_to_teacher

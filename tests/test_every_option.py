@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import compose
+from helpers import ROOT, compose
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from npft_lightning.tasks.checks import validate_config

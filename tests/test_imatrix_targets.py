@@ -13,10 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from helpers import (
+    ForwardProbe,
+    make_datamodule,
+    make_module,
+    make_tiny_llama,
+    make_trainer,
+)
 from hydra import compose, initialize_config_dir
-from test_callbacks import make_datamodule, make_module
-from test_noise_in_fit import ForwardProbe, make_trainer
 
 from npft_lightning.core.layers import decoder_linears
 from npft_lightning.npft.noise import QuantErrorNoise

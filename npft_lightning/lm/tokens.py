@@ -1,5 +1,5 @@
 """Tokenization of a whole split, cached on disk: the GPTQ protocol tokenizes the joined split once, without
-special tokens."""
+special tokens; a tokenizer that starts every text with a BOS token (Gemma's) also starts every window with it."""
 
 from __future__ import annotations
 
@@ -49,3 +49,14 @@ def tokenize_split(corpus: Any, tokenizer: Any, split: str, cache_dir: str | os.
     with atomic_file(path) as tmp:  # DDP ranks tokenizing at once never read a half-written file
         torch.save(storage, tmp)
     return ids
+
+
+def window_bos(tokenizer: Any) -> int | None:
+    """The token every window starts with: the BOS of a tokenizer that adds it to every text it encodes (Gemma's:
+    Gemma 3 270M reads a sentence without it at PPL ~72 000, with it at 12.4), else None (SmolLM2, the byte tokenizer:
+    the plain GPTQ windows)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = list(tokenizer.encode("a"))  # add_special_tokens defaults to the tokenizer's own convention
+    return int(bos) if ids[:1] == [bos] else None

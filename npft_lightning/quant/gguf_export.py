@@ -3,7 +3,8 @@
     python eval.py adapter=<run>/adapter quant=q4_0 gguf_out=model-q4_0.gguf
     python eval.py adapter=<run>/adapter quant=llamacpp_q4_k_m gguf_out=model-Q4_K_M.gguf
 
-What is written, for the ``llama`` architecture (the one supported):
+Two architectures are written: ``llama`` (SmolLM2, the tiny llama models) and ``gemma3`` (Gemma 3 text models:
+Gemma 3 270M, the tiny Gemma 3 models). What is written:
 
 * the decoder linears in the quantizer's ggml type: a legacy type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), a
   K-quant (Q3_K, Q4_K, Q5_K, Q6_K) or IQ4 (IQ4_NL, IQ4_XS), or, for a llama.cpp file type
@@ -11,19 +12,24 @@ What is written, for the ``llama`` architecture (the one supported):
   the type llama.cpp's quantizer gives it (its fallbacks, F16 included): the very codes and float16
   scales of the quantizer's twin (:meth:`~npft_lightning.quant.ggml_base.GGMLTypeQuantizer.gguf_tensor`), so
   the file dequantizes bit for bit to the fake-quant weights, and a file type's decoder tensors are the
-  bytes ``llama_model_quantize`` writes from the same float model; ``attn_q`` / ``attn_k`` rows permuted as
+  bytes ``llama_model_quantize`` writes from the same float model; for llama, ``attn_q`` / ``attn_k`` rows permuted as
   llama.cpp's ``convert_hf_to_gguf.py`` does (its rotary embedding pairs neighbouring features, Hugging Face's
   the two halves of each head); quantization blocks run along rows, so permuting rows commutes with it;
-* everything else as the converter leaves it at full precision: norms in F32, the embedding (and an
-  untied ``output``) in the smallest ggml type that holds it exactly: Q8_0 (true for SmolLM2, whose
-  bundled file stores it as Q8_0), else F16, else F32;
+  gemma3 uses the NEOX rotary layout in llama.cpp, so its rows are written as they are;
+* everything else as the converter leaves it at full precision: norms in F32 (gemma3: plus one, as the
+  converter's ``Gemma3Model`` stores them: Hugging Face's Gemma RMSNorm scales by ``1 + weight``, llama.cpp's
+  by the stored weight), the embedding (and an untied ``output``) in the smallest ggml type that holds it
+  exactly: Q8_0 (true for SmolLM2 and Gemma 3 270M, whose bundled files store it as Q8_0), else F16, else F32;
 * or, in float mode (``write_gguf(..., "f32" | "f16", ...)``), every matrix in F32 (exact) or F16 and the
   norms in F32: the input of llama.cpp's own quantizer (:mod:`npft_lightning.quant.llamacpp_quantize`),
   which quantizes only F32 / F16 / BF16 tensors;
-* hyper-parameters from the model's config; tokenizer metadata (and the descriptive ``general.*``
-  keys) copied from a GGUF with the same vocabulary: the model's own source file (SmolLM2: the
-  bundled ``SmolLM2-135M-Instruct.Q4_1.gguf``) or ``gguf_vocab=<file>``; the tiny byte-level test
-  models get a 256-token byte vocabulary.
+* hyper-parameters from the model's config (gemma3 also: head dimension, the sliding window and which layers
+  use it, the rope bases of global and sliding layers, final logit softcapping; a config llama.cpp would run
+  differently, e.g. a ``query_pre_attn_scalar`` other than llama.cpp's fixed query scale, stops with one line);
+  tokenizer metadata (and the descriptive ``general.*`` keys) copied from a GGUF with the same vocabulary:
+  the model's own source file (SmolLM2: the bundled ``SmolLM2-135M-Instruct.Q4_1.gguf``; Gemma 3 270M:
+  ``gemma-3-270m-q4_k_m.gguf``) or ``gguf_vocab=<file>``; the tiny byte-level test models get a 256-token byte
+  vocabulary.
 
 The file is written to a temporary name beside the target and renamed into place (never half-written).
 """
@@ -46,7 +52,9 @@ from npft_lightning.core.layers import decoder_linears
 from npft_lightning.quant.ggml import GGMLQuantizer
 from npft_lightning.quant.llamacpp_rules import llama_ftype
 
-SUPPORTED_ARCHS = ("llama",)
+# Hugging Face model_type -> the llama.cpp architecture it is written as.
+GGUF_ARCHS = {"llama": "llama", "gemma3_text": "gemma3"}
+SUPPORTED_ARCHS = tuple(dict.fromkeys(GGUF_ARCHS.values()))
 # The float modes of the export (the input of llama.cpp's quantizer) and their llama.cpp file types.
 FLOAT_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16"}
 FLOAT_TYPES = tuple(FLOAT_FILE_TYPES)
@@ -77,10 +85,6 @@ def gguf_paths(out: str | os.PathLike, names: list[str]) -> dict[str, Path]:
     return {name: out.with_name(f"{out.stem}-{name}{out.suffix or '.gguf'}") for name in names}
 
 
-
-
-
-
 @functools.lru_cache(maxsize=4)
 def gguf_architecture(path: str) -> str:
     """``general.architecture`` of a GGUF file (read once per process: the config check and the export both ask)."""
@@ -88,15 +92,16 @@ def gguf_architecture(path: str) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def gguf_widths(path: str) -> tuple[int, int]:
-    """``(embedding_length, feed_forward_length)`` of a llama GGUF: the input widths of its decoder linears."""
+def gguf_widths(path: str) -> tuple[int, ...]:
+    """The input widths of a GGUF's decoder linears: embedding length, feed-forward length and (where the heads are
+    not ``embedding_length`` wide in all, as in Gemma 3) the attention output's ``head_count * key_length``."""
     fields = _reader(path).fields
     arch = gguf_architecture(path)
-    return int(fields[f"{arch}.embedding_length"].contents()), int(fields[f"{arch}.feed_forward_length"].contents())
-
-
-
-
+    widths = [int(fields[f"{arch}.embedding_length"].contents()), int(fields[f"{arch}.feed_forward_length"].contents())]
+    key_length = fields.get(f"{arch}.attention.key_length")
+    if key_length is not None:
+        widths.append(int(key_length.contents()) * int(fields[f"{arch}.attention.head_count"].contents()))
+    return tuple(widths)
 
 
 def check_gguf_output(path: Path) -> None:
@@ -159,35 +164,79 @@ def _rope(config) -> tuple[float, Any]:
     return float(theta), (None if kind == "default" else params)
 
 
-def llama_hparams(config) -> dict[str, Any]:
-    """The ``llama.*`` GGUF hyper-parameters; a UserError for features this export does not write."""
-    if getattr(config, "model_type", None) not in SUPPORTED_ARCHS:
-        raise UserError(f"gguf_out: model_type {getattr(config, 'model_type', None)!r} is not supported; "
+def gguf_arch(config) -> str:
+    """The llama.cpp architecture a model is written as; a one-line UserError for the others."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in GGUF_ARCHS:
+        raise UserError(f"gguf_out: model_type {model_type!r} is not supported; "
                         f"the GGUF export writes {', '.join(SUPPORTED_ARCHS)} models")
-    theta, scaling = _rope(config)
+    return GGUF_ARCHS[model_type]
+
+
+def gguf_hparams(config) -> dict[str, Any]:
+    """The ``<arch>.*`` GGUF hyper-parameters (and ``arch``); a UserError for features this export does not write."""
+    arch = gguf_arch(config)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    problems = []
-    if scaling:
-        problems.append(f"rope scaling {scaling}")
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        problems.append("linear biases")
-    if head_dim * heads != config.hidden_size:
-        problems.append(f"head_dim {head_dim} x {heads} heads != hidden size {config.hidden_size}")
-    if problems:
-        raise UserError(f"gguf_out: this llama model has {', '.join(problems)}, which the GGUF export does not write")
-    return {
+    hp = {
+        "arch": arch,
         "context_length": int(config.max_position_embeddings),
         "embedding_length": int(config.hidden_size),
         "block_count": int(config.num_hidden_layers),
         "feed_forward_length": int(config.intermediate_size),
         "head_count": int(heads),
         "head_count_kv": int(getattr(config, "num_key_value_heads", None) or heads),
-        "rope_dimension_count": int(head_dim),
-        "rope_freq_base": theta,
+        "head_dim": int(head_dim),
         "layer_norm_rms_eps": float(config.rms_norm_eps),
         "vocab_size": int(config.vocab_size),
         "tied": bool(getattr(config, "tie_word_embeddings", False)),
+    }
+    problems = []
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        problems.append("linear biases")
+    if arch == "llama":
+        theta, scaling = _rope(config)
+        if scaling:
+            problems.append(f"rope scaling {scaling}")
+        if head_dim * heads != config.hidden_size:
+            problems.append(f"head_dim {head_dim} x {heads} heads != hidden size {config.hidden_size}")
+        hp["rope_freq_base"] = theta
+    else:
+        hp.update(_gemma3_hparams(config, hp, problems))
+    if problems:
+        raise UserError(f"gguf_out: this {arch} model has {', '.join(problems)}, which the GGUF export does not write")
+    return hp
+
+
+def _gemma3_hparams(config, hp: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """What llama.cpp's gemma3 graph reads beyond the llama keys (src/models/gemma3.cpp); what it would compute
+    differently from transformers goes to ``problems``."""
+    # llama.cpp scales the queries by 1/sqrt(head_dim), by 1/sqrt(hidden / heads) for the 62-layer 27B; transformers
+    # by query_pre_attn_scalar**-0.5: they must agree.
+    scale = hp["embedding_length"] // hp["head_count"] if hp["block_count"] == 62 else hp["head_dim"]
+    if float(config.query_pre_attn_scalar) != float(scale):
+        problems.append(f"query_pre_attn_scalar {config.query_pre_attn_scalar} (llama.cpp scales queries by 1/sqrt({scale}))")
+    if getattr(config, "attn_logit_softcapping", None):
+        problems.append(f"attention logit softcapping {config.attn_logit_softcapping}")
+    if getattr(config, "use_bidirectional_attention", False):
+        problems.append("bidirectional attention")
+    if config.hidden_activation != "gelu_pytorch_tanh":
+        problems.append(f"hidden_activation {config.hidden_activation} (llama.cpp uses tanh-approximated GELU)")
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    full, local = dict(rope.get("full_attention") or {}), dict(rope.get("sliding_attention") or {})
+    for kind, params in (("global", full), ("sliding", local)):
+        if params.get("rope_type", "default") != "default":
+            problems.append(f"rope scaling {params} of the {kind} layers")
+    sliding = [kind == "sliding_attention" for kind in config.layer_types]
+    if set(config.layer_types) - {"sliding_attention", "full_attention"}:
+        problems.append(f"layer types {sorted(set(config.layer_types))}")
+    return {
+        "rope_freq_base": float(full.get("rope_theta", 1_000_000.0)),
+        "rope_freq_base_swa": float(local.get("rope_theta", 10_000.0)),
+        # no sliding layer: no window, which llama.cpp reads as every layer global
+        "sliding_window": int(config.sliding_window) if any(sliding) and config.sliding_window else None,
+        "sliding_window_pattern": sliding,
+        "final_logit_softcapping": getattr(config, "final_logit_softcapping", None),
     }
 
 
@@ -237,19 +286,24 @@ def float_tensor(weight: Tensor, float_type: str) -> tuple[np.ndarray, Any]:
     return w.numpy(), GGMLQuantizationType.F32
 
 
-def _tensor_name(names, key: str) -> str:
+def _tensor_name(names, key: str, arch: str) -> str:
     gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
     if gguf_name is None:
-        raise UserError(f"gguf_out: the model tensor {key} has no llama GGUF name; the export cannot write this model")
+        raise UserError(f"gguf_out: the model tensor {key} has no {arch} GGUF name; the export cannot write this model")
     return gguf_name
+
+
+def _name_map(hp: dict[str, Any]):
+    from gguf import MODEL_ARCH, get_tensor_name_map
+
+    return get_tensor_name_map(MODEL_ARCH[hp["arch"].upper()], hp["block_count"])
 
 
 def gguf_linear_names(model: nn.Module) -> dict[str, str]:
     """Canonical decoder-linear name -> its GGUF weight name (``model.layers.0.self_attn.q_proj`` -> ``blk.0.attn_q.weight``)."""
-    from gguf import MODEL_ARCH, get_tensor_name_map
-
-    names = get_tensor_name_map(MODEL_ARCH.LLAMA, llama_hparams(model.config)["block_count"])
-    return {name: _tensor_name(names, f"{name}.weight") for name in decoder_linears(model)}
+    hp = gguf_hparams(model.config)
+    names = _name_map(hp)
+    return {name: _tensor_name(names, f"{name}.weight", hp["arch"]) for name in decoder_linears(model)}
 
 
 def writes_gguf(quantizer: Any) -> bool:
@@ -258,12 +312,10 @@ def writes_gguf(quantizer: Any) -> bool:
 
 
 def gguf_tensors(model: nn.Module, quantizer: Any) -> dict[str, tuple[np.ndarray, Any]]:
-    """GGUF name -> ``(data, ggml type)`` for every tensor of the merged llama ``model``; ``quantizer`` gives the
+    """GGUF name -> ``(data, ggml type)`` for every tensor of the merged ``model``; ``quantizer`` gives the
     decoder linears' tensors (:func:`writes_gguf`; the rest lossless) or is one of :data:`FLOAT_TYPES` (float mode)."""
-    from gguf import MODEL_ARCH, get_tensor_name_map
-
-    hp = llama_hparams(model.config)
-    names = get_tensor_name_map(MODEL_ARCH.LLAMA, hp["block_count"])
+    hp = gguf_hparams(model.config)
+    names = _name_map(hp)
     linears = {f"{name}.weight": name for name in decoder_linears(model)}
     if callable(getattr(quantizer, "bind", None)):
         quantizer.bind(decoder_linears(model))  # a file type plans its tensors on the whole model
@@ -271,12 +323,14 @@ def gguf_tensors(model: nn.Module, quantizer: Any) -> dict[str, tuple[np.ndarray
     for key, value in model.state_dict().items():
         if hp["tied"] and key == "lm_head.weight":
             continue  # llama.cpp reuses token_embd when output.weight is absent
-        gguf_name = _tensor_name(names, key)
+        gguf_name = _tensor_name(names, key, hp["arch"])
         weight = value.detach().float().cpu()
-        if key.endswith("self_attn.q_proj.weight"):
+        if hp["arch"] == "llama" and key.endswith("self_attn.q_proj.weight"):
             weight = permute_rows(weight, hp["head_count"])
-        elif key.endswith("self_attn.k_proj.weight"):
+        elif hp["arch"] == "llama" and key.endswith("self_attn.k_proj.weight"):
             weight = permute_rows(weight, hp["head_count_kv"])
+        elif hp["arch"] == "gemma3" and key.endswith("norm.weight"):
+            weight = weight + 1.0  # every Gemma 3 RMSNorm (q_norm and k_norm too) scales by 1 + weight, in float32
         if isinstance(quantizer, str):
             tensors[gguf_name] = float_tensor(weight, quantizer)
         elif key in linears:  # permuting whole rows commutes with quantizing each row on its own
@@ -338,15 +392,15 @@ def write_gguf(model: nn.Module, tokenizer: Any, quantizer: Any, path: str | os.
     path = Path(path)
     if isinstance(quantizer, str) and quantizer not in FLOAT_TYPES:
         raise ValueError(f"float mode {quantizer!r} is not one of {', '.join(FLOAT_TYPES)}")
-    hp = llama_hparams(model.config)
+    hp = gguf_hparams(model.config)
     if vocab == BYTES and getattr(tokenizer, "vocab_size", None) != 256:
         raise UserError("gguf_out: the byte vocabulary is for the 256-token byte tokenizer of the tiny models; set gguf_vocab=")
     tensors = gguf_tensors(model, quantizer)
     with atomic_file(path) as tmp:
-        writer = GGUFWriter(tmp, "llama")
+        writer = GGUFWriter(tmp, hp["arch"])
         try:
             if vocab == BYTES:
-                writer.add_name(getattr(model.config, "name_or_path", None) or "npft-tiny-llama")
+                writer.add_name(getattr(model.config, "name_or_path", None) or f"npft-tiny-{hp['arch']}")
                 _byte_vocab(writer, tokenizer)
             else:
                 _copy_fields(writer, vocab, hp["vocab_size"])
@@ -355,16 +409,7 @@ def write_gguf(model: nn.Module, tokenizer: Any, quantizer: Any, path: str | os.
             else:
                 writer.add_file_type(llama_ftype(quantizer.llama_file_type))
             writer.add_quantization_version(QUANTIZATION_VERSION)
-            writer.add_context_length(hp["context_length"])
-            writer.add_embedding_length(hp["embedding_length"])
-            writer.add_block_count(hp["block_count"])
-            writer.add_feed_forward_length(hp["feed_forward_length"])
-            writer.add_head_count(hp["head_count"])
-            writer.add_head_count_kv(hp["head_count_kv"])
-            writer.add_rope_dimension_count(hp["rope_dimension_count"])
-            writer.add_rope_freq_base(hp["rope_freq_base"])
-            writer.add_layer_norm_rms_eps(hp["layer_norm_rms_eps"])
-            writer.add_vocab_size(hp["vocab_size"])
+            _add_hparams(writer, hp)
             for name, (data, ggml_type) in tensors.items():
                 writer.add_tensor(name, data, raw_dtype=ggml_type)
             writer.write_header_to_file()
@@ -376,6 +421,31 @@ def write_gguf(model: nn.Module, tokenizer: Any, quantizer: Any, path: str | os.
     for _, ggml_type in tensors.values():
         types[ggml_type.name] = types.get(ggml_type.name, 0) + 1
     return {"path": str(path), "bytes": path.stat().st_size, "tensor_types": types}
+
+
+def _add_hparams(writer, hp: dict[str, Any]) -> None:
+    """The ``<arch>.*`` keys: llama's set, and gemma3's head dimension, sliding window and logit softcap."""
+    writer.add_context_length(hp["context_length"])
+    writer.add_embedding_length(hp["embedding_length"])
+    writer.add_block_count(hp["block_count"])
+    writer.add_feed_forward_length(hp["feed_forward_length"])
+    writer.add_head_count(hp["head_count"])
+    writer.add_head_count_kv(hp["head_count_kv"])
+    if hp["arch"] == "llama":
+        writer.add_rope_dimension_count(hp["head_dim"])
+    writer.add_rope_freq_base(hp["rope_freq_base"])
+    writer.add_layer_norm_rms_eps(hp["layer_norm_rms_eps"])
+    writer.add_vocab_size(hp["vocab_size"])
+    if hp["arch"] == "llama":
+        return
+    writer.add_key_length(hp["head_dim"])  # Gemma's heads are not hidden / heads wide (270M: 4 x 256 for 640)
+    writer.add_value_length(hp["head_dim"])
+    if hp["sliding_window"]:
+        writer.add_sliding_window(hp["sliding_window"])
+        writer.add_sliding_window_pattern(hp["sliding_window_pattern"])  # per layer (llama.cpp's default: 5 of 6)
+        writer.add_rope_freq_base_swa(hp["rope_freq_base_swa"])
+    if hp["final_logit_softcapping"]:
+        writer.add_final_logit_softcapping(float(hp["final_logit_softcapping"]))
 
 
 def read_gguf_weights(path: str | os.PathLike) -> dict[str, Tensor]:

@@ -14,6 +14,7 @@ from npft_lightning.quant.ggml_base import GGMLTypeQuantizer
 from npft_lightning.quant.gguf_export import (
     BYTES,
     FLOAT_TYPES,
+    GGUF_ARCHS,
     SUPPORTED_ARCHS,
     GGUFPlan,
     check_gguf_output,
@@ -82,32 +83,32 @@ def _check_architecture(model_cfg, key: str) -> None:
     arch = _config_architecture(model_cfg)
     if arch is not None and arch not in SUPPORTED_ARCHS:
         raise UserError(f"{key}: model {model_cfg.get('name')} has architecture {arch!r}; "
-                        f"the GGUF export supports {', '.join(SUPPORTED_ARCHS)} (e.g. model=smollm2-135m or model=tiny-llama)")
+                        f"the GGUF export supports {', '.join(SUPPORTED_ARCHS)} (e.g. model=smollm2-135m, model=tiny-llama "
+                        f"or model=tiny-gemma3)")
 
 
 def _config_architecture(model_cfg) -> str | None:
-    """The model_type the config will load, where it can be known without loading (None: check after loading)."""
+    """The llama.cpp architecture the config will load (a model_type the export does not know: that model_type),
+    where it can be known without loading (None: check after loading)."""
     tiny = model_cfg.get("tiny")
     if model_cfg.get("path"):
         config = Path(str(model_cfg.path)).expanduser() / "config.json"
         try:
-            return json.loads(config.read_text(encoding="utf-8")).get("model_type")
+            model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
         except (OSError, ValueError):
             return None  # the model config check reports a missing folder
+        return GGUF_ARCHS.get(model_type, model_type)
     if tiny is not None:
-        return str(tiny.get("arch", "llama"))
+        return str(tiny.get("arch", "llama"))  # the tiny architectures are named as llama.cpp's
     if model_cfg.get("gguf_package") and model_cfg.get("gguf_file"):
         return gguf_architecture(str(_source_gguf(model_cfg)))
     return None
 
 
 def _source_gguf(model_cfg) -> Path:
-    from npft_lightning.core.env import package_dir
+    from npft_lightning.lm.models import gguf_source
 
-    path = package_dir(str(model_cfg.gguf_package), f"model {model_cfg.get('name')!r}") / str(model_cfg.gguf_file)
-    if not path.is_file():
-        raise UserError(f"model {model_cfg.get('name')!r}: {path} does not exist; check model.gguf_file")
-    return path
+    return gguf_source(str(model_cfg.gguf_package), str(model_cfg.gguf_file), str(model_cfg.get("name")))
 
 
 def _vocab_source(cfg) -> str:
@@ -125,7 +126,7 @@ def _vocab_source(cfg) -> str:
         return str(_source_gguf(model_cfg))
     raise UserError(f"gguf_out: llama.cpp needs the tokenizer in the file, and model {model_cfg.get('name')!r} "
                     f"has no GGUF to copy it from; set gguf_vocab=<a .gguf with the same tokenizer> "
-                    f"(for SmolLM2: the bundled SmolLM2-135M-Instruct.Q4_1.gguf)")
+                    f"(for SmolLM2: the bundled SmolLM2-135M-Instruct.Q4_1.gguf; for Gemma 3 270M: gemma-3-270m-q4_k_m.gguf)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,6 +239,8 @@ def _config_columns(model_cfg) -> set[int] | None:
         except (OSError, ValueError):
             return None
         widths = {config.get("hidden_size"), config.get("intermediate_size")}
+        if config.get("head_dim") and config.get("num_attention_heads"):  # the attention output's input (Gemma: not hidden)
+            widths.add(config["head_dim"] * config["num_attention_heads"])
     elif tiny is not None:
         from npft_lightning.lm.models import TINY_DEFAULTS
 

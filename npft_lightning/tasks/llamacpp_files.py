@@ -25,9 +25,9 @@ from npft_lightning.core.errors import UserError
 from npft_lightning.core.layers import decoder_linears
 from npft_lightning.lm.models import max_context
 from npft_lightning.quant.gguf_export import (
+    gguf_hparams,
     gguf_linear_names,
     gguf_size_report,
-    llama_hparams,
     write_gguf,
 )
 from npft_lightning.quant.imatrix import (
@@ -45,7 +45,7 @@ from npft_lightning.tasks.gguf_plan import LlamaCppPlan
 def check_llamacpp_against_model(plan: LlamaCppPlan, model, datamodule, cfg: DictConfig) -> None:
     """Right after the model loads, before anything is scored: what the export cannot write, a layer llama.cpp would
     leave unquantized, the calibration windows of the imatrix; one line per fallback llama.cpp will make."""
-    llama_hparams(model.config)
+    gguf_hparams(model.config)
     columns = {lin.in_features for lin in decoder_linears(model).values()}
     for name in plan.types:
         note = check_columns(name, columns)
