@@ -161,9 +161,10 @@ def test_validation_inside_training_sees_clean_weights_and_training_resumes_with
 
 
 def test_a_resumed_fit_draws_at_each_step_what_the_uninterrupted_fit_drew(tmp_path):
-    """Resumed from the checkpoint the uninterrupted fit wrote after step 2: step 2 (perturbed) and step 3 (clean) see
-    exactly the weights the uninterrupted fit's steps 2 and 3 saw, and log the same noise/scale: the draw follows the
-    global step, not the steps this process has run."""
+    """Resumed from the checkpoint the uninterrupted fit wrote after step 1: steps 1 (clean), 2 (perturbed) and 3
+    (clean) see exactly the weights the uninterrupted fit's steps saw, and log the same noise/scale: the draw follows
+    the global step, not the steps this process has run (counted from the resume, step 1 would be drawn as step 0,
+    which is perturbed)."""
     def fit(*extra, ckpt_path=None) -> tuple[ForwardProbe, StepLogger, dict[str, torch.Tensor]]:
         module, probe, logger = make_module(), ForwardProbe(), StepLogger()
         clean = {n: lin.weight.detach().clone() for n, lin in module.decoder_linears().items()}
@@ -173,16 +174,17 @@ def test_a_resumed_fit_draws_at_each_step_what_the_uninterrupted_fit_drew(tmp_pa
         trainer.fit(module, datamodule=make_datamodule(), ckpt_path=ckpt_path)
         return probe, logger, clean
 
-    every_two = ModelCheckpoint(dirpath=tmp_path, filename="step{step}", every_n_train_steps=2, save_top_k=-1,
+    every_two = ModelCheckpoint(dirpath=tmp_path, filename="step{step}", every_n_train_steps=1, save_top_k=-1,
                                 auto_insert_metric_name=False)
     full, full_log, clean = fit(every_two)
-    probe, logger, _ = fit(ckpt_path=tmp_path / "step2.ckpt")
+    probe, logger, _ = fit(ckpt_path=tmp_path / "step1.ckpt")
 
-    assert sorted(probe.seen) == [2, 3]
-    for step in (2, 3):
+    assert sorted(probe.seen) == [1, 2, 3]
+    for step in (1, 2, 3):
         assert logger.rows[step]["noise/scale"] == full_log.rows[step]["noise/scale"]
         assert all(torch.equal(probe.seen[step][n], full.seen[step][n]) for n in clean), f"resumed step {step} drew another draw"
-    assert any(not torch.equal(probe.seen[2][n], clean[n]) for n in clean) and all(torch.equal(probe.seen[3][n], clean[n]) for n in clean)
+    assert any(not torch.equal(probe.seen[2][n], clean[n]) for n in clean)
+    assert all(torch.equal(probe.seen[step][n], clean[n]) for step in (1, 3) for n in clean)
 
 
 class FailAt(Callback):
