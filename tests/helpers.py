@@ -27,7 +27,7 @@ from peft import LoraConfig
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from npft_lightning.core.layers import decoder_linears
+from npft_lightning.core.layers import decoder_blocks, decoder_linears
 from npft_lightning.lm.datamodule import CausalLMDataModule
 from npft_lightning.lm.models import ByteTokenizer
 from npft_lightning.quant import (
@@ -128,6 +128,17 @@ class QuadraticModel(nn.Module):
     def forward(self, input_ids=None, labels=None):
         d = self.layers[0].weight.reshape(-1) - self.w_star
         return SimpleNamespace(loss=0.5 * d @ (self.A @ d) + self.b @ d)
+
+
+def last_block_output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The last decoder block's output for ``ids`` (no gradient)."""
+    out: list[torch.Tensor] = []
+    _, blocks = decoder_blocks(model)
+    handle = blocks[-1].register_forward_hook(lambda m, a, o: out.append(o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        model(input_ids=ids)
+    handle.remove()
+    return out[0]
 
 
 @contextlib.contextmanager

@@ -232,7 +232,7 @@ def test_llamacpp_study_end_to_end_on_tiny_llama(tmp_path):
             "--study-dir", str(tmp_path / "study"), "--out-json", str(tmp_path / "l.json"), "--results-md", str(tmp_path / "l.md"),
             "--plot", str(tmp_path / "l.png")]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    first = subprocess.run([sys.executable, "bench/llamacpp_study.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    first = subprocess.run([sys.executable, "bench/llamacpp_study.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     assert "cells: 5 run, 0 reused" in first.stdout
     result = json.loads((tmp_path / "l.json").read_text())
@@ -246,5 +246,5 @@ def test_llamacpp_study_end_to_end_on_tiny_llama(tmp_path):
     assert not list((tmp_path / "study").rglob("*.gguf"))
     text = (tmp_path / "l.md").read_text()
     assert "Python 3.11 manual" in text and "Q4_0 vs control Q4_0+imatrix" in text
-    second = subprocess.run([sys.executable, "bench/llamacpp_study.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    second = subprocess.run([sys.executable, "bench/llamacpp_study.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert second.returncode == 0 and "cells: 0 run, 5 reused" in second.stdout

@@ -162,15 +162,16 @@ class StepProbe(Callback):
         torch.save(self.steps, self.out_dir / f"steps{trainer.global_rank}.pt")
 
 
+@pytest.mark.slow
 def test_two_cpu_ranks_distil_on_the_same_steps_and_grids(tmp_path):
     """experiment=mixed_multi (five grids) with a self-distilling teacher and the quantized steps in the last 2/3 of a
     3-step run (steps 1 and 2): both ranks perturb the same steps with the same grid and the same noise, the perturbed
     steps log their KL and grid, the clean step neither."""
     overrides = [o for o in TINY if not o.startswith(("experiment=", "quant=", "trainer.max_steps="))]
-    proc = run_sweep(tmp_path, "trainer=ddp_cpu", "experiment=mixed_multi", "noise.step_probability=1.0",
+    proc = run_sweep(tmp_path / "sweep", *overrides, "trainer=ddp_cpu", "experiment=mixed_multi", "noise.step_probability=1.0",
                      "noise.placement=last", "noise.last_fraction=0.67", "noise.distill.teacher=self",
                      "noise.distill.weight=0.5", "trainer.max_steps=3", "trainer.max_epochs=2",
-                     "+callbacks.probe._target_=test_ddp.StepProbe", f"+callbacks.probe.out_dir={tmp_path}", tiny=overrides)
+                     "+callbacks.probe._target_=test_ddp.StepProbe", f"+callbacks.probe.out_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"steps{r}.pt") for r in (0, 1))
     assert sorted(r0) == sorted(r1) == [0, 1, 2]

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import make_tiny_gemma3
 from gguf import GGMLQuantizationType, GGUFReader
+from helpers import assert_export_exact, last_block_output, make_tiny_gemma3
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
@@ -87,21 +87,19 @@ def test_lora_default_targets_wrap_every_decoder_linear(tiny_gemma3: nn.Module) 
 
 def test_fake_quant_and_gptq_touch_every_decoder_linear_and_nothing_else(tiny_gemma3: nn.Module) -> None:
     """The embedding (tied to the output) and the norms stay at full precision, as for SmolLM2."""
-    from test_gptq import _last_block_output
-
     model = tiny_gemma3
     linears = decoder_linears(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     linear_keys = {f"{name}.weight" for name in linears}
     windows = _windows(4, 64)
-    reference = _last_block_output(model, windows)
+    reference = last_block_output(model, windows)
     errors = {}
     for quantizer in (RTN(3), GPTQ(3, batch_size=2)):
         with torch.no_grad(), fake_quantized(model, linears, quantizer, calibration=windows):
             after = model.state_dict()
             assert {k for k in before if not torch.equal(before[k], after[k])} == linear_keys
             assert all(len(row.unique()) <= 8 for lin in linears.values() for row in lin.weight)
-            errors[quantizer.name] = float((_last_block_output(model, windows) - reference).norm())
+            errors[quantizer.name] = float((last_block_output(model, windows) - reference).norm())
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # restored bit for bit
     assert errors["gptq3"] < errors["rtn3"]  # GPTQ's capture saw the inputs of every decoder linear
 
@@ -133,10 +131,8 @@ def test_activation_quantization_hooks_every_decoder_linear(tiny_gemma3: nn.Modu
 
 @pytest.mark.parametrize("quantizer", [RTN(4, group_size=32), GPTQ(4, group_size=32)], ids=["rtn4_g32", "gptq4_g32"])
 def test_packed_artefact_reloads_to_the_fake_quant_model(quantizer, tiny_gemma3: nn.Module, tmp_path: Path) -> None:
-    from test_artefact import _assert_export_exact
-
     windows = _windows(4, 64)
-    report = _assert_export_exact(tiny_gemma3, quantizer, tmp_path / quantizer.name, windows[:2], calibration=windows)
+    report = assert_export_exact(tiny_gemma3, quantizer, tmp_path / quantizer.name, windows[:2], calibration=windows)
     assert report["codes_ratio"] == pytest.approx(4 / 16)
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import last_block_output
 from torch import Tensor, nn
 
-from npft_lightning.core.layers import decoder_blocks, decoder_linears
+from npft_lightning.core.layers import decoder_linears
 from npft_lightning.quant import RTN, fake_quantized
 from npft_lightning.quant.gptq import (
     GPTQ,
@@ -148,22 +149,12 @@ def test_names() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _last_block_output(model: nn.Module, ids: Tensor) -> Tensor:
-    out: list[Tensor] = []
-    _, blocks = decoder_blocks(model)
-    handle = blocks[-1].register_forward_hook(lambda m, a, o: out.append(o[0] if isinstance(o, tuple) else o))
-    with torch.no_grad():
-        model(input_ids=ids)
-    handle.remove()
-    return out[0]
-
-
 @pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_opt"])
 def test_quantize_model(model_name: str, request: pytest.FixtureRequest, token_windows: Tensor) -> None:
     model = request.getfixturevalue(model_name)
     linears = decoder_linears(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    reference = _last_block_output(model, token_windows)
+    reference = last_block_output(model, token_windows)
     linear_keys = {f"{name}.weight" for name in linears}
 
     errors = {}
@@ -174,7 +165,7 @@ def test_quantize_model(model_name: str, request: pytest.FixtureRequest, token_w
             assert changed == linear_keys  # every decoder linear weight, nothing else (biases, norms, embeddings)
             for lin in linears.values():
                 assert all(len(row.unique()) <= 8 for row in lin.weight)
-            errors[quantizer.name] = float((_last_block_output(model, token_windows) - reference).norm())
+            errors[quantizer.name] = float((last_block_output(model, token_windows) - reference).norm())
         # fake_quantized restores the weights bit for bit
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 

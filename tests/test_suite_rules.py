@@ -9,7 +9,8 @@ import ast
 from helpers import ROOT
 
 TESTS = ROOT / "tests"
-# subprocess functions that wait for the child; Popen does not wait, so a test must not start one it could hang on.
+# subprocess functions that wait for the child. Popen does not wait: a test may start one (to signal it) only in a
+# function that also waits for it with a timeout (``.communicate(timeout=...)`` or ``.wait(timeout=...)``).
 WAITING = ("run", "call", "check_call", "check_output")
 
 
@@ -17,6 +18,7 @@ def subprocess_calls_without_timeout(source: str) -> list[int]:
     """Line numbers of ``subprocess.run(...)`` (or call, check_call, check_output, Popen) calls, also under a
     ``from subprocess import ...`` name, without a ``timeout=`` keyword."""
     tree = ast.parse(source)
+    waited_with_timeout = _popen_waits(tree)
     aliases = {a.asname or a.name: a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
                and node.module == "subprocess" for a in node.names}
     lines = []
@@ -30,9 +32,25 @@ def subprocess_calls_without_timeout(source: str) -> list[int]:
             name = aliases[func.id]
         else:
             continue
-        if name == "Popen" or (name in WAITING and not any(k.arg == "timeout" for k in node.keywords)):
+        if name == "Popen":
+            if not waited_with_timeout.get(node, False):
+                lines.append(node.lineno)
+        elif name in WAITING and not any(k.arg == "timeout" for k in node.keywords):
             lines.append(node.lineno)
     return lines
+
+
+def _popen_waits(tree: ast.AST) -> dict[ast.Call, bool]:
+    """Each call inside a function -> whether that function also calls ``.communicate`` / ``.wait`` with ``timeout=``."""
+    found: dict[ast.Call, bool] = {}
+    for func in ast.walk(tree):
+        if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            calls = [n for n in ast.walk(func) if isinstance(n, ast.Call)]
+            waits = any(isinstance(c.func, ast.Attribute) and c.func.attr in ("communicate", "wait")
+                        and any(k.arg == "timeout" for k in c.keywords) for c in calls)
+            for call in calls:
+                found[call] = found.get(call, False) or waits
+    return found
 
 
 def imports_of_test_modules(source: str) -> list[str]:
@@ -49,8 +67,10 @@ def imports_of_test_modules(source: str) -> list[str]:
 def test_the_rules_catch_what_they_guard_against():
     bad = ("import subprocess\nfrom subprocess import check_output as co\nsubprocess.run(['x'])\nco(['x'])\n"
            "subprocess.Popen(['x'])\nsubprocess.run(['x'], timeout=5)\n"
-           "from test_train_entry import ROOT\nimport conftest\nfrom helpers import ROOT\n")
-    assert subprocess_calls_without_timeout(bad) == [3, 4, 5]
+           "from test_train_entry import ROOT\nimport conftest\nfrom helpers import ROOT\n"
+           "def waits():\n    p = subprocess.Popen(['x'])\n    p.communicate(timeout=5)\n"
+           "def forgets():\n    p = subprocess.Popen(['x'])\n    p.communicate()\n")
+    assert subprocess_calls_without_timeout(bad) == [3, 4, 5, 14]
     assert imports_of_test_modules(bad) == ["test_train_entry", "conftest"]
 
 
