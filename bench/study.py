@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 # keeps the before/after table cheap).
 TRAIN_FIXED = ["quant=none", "curvature=null", "data.max_eval_windows=1"]
 # The parts of a training config that determine the adapter (what a reused run must match).
-TRAIN_KEYS = ("seed", "model", "data", "peft", "outliers", "noise", "optimizer", "schedule", "trainer", "gradient_checkpointing")
+TRAIN_KEYS = ("seed", "model", "data", "peft", "outliers", "noise", "optimizer", "schedule", "trainer", "gradient_checkpointing",
+              "imatrix")
 IGNORED_KEYS = {"cache_dir", "default_root_dir", "max_eval_windows", "eval_batch_size", "enable_progress_bar", "progress"}
 # What two studies must share for their cells to stand in one table (rows and seeds may differ).
 MERGE_SETTINGS = ("model", "max_eval_windows", "calib_windows", "eval_seq_len", "overrides", "train_overrides", "eval_overrides")
@@ -78,10 +79,28 @@ def train_signature(config: dict[str, Any]) -> dict[str, Any]:
     return strip_ignored({k: config.get(k) for k in TRAIN_KEYS})
 
 
+# Options added to the training config after runs were trained, with the value that trains exactly as before
+# they existed. A run's config without such a key matches a config that has it at this value (the runs of a long
+# study stay usable across the change); any other value is a difference. tests/test_bench.py checks that each
+# value is the default of every recipe that leaves it unset.
+NEUTRAL_ADDED_OPTIONS: dict[str, Any] = {
+    "noise.distill": {"teacher": None, "temperature": 1.0, "weight": 1.0},  # no distillation (2026-12-05)
+    "noise.distribution.quantizers": None,  # one target grid (2026-12-05)
+    "noise.placement": "random",  # perturbed steps anywhere in the run (2026-12-05)
+    "noise.last_fraction": 1.0,
+    "noise.step_probability_ramp": "constant",
+    "imatrix": None,  # no importance matrix (2026-12-05)
+}
+
+
 def config_difference(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str | None:
-    """The first dotted key where two nested dicts differ, with both values; None when equal."""
+    """The first dotted key where two nested dicts differ, with both values; None when equal. A key ``a`` (the
+    trained run's config) lacks counts as equal when ``b`` holds it at its :data:`NEUTRAL_ADDED_OPTIONS` value."""
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key), b.get(key)
+        dotted = f"{prefix}{key}"
+        if key not in a and dotted in NEUTRAL_ADDED_OPTIONS and vb == NEUTRAL_ADDED_OPTIONS[dotted]:
+            continue
         if isinstance(va, dict) and isinstance(vb, dict):
             found = config_difference(va, vb, f"{prefix}{key}.")
             if found:

@@ -81,6 +81,11 @@ def test_config_difference_names_the_first_differing_key():
     assert study.config_difference(a, json.loads(json.dumps(a))) is None
     b = {"noise": {"scale": 1.0, "distribution": {"_target_": "B"}}, "seed": 0}
     assert study.config_difference(a, b) == "noise.distribution._target_: 'A' vs 'B'"
+    # an option added since the run was trained matches only at the value that trains as before it existed
+    older = {"noise": {"scale": 1.0}}
+    assert study.config_difference(older, {"noise": {"scale": 1.0, "placement": "random"}}) is None
+    assert study.config_difference(older, {"noise": {"scale": 1.0, "placement": "last"}}) == "noise.placement: None vs 'last'"
+    assert study.config_difference({"noise": {"scale": 1.0, "placement": "random"}}, older) is not None
     # the run folder and cache paths do not decide the adapter
     signature = study.train_signature({"trainer": {"max_steps": 2, "default_root_dir": "/x"}, "data": {"cache_dir": "/c", "seq_len": 4}})
     assert signature["trainer"] == {"max_steps": 2} and signature["data"] == {"seq_len": 4}
@@ -345,3 +350,20 @@ def test_figures_follow_the_plot_rules(tmp_path, monkeypatch):
     render.plot_quality(result, tmp_path / "q2.png")
     assert "± std over 2 seeds" in drawn[-1]["title"] and "SINGLE SEED" not in drawn[-1]["title"]
     assert any(text.endswith("(1 seed)") and "paper" in text for text in drawn[-1]["axes"][0]["legend"])
+
+
+@pytest.mark.parametrize("experiment", ["npft_smollm2", "npft_fisher", "mixed_q4_0", "qat_rtn4"])
+def test_the_neutral_values_of_added_options_are_the_recipes_defaults(experiment):
+    """A run trained before an option existed matches a config at that option's neutral value; each neutral value
+    must be what the recipes that do not use the option compose to, or old runs would be matched to another recipe."""
+    signature = study.expected_train_signature([f"experiment={experiment}"])
+    checked = 0
+    for dotted, neutral in study.NEUTRAL_ADDED_OPTIONS.items():
+        *parents, leaf = dotted.split(".")
+        node = signature
+        for part in parents:
+            node = node[part]
+        if leaf in node:  # absent where the recipe's noise kind has no such option (then absent matches absent)
+            assert node[leaf] == neutral, dotted
+            checked += 1
+    assert checked >= 5
