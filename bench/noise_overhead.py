@@ -20,6 +20,7 @@ The exact-error step aimed at each llama.cpp target (docs/bench/noise_overhead_t
     python bench/noise_overhead.py --steps 3 --rounds 1 --one-control --arm "rtn4=$S" \
         --arm "q4_0=$S quant=[q4_0] noise.distribution.quantizer=\${quant.q4_0}" \
         --arm "q4_k_m=$S quant=[llamacpp_q4_k_m] noise.distribution.quantizer=\${quant.llamacpp_q4_k_m}" \
+        --arm "q4_0_imatrix=$S quant=[llamacpp_q4_0] noise.distribution.quantizer=\${quant.llamacpp_q4_0} imatrix=calibration calibration.windows=8" \
         --arm "q4_k_m_imatrix=$S quant=[llamacpp_q4_k_m] noise.distribution.quantizer=\${quant.llamacpp_q4_k_m} imatrix=calibration calibration.windows=8" \
         --out docs/bench/noise_overhead_targets.json
 """
