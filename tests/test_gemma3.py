@@ -306,8 +306,10 @@ def test_gemma_chunks_that_cannot_be_joined_are_one_line(monkeypatch, tmp_path: 
     package = tmp_path / GEMMA_ASSET
     package.mkdir()
     (package / "__init__.py").write_text("def assemble():\n    raise FileNotFoundError('Missing chunk files: part00')\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, GEMMA_ASSET, raising=False)
+    spec = importlib.util.spec_from_file_location(GEMMA_ASSET, package / "__init__.py")
+    fake = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fake)
+    monkeypatch.setitem(sys.modules, GEMMA_ASSET, fake)  # undone at teardown: a later test imports the real wheel
     models._assembled.cache_clear()
     monkeypatch.setattr(models, "package_dir", lambda module, needed_by: package)
     with pytest.raises(UserError) as err:
