@@ -21,13 +21,13 @@ from helpers import (
     STEP_PROBABILITY,
     STEPS,
     TARGETS,
+    ForwardProbe,
     StepLogger,
     make_datamodule,
     make_module,
     make_tiny_llama,
     make_trainer,
 )
-from lightning.pytorch.callbacks import Callback
 from peft import LoraConfig
 
 from npft_lightning.core.layers import decoder_linears
@@ -39,20 +39,16 @@ from npft_lightning.training.callbacks import NoisePerturbation, OutlierSelectio
 from npft_lightning.training.module import NPFTModule
 
 
-class TeacherStudentProbe(Callback):
+class TeacherStudentProbe(ForwardProbe):
     """Test-only: per optimizer step, the weights each forward pass of the base linears read, split into forward
     passes without gradient (the teacher's) and with it (the student's, one per micro-batch); the LoRA updates, the
     batch, the loss, and the distillation target the noise callback handed over. Place it after ``NoisePerturbation``."""
 
     def __init__(self):
+        super().__init__()  # its hooks on every base linear call this class's _record
         self.teacher_seen: dict[int, list[dict[str, torch.Tensor]]] = {}
         self.student_seen: dict[int, list[dict[str, torch.Tensor]]] = {}
-        self.deltas: dict[int, dict[str, torch.Tensor]] = {}
-        self.batch: dict[int, torch.Tensor] = {}
-        self.loss: dict[int, float] = {}
         self.targets: dict[int, list] = {}
-        self._handles = []
-        self._step = -1
 
     def _record(self, trainer: pl.Trainer, name: str, module: torch.nn.Module, args) -> None:
         if not trainer.training or trainer.sanity_checking:
@@ -61,14 +57,6 @@ class TeacherStudentProbe(Callback):
         if not passes or name in passes[-1]:  # the first linear of a new forward pass
             passes.append({})
         passes[-1][name] = module.weight.detach().clone()
-
-    def on_fit_start(self, trainer, pl_module):
-        for name, linear in pl_module.decoder_linears().items():
-            self._handles.append(linear.register_forward_pre_hook(partial(self._record, trainer, name)))
-
-    def on_fit_end(self, trainer, pl_module):
-        for handle in self._handles:
-            handle.remove()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         step = self._step = trainer.global_step
