@@ -45,7 +45,10 @@ ROW_LABELS = {
     "npft_pqi": "NPFT, PQI outliers (`outliers=pqi outliers.pqi_intervals=4`)",
     "npft_paper_0.1": "NPFT, reference-code noise ×0.1 (`noise=npft_paper noise.scale=0.1`)",
     "npft_per_epoch": "NPFT, one draw per epoch (`noise.schedule=per_epoch`)",
-    "npft_paper": "the paper's noise (`noise=npft_paper`)",
+    # The reference code's noise distribution at this study's settings (the npft_fisher base: 0.5 % outliers, a fresh
+    # draw every step; the final study's lr 2e-4), not the paper's recipe (experiment=npft_paper: lr 5e-6, 0.05 %,
+    # per-epoch noise): label it so wherever it appears.
+    "npft_paper": "the paper's noise in our setting, not the paper's recipe (`noise=npft_paper`)",
 }
 QUANTIZERS = ["rtn4", "rtn3_g32", "gptq4", "gptq3_g32", "kmeans3", "cuberoot4", "nf4"]
 # The config every row overrides: NPFT as first built (16 steps of step noise on 0.5 % Fisher outliers). Pinned,

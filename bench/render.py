@@ -279,7 +279,7 @@ def plot_frontier(result: dict[str, Any], path: Path, quantizer: str = "rtn4") -
                     ecolor="black", elinewidth=0.8, capsize=3, zorder=4)
         ax.scatter([cost["mean"]], [closed["mean"]], marker="s" if paper else "o", color="C3" if paper else "C0",
                    edgecolors="black" if key in marked else "none", s=60 if key in marked else 25, zorder=3)
-        label = key + (f" ({marked[key]})" if key in marked else "") + (" (the paper's noise)" if paper else "")
+        label = key + (f" ({marked[key]})" if key in marked else "") + (" (the paper's noise, our setting)" if paper else "")
         ax.annotate(_seeds_label(label, closed["n"], counts), (cost["mean"], closed["mean"]), fontsize=6,
                     xytext=(3, 3), textcoords="offset points")
     _gap_axis(ax, quantizer)
