@@ -259,6 +259,32 @@ def test_docs_links_resolve():
     assert not broken, broken
 
 
+# An upper-case name with an underscore (NPFT_CACHE, HYDRA_FULL_ERROR, a bench's TARGETS key): outside a shell
+# variable ($MASTER_HOST is the user's), the code, configs or build files must name it too, else it is a
+# placeholder left in the text (a "GEMMA_TRAIN_RSS" where a measured number belongs).
+UPPER_NAME = re.compile(r"(?<![$\w{])[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b")
+SOURCE_GLOBS = ("npft_lightning/**/*.py", "bench/*.py", "tests/*.py", "*.py", "conf/**/*.yaml", "Makefile", ".ci/*",
+                "pyproject.toml", ".importlinter")
+
+
+def placeholders(text: str, source: str) -> list[str]:
+    return [name for name in UPPER_NAME.findall(text) if name not in source]
+
+
+def test_docs_have_no_placeholders():
+    """Every upper-case name the README and docs/ show exists in the code: no unfilled placeholder ships."""
+    this_file = Path(__file__).resolve()  # its own example placeholder must not count as a use
+    source = "\n".join(p.read_text(errors="replace") for pattern in SOURCE_GLOBS for p in sorted(ROOT.glob(pattern))
+                       if p.is_file() and p.resolve() != this_file)
+    found = [f"{path.relative_to(ROOT)}:{number}: {name}" for path in DOCS
+             for number, line in enumerate(path.read_text().splitlines(), 1) for name in placeholders(line, source)]
+    assert not found, f"placeholders left in the docs (fill in the measured value): {found}"
+
+
+def test_docs_placeholder_check_catches_one():
+    assert placeholders("training GEMMA_TRAIN_RSS; set HYDRA_FULL_ERROR=1; $MASTER_HOST:29500", "HYDRA_FULL_ERROR") == ["GEMMA_TRAIN_RSS"]
+
+
 def test_docs_readme_is_short():
     """A newcomer reads the README in minutes; the reference lives in docs/."""
     assert len((ROOT / "README.md").read_text().splitlines()) <= 250
