@@ -14,13 +14,13 @@ import argparse
 
 import torch
 
-from npft_lightning.quant.ggml import ggml_decode, ggml_encode
+from npft_lightning.quant.ggml import GGMLQuantizer
 
 TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
 
 
 def round_trip(weight: torch.Tensor, qtype: str) -> torch.Tensor:
-    return ggml_decode(ggml_encode(weight, qtype), qtype).reshape(weight.shape)
+    return GGMLQuantizer(qtype).quantize_weight(weight)
 
 
 def error_stats(weight: torch.Tensor, qtype: str) -> tuple[float, float]:
