@@ -8,6 +8,9 @@ Rows (each training row once per seed, same data / steps / seed as the control):
   npft_pqi         NPFT with PQI outlier targeting (outliers=pqi, 4 intervals)
   npft_paper_0.1   NPFT with the reference code's noise at scale 0.1 (noise=npft_paper noise.scale=0.1)
   npft_per_epoch   NPFT with one noise draw per epoch (noise.schedule=per_epoch)
+  paper_recipe     the NPFT paper's recipe as its code runs it (experiment=npft_paper: its learning rate, length,
+                   outlier ratio and per-epoch noise; --steps and --train-set do not apply), paired by seed with
+  paper_recipe_control   the same recipe without noise (experiment=npft_paper noise=none)
 
 Columns: unquantized and fake-quantized PPL (eval.py) on two corpora: the Wikipedia test split
 (in domain) and the Python 3.11 manual (out of domain; Debian's python3.11-doc, downloaded once
@@ -45,6 +48,7 @@ from typing import Any
 from common import machine, write_json
 from quality_rows import (
     QUANTIZERS,
+    RECIPE_ROWS,
     ROWS,
     aggregate,
     base_row,
@@ -115,8 +119,8 @@ def plan_cells(args: argparse.Namespace, study_dir: Path, eval_common: list[str]
     lengths: list[int | None] = list(args.steps) if args.steps else [None]
     for seed in args.seeds:
         for steps in lengths:
-            for row in (r for r in args.rows if ROWS[r] is not None):
-                key = row if len(lengths) == 1 else f"{row}@{steps}"
+            for row in (r for r in args.rows if ROWS[r] is not None and (r not in RECIPE_ROWS or steps == lengths[0])):
+                key = row if len(lengths) == 1 or row in RECIPE_ROWS else f"{row}@{steps}"  # a recipe row: once, own length
                 run_dir = reuse.get((row, seed), study_dir / key / f"seed{seed}" / "train")
                 plan += trained_row(key, seed, train_overrides(row, seed, steps, common, args.train_overrides), run_dir,
                                     f"{row}:{seed}={run_dir}" if (row, seed) in reuse else None,

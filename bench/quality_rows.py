@@ -37,7 +37,14 @@ ROWS: dict[str, list[str] | None] = {
     "qerr_all_ramp": ["noise=quant_error", "outliers=all", "noise.ramp=linear"],
     "qerr_2_mix0.5": ["noise=quant_error", "outliers.ratio=2", "noise.step_probability=0.5"],
     "npft_paper": ["noise=npft_paper"],
+    # --- whole recipes as their experiment configures them (own length, learning rate, outliers, schedule)
+    "paper_recipe": ["experiment=npft_paper"],
+    "paper_recipe_control": ["experiment=npft_paper", "noise=none"],
 }
+# Rows that run a recipe as its experiment configures it: the study base, --steps and --train-set (the study's own
+# length and learning rate) do not apply to them, and each is paired with a control trained the same way (same
+# experiment, noise=none) instead of the study's control. Value: the row's control (None: the row is a control).
+RECIPE_ROWS: dict[str, str | None] = {"paper_recipe": "paper_recipe_control", "paper_recipe_control": None}
 ROW_LABELS = {
     "pretrained": "pretrained",
     "control": "LoRA control (`noise=none`)",
@@ -49,6 +56,8 @@ ROW_LABELS = {
     # draw every step; the final study's lr 2e-4), not the paper's recipe (experiment=npft_paper: lr 5e-6, 0.05 %,
     # per-epoch noise): label it so wherever it appears.
     "npft_paper": "the paper's noise in our setting, not the paper's recipe (`noise=npft_paper`)",
+    "paper_recipe": "the paper's recipe (`experiment=npft_paper`: lr 5e-6, 3 epochs x 64 steps, 0.05 % Fisher outliers, per-epoch noise)",
+    "paper_recipe_control": "LoRA control of the paper's recipe (`experiment=npft_paper noise=none`)",
 }
 QUANTIZERS = ["rtn4", "rtn3_g32", "gptq4", "gptq3_g32", "kmeans3", "cuberoot4", "nf4"]
 # The config every row overrides: NPFT as first built (16 steps of step noise on 0.5 % Fisher outliers). Pinned,
@@ -59,7 +68,10 @@ STUDY_BASE = ["experiment=npft_fisher"]
 
 def train_overrides(row: str, seed: int, steps: int | None, common: list[str], extra: list[str]) -> list[str]:
     """train.py's overrides for ``row`` at ``seed``: those of every call (``common``), the study base, the row's own,
-    the study's --train-set (``extra``), then the seed and the length (``steps``; None keeps the recipe's)."""
+    the study's --train-set (``extra``), then the seed and the length (``steps``; None keeps the recipe's).
+    A recipe row (``RECIPE_ROWS``) gets only ``common``, its own and the seed."""
+    if row in RECIPE_ROWS:
+        return [*common, *ROWS[row], f"seed={seed}"]
     return [*common, *STUDY_BASE, *ROWS[row], *extra, f"seed={seed}", *([f"trainer.max_steps={steps}"] if steps else [])]
 
 
@@ -73,8 +85,15 @@ def steps_of(key: str) -> int | None:
 
 
 def control_of(key: str) -> str:
-    """The control a row is paired with: the one trained for the same number of steps."""
+    """The control a row is paired with: the one trained for the same number of steps, or a recipe row's own."""
+    if RECIPE_ROWS.get(base_row(key)):
+        return RECIPE_ROWS[base_row(key)]
     return "control" + (key[key.index("@"):] if "@" in key else "")
+
+
+def is_control(key: str) -> bool:
+    """Whether the row is a control (the study's, or a recipe row's own): it is compared with nothing."""
+    return base_row(key) == "control" or (base_row(key) in RECIPE_ROWS and RECIPE_ROWS[base_row(key)] is None)
 
 
 def keyed_by_steps(table: dict[str, Any], steps: list[int] | None) -> dict[str, Any]:
@@ -82,7 +101,7 @@ def keyed_by_steps(table: dict[str, Any], steps: list[int] | None) -> dict[str, 
     lengths, so that studies of different lengths can be merged; other tables are returned as they are."""
     if not steps or len(steps) != 1:
         return table
-    return {k if k == "pretrained" or "@" in k else f"{k}@{steps[0]}": v for k, v in table.items()}
+    return {k if k == "pretrained" or k in RECIPE_ROWS or "@" in k else f"{k}@{steps[0]}": v for k, v in table.items()}
 
 
 def row_label(key: str) -> str:
@@ -123,7 +142,7 @@ def aggregate(cells: dict[str, dict[str, dict[str, dict[str, float]]]], quantize
     for corpus in corpora:
         derived[corpus] = {}
         for row, seeds in cells.items():
-            if row == "pretrained" or base_row(row) == "control":
+            if row == "pretrained" or is_control(row):
                 continue
             control = cells.get(control_of(row), {})
             per_q = {}

@@ -284,6 +284,38 @@ def test_merge_joins_an_earlier_study_of_another_length(tmp_path, monkeypatch, c
     assert "cannot read it" in capsys.readouterr().err
 
 
+def test_the_paper_recipe_row_runs_the_recipe_and_pairs_with_its_own_control(tmp_path, monkeypatch):
+    """paper_recipe runs experiment=npft_paper as configured (no study base, --steps or --train-set: they would
+    change its lr and length), once per seed in a study of several lengths, and is compared with a control trained
+    the same way, not with the study's control."""
+    planned = []
+
+    def run_plan(plan, lock, dry_run, desc, finished_only=False):
+        planned.extend(plan)
+        return _fake_evals({("control@16", 0): (12.0, 20.0), ("control@64", 0): (11.0, 19.0),
+                            ("paper_recipe_control", 0): (13.0, 21.0), ("paper_recipe", 0): (13.2, 20.0)})(plan, lock, dry_run, desc)
+
+    monkeypatch.setattr(quality, "run_plan", run_plan)
+    out = ["--study-dir", str(tmp_path / "s"), "--out-json", str(tmp_path / "s.json"), "--results-md", str(tmp_path / "s.md"),
+           "--plot", str(tmp_path / "s.png")]
+    assert quality.main(["--rows", "control", "paper_recipe", "paper_recipe_control", "--seeds", "0", "--steps", "16", "64",
+                         "--corpora", "wiki_val", "--quantizers", "rtn4", "--train-set", "optimizer.lr=2e-4", *out]) == 0
+    trains = {step["row"]: step for step in planned if step["kind"] == "train"}
+    assert sorted(trains) == ["control@16", "control@64", "paper_recipe", "paper_recipe_control"]  # the recipe rows once
+    for row in ("paper_recipe", "paper_recipe_control"):
+        overrides = trains[row]["overrides"]
+        assert "experiment=npft_paper" in overrides and "experiment=npft_fisher" not in overrides
+        assert "optimizer.lr=2e-4" not in overrides and not any(o.startswith("trainer.max_steps") for o in overrides)
+    assert "optimizer.lr=2e-4" in trains["control@64"]["overrides"]
+    # the overrides compose into the paper's recipe (a second experiment= would not compose at all)
+    signature = study.expected_train_signature(trains["paper_recipe"]["overrides"])
+    assert study.config_difference(signature, study.expected_train_signature(["experiment=npft_paper", "seed=0"])) is None
+    derived = json.loads((tmp_path / "s.json").read_text())["aggregate"]["derived"]["wiki_val"]
+    assert "paper_recipe_control" not in derived
+    assert derived["paper_recipe"]["rtn4"]["gap_closed"]["mean"] == pytest.approx((21 - 20) / (21 - 13))
+    assert derived["paper_recipe"]["fp"]["vs_control_pct"]["mean"] == pytest.approx(100 * (13.2 / 13 - 1))
+
+
 def test_study_lock_is_an_flock_other_jobs_see(tmp_path):
     """--lock holds an exclusive flock on the file for the cell: a job that flocks the same file (another study,
     `flock(1)`) cannot take it meanwhile, and can once the cell is done."""
