@@ -35,10 +35,10 @@ LINEAR_NAMES = {  # Hugging Face leaf -> GGUF tensor of block i
 }
 
 
-def _fake_quant_weights(model: nn.Module, quantizer) -> dict[str, torch.Tensor]:
+def _fake_quant_weights(model: nn.Module, quantizer, calibration: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     model = copy.deepcopy(model)
     linears = decoder_linears(model)
-    with torch.no_grad(), fake_quantized(model, linears, quantizer):
+    with torch.no_grad(), fake_quantized(model, linears, quantizer, calibration=calibration):
         return {name: lin.weight.clone() for name, lin in linears.items()}
 
 
@@ -46,10 +46,10 @@ def _field(reader: GGUFReader, key: str):
     return reader.fields[key].contents()
 
 
-def _assert_reads_back(model: nn.Module, quantizer, path: Path) -> dict[str, str]:
+def _assert_reads_back(model: nn.Module, quantizer, path: Path, calibration: torch.Tensor | None = None) -> dict[str, str]:
     """Write ``model`` with ``quantizer``; every decoder linear, dequantized by the gguf package (and unpermuted),
     equals the fake-quant weight bit for bit. Returns GGUF name -> ggml type name (lower case) of the decoder linears."""
-    expected = _fake_quant_weights(model, quantizer)
+    expected = _fake_quant_weights(model, quantizer, calibration)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     report = write_gguf(model, ByteTokenizer(), quantizer, path, BYTES)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # model untouched

@@ -325,18 +325,22 @@ def gguf_tensors(model: nn.Module, quantizer: Any) -> dict[str, tuple[np.ndarray
             continue  # llama.cpp reuses token_embd when output.weight is absent
         gguf_name = _tensor_name(names, key, hp["arch"])
         weight = value.detach().float().cpu()
+        heads = None
         if hp["arch"] == "llama" and key.endswith("self_attn.q_proj.weight"):
-            weight = permute_rows(weight, hp["head_count"])
+            heads = hp["head_count"]
         elif hp["arch"] == "llama" and key.endswith("self_attn.k_proj.weight"):
-            weight = permute_rows(weight, hp["head_count_kv"])
+            heads = hp["head_count_kv"]
         elif hp["arch"] == "gemma3" and key.endswith("norm.weight"):
             weight = weight + 1.0  # every Gemma 3 RMSNorm (q_norm and k_norm too) scales by 1 + weight, in float32
         if isinstance(quantizer, str):
-            tensors[gguf_name] = float_tensor(weight, quantizer)
-        elif key in linears:  # permuting whole rows commutes with quantizing each row on its own
-            tensors[gguf_name] = quantizer.gguf_tensor(weight, name=linears[key])
+            tensors[gguf_name] = float_tensor(weight if heads is None else permute_rows(weight, heads), quantizer)
+        elif key in linears:
+            # Quantized as the model holds it (a calibrated quantizer's recorded blocks are in this row order), then
+            # its rows permuted: quantization runs row by row, so permuting whole rows commutes with it.
+            data, ggml_type = quantizer.gguf_tensor(weight, name=linears[key])
+            tensors[gguf_name] = (data if heads is None else np.ascontiguousarray(permute_rows(data, heads)), ggml_type)
         else:
-            tensors[gguf_name] = lossless_tensor(weight)
+            tensors[gguf_name] = lossless_tensor(weight if heads is None else permute_rows(weight, heads))
     return tensors
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping, NamedTuple
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -80,6 +80,118 @@ def _upper_cholesky_of_inverse(hessian: Tensor, percdamp: float) -> Tensor:
     raise RuntimeError("GPTQ: Hessian stays singular even with strong damping; are the calibration inputs all zero?")
 
 
+class RTNGrid:
+    """The grid of a GPTQ pass on the RTN grid: per row and group a scale and zero (``rtn_params``), set up front
+    (per channel, static groups) or by :meth:`set_group` from a group's current values (dynamic groups)."""
+
+    def __init__(self, weight: Tensor, bits: int, group_size: int | None, sym: bool, static_groups: bool) -> None:
+        rows, cols = weight.shape
+        n_groups = 1 if group_size is None else cols // group_size
+        self.bits, self.sym, self.maxq = bits, sym, 2**bits - 1
+        self.dynamic = group_size is not None and not static_groups
+        if self.dynamic:
+            self.scale = torch.zeros(rows, n_groups, dtype=torch.float32, device=weight.device)
+            self.zero = torch.zeros_like(self.scale)
+        else:  # per-channel: whole (dead-zeroed) rows; static groups: original contiguous groups
+            self.scale, self.zero = rtn_params(weight, bits, group_size, sym)
+        self._in_use: dict[int, tuple[Tensor, Tensor]] = {}  # float64 (scale, zero) of each group in use
+
+    def set_group(self, group: int, current: Tensor) -> None:
+        s, z = rtn_params(current, self.bits, None, self.sym)
+        self.scale[:, group], self.zero[:, group] = s[:, 0], z[:, 0]
+
+    def round(self, w: Tensor, group: int, column: int) -> tuple[Tensor, Tensor]:
+        """(codes, grid values) of one column ``w`` [rows] float64 of ``group`` (``column``: its index in the group)."""
+        if group not in self._in_use:
+            self._in_use[group] = self.scale[:, group].double(), self.zero[:, group].double()
+        s, z = self._in_use[group]
+        q = torch.clamp(torch.round(w / s) + z, 0, self.maxq)
+        return q, s * (q - z)
+
+
+def gptq_codes(
+    weight: Tensor,
+    hessian: Tensor,
+    make_grid: Callable[[Tensor], Any],
+    group_size: int | None,
+    act_order: bool = True,
+    block_size: int = 128,
+    percdamp: float = 0.01,
+    keep: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The GPTQ column loop on any grid: ``(codes [out, in] uint8 in the original column order, perm or None)``.
+
+    ``make_grid(W)`` builds the grid from the (dead-column-zeroed, kept-entries-zeroed) float64 weight: an object
+    with ``dynamic`` (whether each group's grid is set from its current values when its first column comes up),
+    ``set_group(group, current [out, group_size])`` and ``round(w [out], group, column) -> (codes, values)``.
+    """
+    rows, cols = weight.shape
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match the {cols} input features")
+    if group_size is not None and (group_size <= 0 or cols % group_size != 0):
+        raise ValueError(f"group_size={group_size} does not divide the {cols} input features; pick a divisor of {cols}")
+    g = cols if group_size is None else group_size
+    n_groups = cols // g
+
+    W = weight.detach().to(torch.float64).clone()
+    H = hessian.detach().to(device=W.device, dtype=torch.float64).clone()
+    # A column that never sees a non-zero input cannot affect the output: zero it, keep H invertible.
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    keep = None if keep is None or not bool(keep.any()) else keep.to(W.device) & ~dead[None, :]
+    exact = None if keep is None else W.clone()  # the values kept entries return to
+
+    grid = make_grid(W if keep is None else W.masked_fill(keep, 0))
+    ready = [not grid.dynamic] * n_groups
+
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(cols, device=W.device)
+    if act_order:
+        W, H = W[:, perm], H[perm][:, perm]
+        if keep is not None:
+            keep, exact = keep[:, perm], exact[:, perm]
+    inv_perm = torch.argsort(perm)
+    group_of_pos = (perm // g).tolist()  # group of each processing position
+    column_of_pos = (perm % g).tolist()  # its index within the group
+    positions_of_group = inv_perm.reshape(n_groups, g).sort(dim=1).values  # processing positions of each group
+
+    Hinv = _upper_cholesky_of_inverse(H, percdamp)
+    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
+
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()  # this block's columns, kept up to date column by column
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            grp = group_of_pos[i1 + i]
+            if not ready[grp]:
+                # First column of this group: its grid from the group's current values. Columns past
+                # this block still miss the in-block updates (lazy batching); apply them here.
+                pos = positions_of_group[grp]
+                inside = pos < i2
+                current = torch.empty(rows, g, dtype=W.dtype, device=W.device)
+                current[:, inside] = W1[:, pos[inside] - i1]
+                later = pos[~inside]
+                current[:, ~inside] = W[:, later] - Err1 @ Hinv[i1:i2, later]
+                if keep is not None:
+                    current.masked_fill_(keep[:, pos], 0)
+                grid.set_group(grp, current)
+                ready[grp] = True
+            w = W1[:, i]
+            q, target = grid.round(w, grp, column_of_pos[i1 + i])
+            codes[:, i1 + i] = q.to(torch.uint8)
+            if keep is not None:
+                target = torch.where(keep[:, i1 + i], exact[:, i1 + i], target)
+            err = (w - target) / Hinv1[i, i]
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # the remaining columns absorb the error
+            Err1[:, i] = err
+        # Lazy batch update: the columns after this block absorb its errors in one matmul.
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    return codes[:, inv_perm], (perm if act_order else None)
+
+
 def gptq_encode_matrix(
     weight: Tensor,
     hessian: Tensor,
@@ -99,79 +211,14 @@ def gptq_encode_matrix(
     and each one's "rounding" is to its original value, so the error compensation absorbed there
     on the way is passed on to the later columns like any rounding error. Their codes are meaningless.
     """
-    rows, cols = weight.shape
-    if hessian.shape != (cols, cols):
-        raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match the {cols} input features")
-    if group_size is not None and (group_size <= 0 or cols % group_size != 0):
-        raise ValueError(f"group_size={group_size} does not divide the {cols} input features; pick a divisor of {cols}")
-    maxq = 2**bits - 1
-    g = cols if group_size is None else group_size
-    n_groups = cols // g
+    grids: list[RTNGrid] = []
 
-    W = weight.detach().to(torch.float64).clone()
-    H = hessian.detach().to(device=W.device, dtype=torch.float64).clone()
-    # A column that never sees a non-zero input cannot affect the output: zero it, keep H invertible.
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    keep = None if keep is None or not bool(keep.any()) else keep.to(W.device) & ~dead[None, :]
-    exact = None if keep is None else W.clone()  # the values kept entries return to
+    def make_grid(w: Tensor) -> RTNGrid:
+        grids.append(RTNGrid(w, bits, group_size, sym, static_groups))
+        return grids[0]
 
-    scale = torch.zeros(rows, n_groups, dtype=torch.float32, device=W.device)
-    zero = torch.zeros_like(scale)
-    dynamic = group_size is not None and not static_groups
-    if not dynamic:  # per-channel: whole (dead-zeroed) rows; static groups: original contiguous groups
-        scale, zero = rtn_params(W if keep is None else W.masked_fill(keep, 0), bits, group_size, sym)
-    ready = [not dynamic] * n_groups
-
-    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(cols, device=W.device)
-    if act_order:
-        W, H = W[:, perm], H[perm][:, perm]
-        if keep is not None:
-            keep, exact = keep[:, perm], exact[:, perm]
-    inv_perm = torch.argsort(perm)
-    group_of_pos = (perm // g).tolist()  # group of each processing position
-    positions_of_group = inv_perm.reshape(n_groups, g).sort(dim=1).values  # processing positions of each group
-
-    Hinv = _upper_cholesky_of_inverse(H, percdamp)
-    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
-    grids: dict[int, tuple[Tensor, Tensor]] = {}  # float64 (scale, zero) of each group in use
-
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()  # this block's columns, kept up to date column by column
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            grp = group_of_pos[i1 + i]
-            if not ready[grp]:
-                # First column of this group: params from the group's current values. Columns past
-                # this block still miss the in-block updates (lazy batching); apply them here.
-                pos = positions_of_group[grp]
-                inside = pos < i2
-                current = torch.empty(rows, g, dtype=W.dtype, device=W.device)
-                current[:, inside] = W1[:, pos[inside] - i1]
-                later = pos[~inside]
-                current[:, ~inside] = W[:, later] - Err1 @ Hinv[i1:i2, later]
-                if keep is not None:
-                    current.masked_fill_(keep[:, pos], 0)
-                s, z = rtn_params(current, bits, None, sym)
-                scale[:, grp], zero[:, grp] = s[:, 0], z[:, 0]
-                ready[grp] = True
-            if grp not in grids:
-                grids[grp] = scale[:, grp].double(), zero[:, grp].double()
-            s, z = grids[grp]
-            w = W1[:, i]
-            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
-            codes[:, i1 + i] = q.to(torch.uint8)
-            target = s * (q - z) if keep is None else torch.where(keep[:, i1 + i], exact[:, i1 + i], s * (q - z))
-            err = (w - target) / Hinv1[i, i]
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # the remaining columns absorb the error
-            Err1[:, i] = err
-        # Lazy batch update: the columns after this block absorb its errors in one matmul.
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-
-    return GPTQCodes(codes[:, inv_perm], scale, zero, perm if act_order else None)
+    codes, perm = gptq_codes(weight, hessian, make_grid, group_size, act_order, block_size, percdamp, keep)
+    return GPTQCodes(codes, grids[0].scale, grids[0].zero, perm)
 
 
 def gptq_quantize_matrix(
@@ -355,6 +402,11 @@ class GPTQ(WeightQuantizer):
             self.block_size, self.percdamp, self.static_groups, keep,
         )
 
+    def matrix_fields(self, weight: Tensor, hessian: Tensor, keep: Tensor | None = None) -> dict[str, Tensor]:
+        """The stored fields of one matrix (what :meth:`decode_weight` reads): RTN codes, scale and zero."""
+        enc = self.encode_matrix(weight, hessian, keep)
+        return {"codes": enc.codes, "scale": enc.scale, "zero": enc.zero}
+
     def quantize_matrix(self, weight: Tensor, hessian: Tensor) -> Tensor:
         """This quantizer's settings applied to one matrix and its Hessian: the float32 weight."""
         enc = self.encode_matrix(weight, hessian)
@@ -456,8 +508,7 @@ class GPTQ(WeightQuantizer):
                             stop_if_interrupted()
                             weight = block_linears[name].weight
                             keep = None if self.kept is None else self.kept.get(name)
-                            enc = self.encode_matrix(weight.float(), hessians.pop(name), keep)
-                            encoded = {"codes": enc.codes, "scale": enc.scale, "zero": enc.zero}
+                            encoded = self.matrix_fields(weight.float(), hessians.pop(name), keep)
                             decoded = self.decode_weight(encoded).to(device=weight.device, dtype=weight.dtype)
                             if keep is not None:  # later stages and blocks calibrate on the dense + sparse weights
                                 decoded = torch.where(keep.to(weight.device), weight, decoded)

@@ -1,0 +1,156 @@
+"""GPTQ on a ggml type's grid: a llama.cpp file whose blocks GPTQ chose.
+
+llama.cpp's quantizer rounds each weight to its block's grid on its own (with an importance matrix, it also
+weighs the search of each block's scale). GPTQ (:mod:`npft_lightning.quant.gptq`) rounds the columns one at a
+time and lets the later columns absorb each rounding error through the inverse Hessian of the layer's inputs.
+Here the grid is a ggml type's: the type's own encoder (:mod:`~npft_lightning.quant.ggml`,
+:mod:`~npft_lightning.quant.kquants`) sets the scales of every block up front from the weight (32 columns for the
+legacy types, a 256-column super-block for the K-quants), weighted by the Hessian's diagonal (the mean squared
+input of each column: llama.cpp's imatrix statistic, from the same calibration windows) unless
+``weighted_scales=False``; then GPTQ picks each code, columns in act order. ``static_groups=False`` sets a
+group's scales from its current, error-updated values when its first column comes up instead; with act order
+that is much worse for the 256-wide K-quant groups (the layer error of tests/test_gptq_ggml.py: 3x for Q4_K). The scales
+and codes are the type's fields, so the weight is the type's decode of them and the GGUF export (``gguf_out=``)
+writes those very blocks: a standard file that llama.cpp (and every GGUF reader) runs, of exactly the type's size.
+
+    python eval.py adapter=<run>/adapter quant=gptq_q4_0 gguf_out=model.gguf llamacpp_ppl=true
+
+Types: the ones whose codes sit on an affine grid per sub-block (value = a·code + b): q4_0, q4_1, q5_0, q5_1,
+q8_0, q3_k, q4_k, q5_k, q6_k. IQ4 (a non-uniform table) is not one of them. A K-quant needs input features
+that are a multiple of 256 (see ``quant=q4_k``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from npft_lightning.core.errors import UserError
+from npft_lightning.quant.ggml import BLOCK, FORMATS as LEGACY, GGMLQuantizer
+from npft_lightning.quant.ggml_base import GGMLTypeQuantizer
+from npft_lightning.quant.gptq import GPTQ, gptq_codes
+from npft_lightning.quant.kquants import FORMATS as KQUANTS, QK_K, KQuantizer, check_superblocks
+
+TYPES = [*LEGACY, *KQUANTS]
+
+
+def ggml_twin(qtype: str) -> GGMLTypeQuantizer:
+    """The ggml type quantizer whose encoder, decoder and blocks GPTQ uses."""
+    qtype = str(qtype).lower()
+    if qtype in LEGACY:
+        return GGMLQuantizer(qtype)
+    if qtype in KQUANTS:
+        return KQuantizer(qtype)
+    raise ValueError(f"quant qtype={qtype} has no affine grid for GPTQ; use one of {', '.join(TYPES)}")
+
+
+class GGMLGrid:
+    """A ggml type's grid for :func:`~npft_lightning.quant.gptq.gptq_codes`: each group encoded by the type's own
+    encoder from its current values when its first column comes up; per weight, value = a·code + b, with a and b
+    read off the type's decoder (codes 0 and 1), so any affine code layout of the family works."""
+
+    def __init__(self, twin: GGMLTypeQuantizer, group_size: int, importance: Tensor | None, weight: Tensor | None = None) -> None:
+        self.twin, self.group_size, self.importance = twin, group_size, importance
+        self.maxq = 2**twin.bits - 1
+        self.fields: dict[int, dict[str, Tensor]] = {}
+        self._affine: dict[int, tuple[Tensor, Tensor]] = {}
+        self.dynamic = weight is None
+        if weight is not None:  # static groups: every group's grid up front, from the original weight
+            for group in range(weight.shape[1] // group_size):
+                self.set_group(group, weight[:, group * group_size:(group + 1) * group_size])
+
+    def set_group(self, group: int, current: Tensor) -> None:
+        cols = slice(group * self.group_size, (group + 1) * self.group_size)
+        weights = None if self.importance is None else self.importance[cols]
+        fields = self.twin.family.encode(current.float(), self.twin.qtype, weights, None)
+        decode = self.twin.family.decode
+        b = decode({**fields, "codes": torch.zeros_like(fields["codes"])}, self.twin.qtype).double()
+        a = decode({**fields, "codes": torch.ones_like(fields["codes"])}, self.twin.qtype).double() - b
+        self.fields[group], self._affine[group] = fields, (a, b)
+
+    def round(self, w: Tensor, group: int, column: int) -> tuple[Tensor, Tensor]:
+        a, b = (t[:, column] for t in self._affine[group])
+        flat = a == 0  # an all-zero (sub-)block: every code decodes to b; keep the encoder's
+        q = torch.clamp(torch.round((w - b) / torch.where(flat, torch.ones_like(a), a)), 0, self.maxq)
+        q = torch.where(flat, self.fields[group]["codes"][:, column].to(q.dtype), q)
+        return q, a * q + b
+
+
+def gptq_ggml_fields(weight: Tensor, hessian: Tensor, twin: GGMLTypeQuantizer, act_order: bool = True, block_size: int = 128,
+                     percdamp: float = 0.01, weighted_scales: bool = True, static_groups: bool = True) -> dict[str, Tensor]:
+    """GPTQ of one matrix [out, in] on ``twin``'s grid: the type's fields (``twin.decode_weight`` reads them,
+    ``twin.ggml_bytes`` packs them)."""
+    group = QK_K if twin.qtype in KQUANTS else BLOCK
+    if weight.shape[1] % group:
+        if twin.qtype in KQUANTS:
+            check_superblocks(weight.shape[1], twin.qtype)
+        raise UserError(f"quant gptq_{twin.qtype}: ggml blocks hold {group} weights of a row, but the {weight.shape[1]} "
+                        f"input features are not a multiple of {group}; use another quantizer for this model")
+    importance = None
+    if weighted_scales:  # the Hessian's diagonal ∝ the mean squared input of each column (llama.cpp's imatrix)
+        diag = hessian.diagonal().detach().float().to(weight.device)
+        importance = diag.clamp_min(1e-12 * float(diag.max().clamp_min(1e-30)))  # a dead column weighs ~0, not 0
+    grids: list[GGMLGrid] = []
+
+    def make_grid(w: Tensor) -> GGMLGrid:
+        grids.append(GGMLGrid(twin, group, importance, w if static_groups else None))
+        return grids[0]
+
+    codes, _ = gptq_codes(weight, hessian, make_grid, group, act_order, block_size, percdamp)
+    parts = [grids[0].fields[g] for g in range(weight.shape[1] // group)]
+    fields = {key: torch.cat([p[key] for p in parts], dim=1) for key in parts[0]}
+    fields["codes"] = codes.to(fields["codes"].device)
+    return fields
+
+
+class GPTQGGML(GPTQ):
+    """GPTQ whose grid is the ggml type ``qtype`` (see the module docstring): fake-quant, bits per weight, the
+    packed artefact and the GGUF export (``gguf_out=``: the blocks of the last calibrated pass)."""
+
+    def __init__(self, qtype: str = "q4_0", act_order: bool = True, true_sequential: bool = True, block_size: int = 128,
+                 percdamp: float = 0.01, weighted_scales: bool = True, static_groups: bool = True, name: str | None = None,
+                 batch_size: int = 8):
+        twin = ggml_twin(qtype)
+        super().__init__(bits=twin.bits, group_size=QK_K if twin.qtype in KQUANTS else BLOCK, act_order=act_order,
+                         true_sequential=true_sequential, block_size=block_size, percdamp=percdamp,
+                         name=name or f"gptq_{twin.qtype}", static_groups=static_groups, batch_size=batch_size)
+        self.twin = twin
+        self.qtype = twin.qtype
+        self.weighted_scales = bool(weighted_scales)
+        self.recorded: dict[str, dict[str, Tensor]] = {}  # canonical name -> fields of the last calibrated pass
+
+    @property
+    def ggml_type(self):
+        return self.twin.ggml_type
+
+    @property
+    def llama_file_type(self) -> str:
+        return self.twin.llama_file_type
+
+    def matrix_fields(self, weight: Tensor, hessian: Tensor, keep: Tensor | None = None) -> dict[str, Tensor]:
+        if keep is not None:
+            raise UserError(f"quant {self.name}: a ggml file has no sparse part; use it without a dense-and-sparse wrapper")
+        return gptq_ggml_fields(weight, hessian, self.twin, self.act_order, self.block_size, self.percdamp, self.weighted_scales,
+                                self.static_groups)
+
+    def decode_weight(self, payload: Mapping[str, Tensor]) -> Tensor:
+        return self.twin.decode_weight(payload)
+
+    def _quantize_blocks(self, model: nn.Module, linears: Mapping[str, nn.Linear], calibration: Tensor | None,
+                         record: bool) -> dict[str, dict[str, Tensor]]:
+        fields = super()._quantize_blocks(model, linears, calibration, record=True)
+        self.recorded = fields  # what gguf_tensor writes
+        return fields if record else {}
+
+    def gguf_tensor(self, weight: Tensor, *, name: str | None = None) -> tuple[Any, Any]:
+        """``(data, ggml type)`` of the linear ``name``: the blocks GPTQ chose in the last calibrated pass."""
+        fields = self.recorded.get(name or "")
+        if fields is None:
+            raise UserError(f"quant {self.name}: no GPTQ pass has quantized {name}; a GGUF of {self.name} is written "
+                            f"after eval.py scores it (gguf_out= with quant={self.name})")
+        if tuple(fields["codes"].shape) != tuple(weight.shape):
+            raise UserError(f"quant {self.name}: {name} is {tuple(weight.shape)} but its GPTQ pass was "
+                            f"{tuple(fields['codes'].shape)}; score and export the same model")
+        return self.twin.ggml_bytes(fields), self.twin.ggml_type

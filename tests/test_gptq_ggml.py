@@ -1,0 +1,94 @@
+"""GPTQ on a ggml type's grid: the fields are the type's (its bytes dequantize to the fake-quant weight, bit for
+bit), the layer's output error is below llama.cpp's own rounding of the same type (with and without the imatrix),
+and a tiny llama's GGUF holds the very blocks GPTQ chose."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import quants
+from test_gguf_export import _assert_reads_back
+from torch import Tensor, nn
+
+from npft_lightning.core.errors import UserError
+from npft_lightning.quant.gptq_ggml import GPTQGGML, ggml_twin, gptq_ggml_fields
+
+TYPES = ["q4_0", "q5_0", "q4_1", "q8_0", "q3_k", "q4_k", "q6_k"]
+
+
+def _problem(out: int, inp: int, n: int = 2048, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """A weight, correlated inputs of uneven scale per column (so the Hessian is far from diagonal) and H = 2/n XᵀX."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g) * 0.05
+    mix = torch.randn(inp, inp, generator=g) / inp**0.5 + 0.3 * torch.eye(inp)
+    x = (torch.randn(n, inp, generator=g) @ mix) * torch.exp(torch.randn(inp, generator=g))
+    return w, x, 2 * x.T @ x / n
+
+
+def _output_error(x: Tensor, w: Tensor, q: Tensor) -> float:
+    return float((x @ (w - q).T).norm())
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_fields_are_the_types_and_beat_llama_cpps_rounding(qtype: str) -> None:
+    w, x, h = _problem(16, 512)
+    twin = ggml_twin(qtype)
+    fields = gptq_ggml_fields(w, h, twin)
+    q = twin.decode_weight(fields)
+    # the bytes of a GGUF tensor of this type: the gguf package dequantizes them to the very same weight
+    stored = quants.dequantize(twin.ggml_bytes(fields), twin.ggml_type)
+    assert torch.equal(torch.from_numpy(np.array(stored, dtype=np.float32)).view(torch.int32), q.view(torch.int32))
+    assert int(fields["codes"].max()) < 2**twin.bits
+    # llama.cpp's own rounding of the type, without and with the imatrix (the mean squared input of each column)
+    plain = twin.quantize_weight(w)
+    name = "model.layers.0.mlp.up_proj"
+    imatrix = ggml_twin(qtype).with_importance({name: (x * x).mean(0)}).quantize_weight(w, name=name)
+    assert _output_error(x, w, q) < 0.9 * min(_output_error(x, w, plain), _output_error(x, w, imatrix)), qtype
+
+
+def test_static_groups_beat_dynamic_ones_in_act_order_for_k_quants() -> None:
+    """The default (every super-block's scales up front): with act order, a 256-wide group set from its values when
+    its first column comes up has drifted far from them by its last column."""
+    w, x, h = _problem(16, 512)
+    twin = ggml_twin("q4_k")
+    static = _output_error(x, w, twin.decode_weight(gptq_ggml_fields(w, h, twin)))
+    dynamic = _output_error(x, w, twin.decode_weight(gptq_ggml_fields(w, h, twin, static_groups=False)))
+    assert static < 0.5 * dynamic
+
+
+def test_weighted_scales_and_dead_columns() -> None:
+    w, x, h = _problem(16, 256, seed=1)
+    h[5, :] = 0
+    h[:, 5] = 0  # a column that never sees an input
+    w[3] = 0  # an all-zero row: every block flat
+    twin = ggml_twin("q4_0")
+    for weighted in (True, False):
+        for static in (True, False):
+            q = twin.decode_weight(gptq_ggml_fields(w, h, twin, weighted_scales=weighted, static_groups=static))
+            assert torch.isfinite(q).all() and torch.equal(q[3], torch.zeros_like(q[3]))
+    weighted = twin.decode_weight(gptq_ggml_fields(w, h, twin, weighted_scales=True))
+    unweighted = twin.decode_weight(gptq_ggml_fields(w, h, twin, weighted_scales=False))
+    assert not torch.equal(weighted, unweighted)  # the Hessian's diagonal does steer the scale search
+
+
+def test_refusals() -> None:
+    with pytest.raises(ValueError, match="qtype=iq4_nl has no affine grid for GPTQ; use one of q4_0"):
+        GPTQGGML("iq4_nl")
+    w, _, h = _problem(4, 96)
+    with pytest.raises(UserError, match="input features"):
+        gptq_ggml_fields(w, h, ggml_twin("q4_k"))
+    with pytest.raises(UserError, match="no GPTQ pass has quantized"):
+        GPTQGGML("q4_0").gguf_tensor(torch.zeros(4, 32), name="model.layers.0.mlp.up_proj")
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0"])
+def test_tiny_llama_gguf_holds_the_gptq_blocks(qtype: str, tiny_llama: nn.Module, token_windows: Tensor, tmp_path: Path) -> None:
+    quantizer = GPTQGGML(qtype, batch_size=2)
+    types = _assert_reads_back(tiny_llama, quantizer, tmp_path / f"tiny-gptq-{qtype}.gguf", calibration=token_windows)
+    assert set(types.values()) == {qtype}
+    # the blocks are GPTQ's, not the type's own rounding of the same weights
+    assert any(not torch.equal(fields["codes"], quantizer.twin.encode_weight(lin.weight.float())["codes"])
+               for fields, lin in zip(quantizer.recorded.values(), (dict(tiny_llama.named_modules())[n] for n in quantizer.recorded)))
