@@ -446,3 +446,54 @@ def make_trainer(callbacks, steps: int = STEPS, logger=False, **kw) -> pl.Traine
                 enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
     args.update(kw)
     return pl.Trainer(callbacks=callbacks, **args)
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF export: a written file reads back to the fake-quant weights
+# ---------------------------------------------------------------------------------------------
+
+GGUF_LINEAR_NAMES = {  # Hugging Face leaf -> GGUF tensor of block i
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def assert_gguf_reads_back(model: nn.Module, quantizer, path: Path, calibration: torch.Tensor | None = None) -> dict[str, str]:
+    """Write ``model`` with ``quantizer`` (fake-quantized first on ``calibration`` where it needs windows); every
+    decoder linear, dequantized by the gguf package (and unpermuted), equals the fake-quant weight bit for bit.
+    Returns GGUF name -> ggml type name (lower case) of the decoder linears."""
+    from gguf import GGUFReader
+
+    from npft_lightning.lm.models import ByteTokenizer
+    from npft_lightning.quant import fake_quantized
+    from npft_lightning.quant.gguf_export import (
+        BYTES,
+        read_gguf_weights,
+        unpermute_rows,
+        write_gguf,
+    )
+
+    copied = copy.deepcopy(model)
+    linears = decoder_linears(copied)
+    with torch.no_grad(), fake_quantized(copied, linears, quantizer, calibration=calibration):
+        expected = {name: lin.weight.clone() for name, lin in linears.items()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = write_gguf(model, ByteTokenizer(), quantizer, path, BYTES)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # model untouched
+    assert report["bytes"] == path.stat().st_size and not list(path.parent.glob(".*"))  # no temporary left
+    cfg = model.config
+    weights = read_gguf_weights(path)
+    types = {t.name: t.tensor_type.name.lower() for t in GGUFReader(path).tensors}
+    linear_types = {}
+    for name, weight in expected.items():
+        block = int(name.split(".")[2])
+        leaf = ".".join(name.split(".")[3:])
+        gguf_name = f"blk.{block}.{GGUF_LINEAR_NAMES[leaf]}.weight"
+        stored = weights[gguf_name]
+        if leaf == "self_attn.q_proj":
+            stored = unpermute_rows(stored, cfg.num_attention_heads)
+        elif leaf == "self_attn.k_proj":
+            stored = unpermute_rows(stored, cfg.num_key_value_heads)
+        assert torch.equal(stored.view(torch.int32), weight.view(torch.int32)), gguf_name
+        linear_types[gguf_name] = types[gguf_name]
+    return linear_types

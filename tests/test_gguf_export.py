@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
-from helpers import TINY_EVAL, make_peaked_llama, run_in_process
+from helpers import TINY_EVAL, assert_gguf_reads_back, make_peaked_llama, run_in_process
 from torch import nn
 
 from npft_lightning.core.errors import UserError
 from npft_lightning.core.layers import decoder_linears
 from npft_lightning.lm.models import ByteTokenizer
-from npft_lightning.quant import RTN, fake_quantized
+from npft_lightning.quant import RTN
 from npft_lightning.quant.ggml import FORMATS, GGMLQuantizer
 from npft_lightning.quant.gguf_export import (
     BYTES,
@@ -29,53 +29,15 @@ from npft_lightning.quant.importance import gguf_weight_name
 from npft_lightning.quant.llamacpp_filetype import LlamaCppFileType, twin
 from npft_lightning.quant.llamacpp_rules import MOSTLY
 
-LINEAR_NAMES = {  # Hugging Face leaf -> GGUF tensor of block i
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-}
-
-
-def _fake_quant_weights(model: nn.Module, quantizer, calibration: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    model = copy.deepcopy(model)
-    linears = decoder_linears(model)
-    with torch.no_grad(), fake_quantized(model, linears, quantizer, calibration=calibration):
-        return {name: lin.weight.clone() for name, lin in linears.items()}
-
 
 def _field(reader: GGUFReader, key: str):
     return reader.fields[key].contents()
 
 
-def _assert_reads_back(model: nn.Module, quantizer, path: Path, calibration: torch.Tensor | None = None) -> dict[str, str]:
-    """Write ``model`` with ``quantizer``; every decoder linear, dequantized by the gguf package (and unpermuted),
-    equals the fake-quant weight bit for bit. Returns GGUF name -> ggml type name (lower case) of the decoder linears."""
-    expected = _fake_quant_weights(model, quantizer, calibration)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    report = write_gguf(model, ByteTokenizer(), quantizer, path, BYTES)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # model untouched
-    assert report["bytes"] == path.stat().st_size and not list(path.parent.glob(".*"))  # no temporary left
-    cfg = model.config
-    weights = read_gguf_weights(path)
-    types = {t.name: t.tensor_type.name.lower() for t in GGUFReader(path).tensors}
-    linear_types = {}
-    for name, weight in expected.items():
-        block = int(name.split(".")[2])
-        leaf = ".".join(name.split(".")[3:])
-        gguf_name = f"blk.{block}.{LINEAR_NAMES[leaf]}.weight"
-        stored = weights[gguf_name]
-        if leaf == "self_attn.q_proj":
-            stored = unpermute_rows(stored, cfg.num_attention_heads)
-        elif leaf == "self_attn.k_proj":
-            stored = unpermute_rows(stored, cfg.num_key_value_heads)
-        assert torch.equal(stored.view(torch.int32), weight.view(torch.int32)), gguf_name
-        linear_types[gguf_name] = types[gguf_name]
-    return linear_types
-
-
 @pytest.mark.parametrize("qtype", list(FORMATS))
 def test_tiny_llama_reads_back_to_the_fake_quant_weights(qtype: str, tiny_llama: nn.Module, tmp_path: Path) -> None:
     path = tmp_path / f"tiny-{qtype}.gguf"
-    assert set(_assert_reads_back(tiny_llama, GGMLQuantizer(qtype), path).values()) == {qtype}
+    assert set(assert_gguf_reads_back(tiny_llama, GGMLQuantizer(qtype), path).values()) == {qtype}
 
     cfg = tiny_llama.config
     weights = read_gguf_weights(path)
@@ -113,7 +75,7 @@ def test_k_quants_and_iq4_read_back_to_the_fake_quant_weights(qtype: str, tmp_pa
     """The K-quant and IQ4 twins write llama.cpp's blocks: the file dequantizes to the fake-quant weights."""
     model = make_peaked_llama(256, 256)  # rows of 256: whole super-blocks
     path = tmp_path / f"tiny-{qtype}.gguf"
-    assert set(_assert_reads_back(model, twin(qtype), path).values()) == {qtype}
+    assert set(assert_gguf_reads_back(model, twin(qtype), path).values()) == {qtype}
     reader = GGUFReader(path)
     assert _field(reader, "general.file_type") == int(LlamaFileType[f"MOSTLY_{MOSTLY[qtype]}"])  # q4_k: Q4_K_M
 
@@ -128,7 +90,7 @@ def test_file_types_read_back_each_tensor_in_its_planned_type(file_type: str, hi
     model = make_peaked_llama(hidden, intermediate)
     quantizer = LlamaCppFileType(file_type)
     path = tmp_path / f"tiny-{file_type}.gguf"
-    written = _assert_reads_back(model, quantizer, path)
+    written = assert_gguf_reads_back(model, quantizer, path)
     plan = quantizer.bind(decoder_linears(model)).types
     assert written == {gguf_weight_name(name): ggml_type for name, ggml_type in plan.items()}
     assert _field(GGUFReader(path), "general.file_type") == int(LlamaFileType[f"MOSTLY_{file_type}"])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import quants
-from test_gguf_export import _assert_reads_back
+from helpers import TINY_EVAL, assert_gguf_reads_back, run_in_process
 from torch import Tensor, nn
 
 from npft_lightning.core.errors import UserError
@@ -87,8 +87,25 @@ def test_refusals() -> None:
 @pytest.mark.parametrize("qtype", ["q4_0", "q8_0"])
 def test_tiny_llama_gguf_holds_the_gptq_blocks(qtype: str, tiny_llama: nn.Module, token_windows: Tensor, tmp_path: Path) -> None:
     quantizer = GPTQGGML(qtype, batch_size=2)
-    types = _assert_reads_back(tiny_llama, quantizer, tmp_path / f"tiny-gptq-{qtype}.gguf", calibration=token_windows)
+    types = assert_gguf_reads_back(tiny_llama, quantizer, tmp_path / f"tiny-gptq-{qtype}.gguf", calibration=token_windows)
     assert set(types.values()) == {qtype}
     # the blocks are GPTQ's, not the type's own rounding of the same weights
     assert any(not torch.equal(fields["codes"], quantizer.twin.encode_weight(lin.weight.float())["codes"])
                for fields, lin in zip(quantizer.recorded.values(), (dict(tiny_llama.named_modules())[n] for n in quantizer.recorded)))
+
+
+def test_eval_scores_and_writes_gptq_q4_0(tmp_path: Path) -> None:
+    """eval.py quant=gptq_q4_0 gguf_out=...: the file holds Q4_0 tensors at 4.5 bits per weight and, scored by
+    llama.cpp where the llamacpp extra is installed, gives the fake-quant PPL."""
+    import importlib.util
+    import json
+
+    scored = importlib.util.find_spec("llama_cpp") is not None
+    proc = run_in_process("eval.py", tmp_path / "run", *TINY_EVAL, "data.max_eval_windows=2", "print_config=false", "quant=[gptq_q4_0]",
+                          "calibration.windows=2", f"gguf_out={tmp_path / 'tiny.gguf'}", *(["llamacpp_ppl=true"] if scored else []))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    gguf = metrics["gguf"]["gptq_q4_0"]
+    assert gguf["tensor_types"]["Q4_0"] == 14 and metrics["bits"]["gptq_q4_0"]["bits_per_weight"] == pytest.approx(4.5)
+    if scored:
+        assert gguf["ppl_ratio"] == pytest.approx(1.0, abs=0.01)

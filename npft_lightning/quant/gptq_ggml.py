@@ -28,10 +28,12 @@ import torch
 from torch import Tensor, nn
 
 from npft_lightning.core.errors import UserError
-from npft_lightning.quant.ggml import BLOCK, FORMATS as LEGACY, GGMLQuantizer
+from npft_lightning.quant.ggml import BLOCK, GGMLQuantizer
+from npft_lightning.quant.ggml import FORMATS as LEGACY
 from npft_lightning.quant.ggml_base import GGMLTypeQuantizer
 from npft_lightning.quant.gptq import GPTQ, gptq_codes
-from npft_lightning.quant.kquants import FORMATS as KQUANTS, QK_K, KQuantizer, check_superblocks
+from npft_lightning.quant.kquants import FORMATS as KQUANTS
+from npft_lightning.quant.kquants import QK_K, KQuantizer, check_superblocks
 
 TYPES = [*LEGACY, *KQUANTS]
 
