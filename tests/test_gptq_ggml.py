@@ -109,3 +109,20 @@ def test_eval_scores_and_writes_gptq_q4_0(tmp_path: Path) -> None:
     assert gguf["tensor_types"]["Q4_0"] == 14 and metrics["bits"]["gptq_q4_0"]["bits_per_weight"] == pytest.approx(4.5)
     if scored:
         assert gguf["ppl_ratio"] == pytest.approx(1.0, abs=0.01)
+
+
+def test_a_file_type_follows_llama_cpps_plan(tiny_llama: nn.Module, token_windows: Tensor, tmp_path: Path) -> None:
+    """gptq_q4_k_m: each linear in the type llama.cpp gives it in a Q4_K_M file (on the tiny model's 64 / 128 input
+    features, the fallbacks), GPTQ's blocks in the file; IQ4_XS's fallback IQ4_NL is a table: refused by name."""
+    from npft_lightning.core.layers import decoder_linears
+    from npft_lightning.quant.importance import gguf_weight_name
+    from npft_lightning.quant.llamacpp_filetype import LlamaCppFileType
+
+    quantizer = GPTQGGML(file_type="Q4_K_M", batch_size=2)
+    types = assert_gguf_reads_back(tiny_llama, quantizer, tmp_path / "tiny-gptq-q4_k_m.gguf", calibration=token_windows)
+    plan = LlamaCppFileType("Q4_K_M").bind(decoder_linears(tiny_llama)).types
+    assert types == {gguf_weight_name(n): t for n, t in plan.items()} and len(set(types.values())) > 1
+    with pytest.raises(UserError, match="IQ4_NL in IQ4_XS files, whose levels are a table"):
+        GPTQGGML(file_type="IQ4_XS", batch_size=2).quantize_model(tiny_llama, decoder_linears(tiny_llama), token_windows)
+    with pytest.raises(ValueError, match="give one"):
+        GPTQGGML("q4_0", "Q4_K_M")

@@ -402,8 +402,9 @@ class GPTQ(WeightQuantizer):
             self.block_size, self.percdamp, self.static_groups, keep,
         )
 
-    def matrix_fields(self, weight: Tensor, hessian: Tensor, keep: Tensor | None = None) -> dict[str, Tensor]:
-        """The stored fields of one matrix (what :meth:`decode_weight` reads): RTN codes, scale and zero."""
+    def matrix_fields(self, weight: Tensor, hessian: Tensor, keep: Tensor | None = None, name: str | None = None) -> dict[str, Tensor]:
+        """The stored fields of one matrix (``name``: its canonical name; what :meth:`decode_weight` reads): RTN codes,
+        scale and zero."""
         enc = self.encode_matrix(weight, hessian, keep)
         return {"codes": enc.codes, "scale": enc.scale, "zero": enc.zero}
 
@@ -508,7 +509,7 @@ class GPTQ(WeightQuantizer):
                             stop_if_interrupted()
                             weight = block_linears[name].weight
                             keep = None if self.kept is None else self.kept.get(name)
-                            encoded = self.matrix_fields(weight.float(), hessians.pop(name), keep)
+                            encoded = self.matrix_fields(weight.float(), hessians.pop(name), keep, name=name)
                             decoded = self.decode_weight(encoded).to(device=weight.device, dtype=weight.dtype)
                             if keep is not None:  # later stages and blocks calibrate on the dense + sparse weights
                                 decoded = torch.where(keep.to(weight.device), weight, decoded)

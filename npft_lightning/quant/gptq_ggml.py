@@ -14,6 +14,10 @@ and codes are the type's fields, so the weight is the type's decode of them and 
 writes those very blocks: a standard file that llama.cpp (and every GGUF reader) runs, of exactly the type's size.
 
     python eval.py adapter=<run>/adapter quant=gptq_q4_0 gguf_out=model.gguf llamacpp_ppl=true
+    python eval.py adapter=<run>/adapter quant=gptq_q4_k_m gguf_out=model.gguf llamacpp_ppl=true   # a whole Q4_K_M file
+
+A file type (``file_type=Q4_K_M``) takes each tensor's type from llama.cpp's own rules
+(:mod:`~npft_lightning.quant.llamacpp_filetype`), fallbacks for rows that do not fill a super-block included.
 
 Types: the ones whose codes sit on an affine grid per sub-block (value = a·code + b): q4_0, q4_1, q5_0, q5_1,
 q8_0, q3_k, q4_k, q5_k, q6_k. IQ4 (a non-uniform table) is not one of them. A K-quant needs input features
@@ -34,6 +38,8 @@ from npft_lightning.quant.ggml_base import GGMLTypeQuantizer
 from npft_lightning.quant.gptq import GPTQ, gptq_codes
 from npft_lightning.quant.kquants import FORMATS as KQUANTS
 from npft_lightning.quant.kquants import QK_K, KQuantizer, check_superblocks
+from npft_lightning.quant.llamacpp_filetype import LlamaCppFileType
+from npft_lightning.quant.llamacpp_filetype import twin as file_type_twin
 
 TYPES = [*LEGACY, *KQUANTS]
 
@@ -108,51 +114,79 @@ def gptq_ggml_fields(weight: Tensor, hessian: Tensor, twin: GGMLTypeQuantizer, a
 
 
 class GPTQGGML(GPTQ):
-    """GPTQ whose grid is the ggml type ``qtype`` (see the module docstring): fake-quant, bits per weight, the
-    packed artefact and the GGUF export (``gguf_out=``: the blocks of the last calibrated pass)."""
+    """GPTQ whose grid is the ggml type ``qtype``, or, with ``file_type`` (``Q4_K_M`` ...), each decoder linear's in
+    the type llama.cpp's quantizer gives it in that file (:class:`~npft_lightning.quant.llamacpp_filetype.LlamaCppFileType`'s
+    plan, fallbacks included; an F16 tensor stays a float16 copy). See the module docstring. Fake-quant, bits per
+    weight, the packed artefact and the GGUF export (``gguf_out=``: the blocks of the last calibrated pass)."""
 
-    def __init__(self, qtype: str = "q4_0", act_order: bool = True, true_sequential: bool = True, block_size: int = 128,
-                 percdamp: float = 0.01, weighted_scales: bool = True, static_groups: bool = True, name: str | None = None,
-                 batch_size: int = 8):
-        twin = ggml_twin(qtype)
-        super().__init__(bits=twin.bits, group_size=QK_K if twin.qtype in KQUANTS else BLOCK, act_order=act_order,
+    def __init__(self, qtype: str | None = None, file_type: str | None = None, act_order: bool = True, true_sequential: bool = True,
+                 block_size: int = 128, percdamp: float = 0.01, weighted_scales: bool = True, static_groups: bool = True,
+                 name: str | None = None, batch_size: int = 8):
+        if qtype is not None and file_type is not None:
+            raise ValueError(f"quant qtype={qtype} and file_type={file_type}: give one (a ggml type, or a llama.cpp file type)")
+        self.plan = None if file_type is None else LlamaCppFileType(file_type)
+        self.twin = None if self.plan is not None else ggml_twin(qtype or "q4_0")
+        group = None if self.twin is None else (QK_K if self.twin.qtype in KQUANTS else BLOCK)
+        label = self.plan.file_type.lower() if self.plan is not None else self.twin.qtype
+        super().__init__(bits=8 if self.twin is None else self.twin.bits, group_size=group, act_order=act_order,
                          true_sequential=true_sequential, block_size=block_size, percdamp=percdamp,
-                         name=name or f"gptq_{twin.qtype}", static_groups=static_groups, batch_size=batch_size)
-        self.twin = twin
-        self.qtype = twin.qtype
+                         name=name or f"gptq_{label}", static_groups=static_groups, batch_size=batch_size)
+        self.qtype = None if self.twin is None else self.twin.qtype
         self.weighted_scales = bool(weighted_scales)
         self.recorded: dict[str, dict[str, Tensor]] = {}  # canonical name -> fields of the last calibrated pass
 
     @property
-    def ggml_type(self):
-        return self.twin.ggml_type
-
-    @property
     def llama_file_type(self) -> str:
-        return self.twin.llama_file_type
+        return self.plan.file_type if self.plan is not None else self.twin.llama_file_type
 
-    def matrix_fields(self, weight: Tensor, hessian: Tensor, keep: Tensor | None = None) -> dict[str, Tensor]:
+    def _twin_of(self, name: str | None) -> tuple[str, GGMLTypeQuantizer | None]:
+        if self.plan is None:
+            return self.twin.qtype, self.twin
+        ggml_type = self.plan.type_of(name)
+        quantizer = file_type_twin(ggml_type)
+        if quantizer is not None and quantizer.qtype not in TYPES:
+            raise UserError(f"quant {self.name}: llama.cpp makes {name} {ggml_type.upper()} in {self.plan.file_type} files, "
+                            f"whose levels are a table, not an affine grid GPTQ can round to; use another file type")
+        return ggml_type, quantizer
+
+    def matrix_fields(self, weight: Tensor, hessian: Tensor, keep: Tensor | None = None, name: str | None = None) -> dict[str, Tensor]:
         if keep is not None:
             raise UserError(f"quant {self.name}: a ggml file has no sparse part; use it without a dense-and-sparse wrapper")
-        return gptq_ggml_fields(weight, hessian, self.twin, self.act_order, self.block_size, self.percdamp, self.weighted_scales,
-                                self.static_groups)
+        ggml_type, twin = self._twin_of(name)
+        if twin is None:  # llama.cpp leaves the tensor in F16
+            fields = {"values": weight.detach().float().half().float()}
+        else:
+            fields = gptq_ggml_fields(weight, hessian, twin, self.act_order, self.block_size, self.percdamp, self.weighted_scales,
+                                      self.static_groups)
+        if self.plan is not None:
+            from gguf import GGMLQuantizationType
+
+            fields["ggml_type"] = torch.tensor([int(GGMLQuantizationType[ggml_type.upper()])], dtype=torch.uint8)
+        return fields
 
     def decode_weight(self, payload: Mapping[str, Tensor]) -> Tensor:
-        return self.twin.decode_weight(payload)
+        return self.twin.decode_weight(payload) if self.plan is None else self.plan.decode_weight(payload)
 
     def _quantize_blocks(self, model: nn.Module, linears: Mapping[str, nn.Linear], calibration: Tensor | None,
                          record: bool) -> dict[str, dict[str, Tensor]]:
+        if self.plan is not None:
+            self.plan.bind(linears)
         fields = super()._quantize_blocks(model, linears, calibration, record=True)
         self.recorded = fields  # what gguf_tensor writes
         return fields if record else {}
 
     def gguf_tensor(self, weight: Tensor, *, name: str | None = None) -> tuple[Any, Any]:
         """``(data, ggml type)`` of the linear ``name``: the blocks GPTQ chose in the last calibrated pass."""
+        from gguf import GGMLQuantizationType
+
         fields = self.recorded.get(name or "")
         if fields is None:
             raise UserError(f"quant {self.name}: no GPTQ pass has quantized {name}; a GGUF of {self.name} is written "
                             f"after eval.py scores it (gguf_out= with quant={self.name})")
-        if tuple(fields["codes"].shape) != tuple(weight.shape):
-            raise UserError(f"quant {self.name}: {name} is {tuple(weight.shape)} but its GPTQ pass was "
-                            f"{tuple(fields['codes'].shape)}; score and export the same model")
-        return self.twin.ggml_bytes(fields), self.twin.ggml_type
+        ggml_type, twin = self._twin_of(name)
+        if tuple(self.decode_weight(fields).shape) != tuple(weight.shape):
+            raise UserError(f"quant {self.name}: {name} is {tuple(weight.shape)} but its GPTQ pass quantized another shape; "
+                            f"score and export the same model")
+        if twin is None:
+            return fields["values"].cpu().half().numpy(), GGMLQuantizationType.F16
+        return twin.ggml_bytes({k: v for k, v in fields.items() if k != "ggml_type"}), twin.ggml_type
