@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from npft_lightning.core.errors import UserError
 from npft_lightning.quant.gptq_ggml import GPTQGGML, ggml_twin, gptq_ggml_fields
 
-TYPES = ["q4_0", "q5_0", "q4_1", "q8_0", "q3_k", "q4_k", "q6_k"]
+TYPES = ["q4_0", "q5_0", "q4_1", "q8_0", "q3_k", "q4_k", "q6_k", "iq4_nl", "iq4_xs"]
 
 
 def _problem(out: int, inp: int, n: int = 2048, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
@@ -75,8 +75,8 @@ def test_weighted_scales_and_dead_columns() -> None:
 
 
 def test_refusals() -> None:
-    with pytest.raises(ValueError, match="qtype=iq4_nl has no affine grid for GPTQ; use one of q4_0"):
-        GPTQGGML("iq4_nl")
+    with pytest.raises(ValueError, match="qtype=q2_k is not a ggml type GPTQ can round to; use one of q4_0"):
+        GPTQGGML("q2_k")
     w, _, h = _problem(4, 96)
     with pytest.raises(UserError, match="input features"):
         gptq_ggml_fields(w, h, ggml_twin("q4_k"))
@@ -113,7 +113,7 @@ def test_eval_scores_and_writes_gptq_q4_0(tmp_path: Path) -> None:
 
 def test_a_file_type_follows_llama_cpps_plan(tiny_llama: nn.Module, token_windows: Tensor, tmp_path: Path) -> None:
     """gptq_q4_k_m: each linear in the type llama.cpp gives it in a Q4_K_M file (on the tiny model's 64 / 128 input
-    features, the fallbacks), GPTQ's blocks in the file; IQ4_XS's fallback IQ4_NL is a table: refused by name."""
+    features, the fallbacks), GPTQ's blocks in the file; the same for IQ4_XS (its fallback IQ4_NL: a table)."""
     from npft_lightning.core.layers import decoder_linears
     from npft_lightning.quant.importance import gguf_weight_name
     from npft_lightning.quant.llamacpp_filetype import LlamaCppFileType
@@ -122,7 +122,7 @@ def test_a_file_type_follows_llama_cpps_plan(tiny_llama: nn.Module, token_window
     types = assert_gguf_reads_back(tiny_llama, quantizer, tmp_path / "tiny-gptq-q4_k_m.gguf", calibration=token_windows)
     plan = LlamaCppFileType("Q4_K_M").bind(decoder_linears(tiny_llama)).types
     assert types == {gguf_weight_name(n): t for n, t in plan.items()} and len(set(types.values())) > 1
-    with pytest.raises(UserError, match="IQ4_NL in IQ4_XS files, whose levels are a table"):
-        GPTQGGML(file_type="IQ4_XS", batch_size=2).quantize_model(tiny_llama, decoder_linears(tiny_llama), token_windows)
+    iq4 = GPTQGGML(file_type="IQ4_XS", batch_size=2)  # on 64 / 128 input features: IQ4_NL, a table of 16 levels
+    assert set(assert_gguf_reads_back(tiny_llama, iq4, tmp_path / "tiny-gptq-iq4_xs.gguf", calibration=token_windows).values()) == {"iq4_nl"}
     with pytest.raises(ValueError, match="give one"):
         GPTQGGML("q4_0", "Q4_K_M")

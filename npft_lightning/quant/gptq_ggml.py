@@ -19,9 +19,10 @@ writes those very blocks: a standard file that llama.cpp (and every GGUF reader)
 A file type (``file_type=Q4_K_M``) takes each tensor's type from llama.cpp's own rules
 (:mod:`~npft_lightning.quant.llamacpp_filetype`), fallbacks for rows that do not fill a super-block included.
 
-Types: the ones whose codes sit on an affine grid per sub-block (value = a·code + b): q4_0, q4_1, q5_0, q5_1,
-q8_0, q3_k, q4_k, q5_k, q6_k. IQ4 (a non-uniform table) is not one of them. A K-quant needs input features
-that are a multiple of 256 (see ``quant=q4_k``).
+Types: every ggml type with a twin here. The legacy types and K-quants have codes on an affine grid per
+(sub-)block (value = a·code + b, a and b read off the type's decoder); IQ4_NL / IQ4_XS have 16 non-uniform levels
+per block, and each weight rounds to the nearest of its block's 16 decoded values. A K-quant or IQ4_XS needs input
+features that are a multiple of 256 (a file type falls back as llama.cpp does).
 """
 
 from __future__ import annotations
@@ -36,12 +37,15 @@ from npft_lightning.quant.ggml import BLOCK, GGMLQuantizer
 from npft_lightning.quant.ggml import FORMATS as LEGACY
 from npft_lightning.quant.ggml_base import GGMLTypeQuantizer
 from npft_lightning.quant.gptq import GPTQ, gptq_codes
+from npft_lightning.quant.iq4 import SUPER as IQ4_SUPER
+from npft_lightning.quant.iq4 import IQ4Quantizer
 from npft_lightning.quant.kquants import FORMATS as KQUANTS
 from npft_lightning.quant.kquants import QK_K, KQuantizer, check_superblocks
 from npft_lightning.quant.llamacpp_filetype import LlamaCppFileType
 from npft_lightning.quant.llamacpp_filetype import twin as file_type_twin
 
-TYPES = [*LEGACY, *KQUANTS]
+TABLES = list(IQ4_SUPER)  # non-uniform levels: each weight rounds to the nearest of its 16 decoded values
+TYPES = [*LEGACY, *KQUANTS, *TABLES]
 
 
 def ggml_twin(qtype: str) -> GGMLTypeQuantizer:
@@ -51,7 +55,14 @@ def ggml_twin(qtype: str) -> GGMLTypeQuantizer:
         return GGMLQuantizer(qtype)
     if qtype in KQUANTS:
         return KQuantizer(qtype)
-    raise ValueError(f"quant qtype={qtype} has no affine grid for GPTQ; use one of {', '.join(TYPES)}")
+    if qtype in IQ4_SUPER:
+        return IQ4Quantizer(qtype)
+    raise ValueError(f"quant qtype={qtype} is not a ggml type GPTQ can round to; use one of {', '.join(TYPES)}")
+
+
+def group_size_of(qtype: str) -> int:
+    """The columns that share scales: a K-quant's or IQ4_XS's 256-wide super-block, else a 32-weight block."""
+    return QK_K if qtype in KQUANTS else IQ4_SUPER.get(qtype, BLOCK)
 
 
 class GGMLGrid:
@@ -64,6 +75,7 @@ class GGMLGrid:
         self.maxq = 2**twin.bits - 1
         self.fields: dict[int, dict[str, Tensor]] = {}
         self._affine: dict[int, tuple[Tensor, Tensor]] = {}
+        self._levels: dict[int, Tensor] = {}  # a table type's [16, rows, group] levels
         self.dynamic = weight is None
         if weight is not None:  # static groups: every group's grid up front, from the original weight
             for group in range(weight.shape[1] // group_size):
@@ -73,12 +85,22 @@ class GGMLGrid:
         cols = slice(group * self.group_size, (group + 1) * self.group_size)
         weights = None if self.importance is None else self.importance[cols]
         fields = self.twin.family.encode(current.float(), self.twin.qtype, weights, None)
-        decode = self.twin.family.decode
-        b = decode({**fields, "codes": torch.zeros_like(fields["codes"])}, self.twin.qtype).double()
-        a = decode({**fields, "codes": torch.ones_like(fields["codes"])}, self.twin.qtype).double() - b
-        self.fields[group], self._affine[group] = fields, (a, b)
+        self.fields[group] = fields
+
+        def decoded(code: int) -> Tensor:  # every weight of the group as if its code were ``code``
+            return self.twin.family.decode({**fields, "codes": torch.full_like(fields["codes"], code)}, self.twin.qtype)
+
+        if self.twin.qtype in TABLES:  # the 16 levels of each weight, exactly as decoded
+            self._levels[group] = torch.stack([decoded(c) for c in range(self.maxq + 1)])
+        else:
+            b = decoded(0).double()
+            self._affine[group] = decoded(1).double() - b, b
 
     def round(self, w: Tensor, group: int, column: int) -> tuple[Tensor, Tensor]:
+        if self.twin.qtype in TABLES:
+            levels = self._levels[group][:, :, column].to(w.dtype)  # [16, rows]
+            q = (w[None] - levels).abs().argmin(dim=0)
+            return q.to(w.dtype), levels.gather(0, q[None])[0]
         a, b = (t[:, column] for t in self._affine[group])
         flat = a == 0  # an all-zero (sub-)block: every code decodes to b; keep the encoder's
         q = torch.clamp(torch.round((w - b) / torch.where(flat, torch.ones_like(a), a)), 0, self.maxq)
@@ -90,7 +112,7 @@ def gptq_ggml_fields(weight: Tensor, hessian: Tensor, twin: GGMLTypeQuantizer, a
                      percdamp: float = 0.01, weighted_scales: bool = True, static_groups: bool = True) -> dict[str, Tensor]:
     """GPTQ of one matrix [out, in] on ``twin``'s grid: the type's fields (``twin.decode_weight`` reads them,
     ``twin.ggml_bytes`` packs them)."""
-    group = QK_K if twin.qtype in KQUANTS else BLOCK
+    group = group_size_of(twin.qtype)
     if weight.shape[1] % group:
         if twin.qtype in KQUANTS:
             check_superblocks(weight.shape[1], twin.qtype)
@@ -126,7 +148,7 @@ class GPTQGGML(GPTQ):
             raise ValueError(f"quant qtype={qtype} and file_type={file_type}: give one (a ggml type, or a llama.cpp file type)")
         self.plan = None if file_type is None else LlamaCppFileType(file_type)
         self.twin = None if self.plan is not None else ggml_twin(qtype or "q4_0")
-        group = None if self.twin is None else (QK_K if self.twin.qtype in KQUANTS else BLOCK)
+        group = None if self.twin is None else group_size_of(self.twin.qtype)
         label = self.plan.file_type.lower() if self.plan is not None else self.twin.qtype
         super().__init__(bits=8 if self.twin is None else self.twin.bits, group_size=group, act_order=act_order,
                          true_sequential=true_sequential, block_size=block_size, percdamp=percdamp,
@@ -143,11 +165,7 @@ class GPTQGGML(GPTQ):
         if self.plan is None:
             return self.twin.qtype, self.twin
         ggml_type = self.plan.type_of(name)
-        quantizer = file_type_twin(ggml_type)
-        if quantizer is not None and quantizer.qtype not in TYPES:
-            raise UserError(f"quant {self.name}: llama.cpp makes {name} {ggml_type.upper()} in {self.plan.file_type} files, "
-                            f"whose levels are a table, not an affine grid GPTQ can round to; use another file type")
-        return ggml_type, quantizer
+        return ggml_type, file_type_twin(ggml_type)
 
     def matrix_fields(self, weight: Tensor, hessian: Tensor, keep: Tensor | None = None, name: str | None = None) -> dict[str, Tensor]:
         if keep is not None:
