@@ -120,7 +120,7 @@ def test_a_file_type_follows_llama_cpps_plan(tiny_llama: nn.Module, token_window
 
     quantizer = GPTQGGML(file_type="Q4_K_M", batch_size=2)
     types = assert_gguf_reads_back(tiny_llama, quantizer, tmp_path / "tiny-gptq-q4_k_m.gguf", calibration=token_windows)
-    plan = LlamaCppFileType("Q4_K_M").bind(decoder_linears(tiny_llama)).types
+    plan = LlamaCppFileType("Q4_K_M").with_importance({}).bind(decoder_linears(tiny_llama)).types  # as llama.cpp with --imatrix
     assert types == {gguf_weight_name(n): t for n, t in plan.items()} and len(set(types.values())) > 1
     iq4 = GPTQGGML(file_type="IQ4_XS", batch_size=2)  # on 64 / 128 input features: IQ4_NL, a table of 16 levels
     assert set(assert_gguf_reads_back(tiny_llama, iq4, tmp_path / "tiny-gptq-iq4_xs.gguf", calibration=token_windows).values()) == {"iq4_nl"}

@@ -138,15 +138,19 @@ def gptq_ggml_fields(weight: Tensor, hessian: Tensor, twin: GGMLTypeQuantizer, a
 class GPTQGGML(GPTQ):
     """GPTQ whose grid is the ggml type ``qtype``, or, with ``file_type`` (``Q4_K_M`` ...), each decoder linear's in
     the type llama.cpp's quantizer gives it in that file (:class:`~npft_lightning.quant.llamacpp_filetype.LlamaCppFileType`'s
-    plan, fallbacks included; an F16 tensor stays a float16 copy). See the module docstring. Fake-quant, bits per
+    plan, fallbacks included, as with ``--imatrix`` unless ``imatrix_plan=False``; an F16 tensor stays a float16 copy). See the module docstring. Fake-quant, bits per
     weight, the packed artefact and the GGUF export (``gguf_out=``: the blocks of the last calibrated pass)."""
 
     def __init__(self, qtype: str | None = None, file_type: str | None = None, act_order: bool = True, true_sequential: bool = True,
                  block_size: int = 128, percdamp: float = 0.01, weighted_scales: bool = True, static_groups: bool = True,
-                 name: str | None = None, batch_size: int = 8):
+                 imatrix_plan: bool = True, name: str | None = None, batch_size: int = 8):
         if qtype is not None and file_type is not None:
             raise ValueError(f"quant qtype={qtype} and file_type={file_type}: give one (a ggml type, or a llama.cpp file type)")
         self.plan = None if file_type is None else LlamaCppFileType(file_type)
+        if self.plan is not None and imatrix_plan:
+            # the types llama.cpp picks when it quantizes with an importance matrix (GPTQ's Hessian diagonal is one):
+            # the file then has the size of llama-quantize --imatrix's (an empty table: the plan's flag, no weights)
+            self.plan.with_importance({})
         self.twin = None if self.plan is not None else ggml_twin(qtype or "q4_0")
         group = None if self.twin is None else group_size_of(self.twin.qtype)
         label = self.plan.file_type.lower() if self.plan is not None else self.twin.qtype
