@@ -15,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
+import gptq_llamacpp  # noqa: E402
 import llamacpp_render  # noqa: E402
 import llamacpp_rows  # noqa: E402
 import llamacpp_study  # noqa: E402
@@ -248,3 +249,28 @@ def test_llamacpp_study_end_to_end_on_tiny_llama(tmp_path):
     assert "Python 3.11 manual" in text and "Q4_0 vs control Q4_0+imatrix" in text
     second = subprocess.run([sys.executable, "bench/llamacpp_study.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert second.returncode == 0 and "cells: 0 run, 5 reused" in second.stdout
+
+
+def test_gptq_llamacpp_reuses_the_study_cells_windows_and_pairs_with_the_control(tmp_path):
+    """bench/gptq_llamacpp.py: the study cell's command with its llama.cpp files swapped for the GPTQ quantizer, and
+    the gap closed against the control's plain file of the same type, per corpus."""
+    cell = tmp_path / "control" / "seed0" / "eval"
+    cell.mkdir(parents=True)
+    (cell / "command.json").write_text(json.dumps(["py", "eval.py", "model=smollm2-135m", "quant=none", "llamacpp_types=[Q4_0]",
+                                                   "imatrix=both", "data.max_eval_windows=8", "gguf_out=/x/m.gguf", "adapter=/r/adapter",
+                                                   "hydra.run.dir=/x"]))
+    command = gptq_llamacpp.cell_command(cell, "gptq_q4_0", tmp_path / "out")
+    assert command[2:] == ["model=smollm2-135m", "data.max_eval_windows=8", "adapter=/r/adapter", "quant=[gptq_q4_0]",
+                           "llamacpp_ppl=true", f"gguf_out={tmp_path / 'out' / 'm.gguf'}", f"hydra.run.dir={tmp_path / 'out'}"]
+
+    def llama(fp, plain, imatrix):
+        split = lambda v: {"splits": {"validation": {"ppl": v}, "test": {"ppl": v + 1}}, "bytes": 100}  # noqa: E731
+        return {"llamacpp": {"F32": split(fp), "Q4_0": split(plain), "Q4_0+imatrix": split(imatrix)}}
+
+    control = llama(10.0, 14.0, 12.0)
+    gptq = {"gguf": {"gptq_q4_0": {"bytes": 99, "ppl": 11.0, "ppl_ratio": 1.001}}, "ppl": {"test": {"gptq_q4_0": 12.5}}}
+    row = gptq_llamacpp.row_of("control", 0, "gptq_q4_0", gptq, control, control)
+    wiki, python = row["corpora"]["validation"], row["corpora"]["test"]
+    assert wiki["gap_closed"] == pytest.approx({"Q4_0": 0.0, "Q4_0+imatrix": 0.5, "gptq_q4_0": 0.75})
+    assert python["ppl"]["gptq_q4_0"] == 12.5 and python["gap_closed"]["gptq_q4_0"] == pytest.approx((15 - 12.5) / 4)
+    assert "| control | 0 | Q4_0 | 10.000 | 14.000 (+0.00) | 12.000 (+0.50) | 11.000 (+0.75) | 0.9900 |" in gptq_llamacpp.render([row], "cmd")
