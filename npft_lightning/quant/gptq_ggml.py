@@ -66,9 +66,11 @@ def group_size_of(qtype: str) -> int:
 
 
 class GGMLGrid:
-    """A ggml type's grid for :func:`~npft_lightning.quant.gptq.gptq_codes`: each group encoded by the type's own
-    encoder from its current values when its first column comes up; per weight, value = a·code + b, with a and b
-    read off the type's decoder (codes 0 and 1), so any affine code layout of the family works."""
+    """A ggml type's grid for :func:`~npft_lightning.quant.gptq.gptq_codes`: each group (a block or super-block of
+    columns) encoded by the type's own encoder, up front from ``weight`` (static groups) or from its current values
+    when its first column comes up (``weight=None``). Per weight, the affine types' value = a·code + b, a and b read
+    off the type's decoder (codes 0 and 1), so any affine code layout works; a table type (IQ4) keeps the 16 decoded
+    levels of every weight and rounds to the nearest."""
 
     def __init__(self, twin: GGMLTypeQuantizer, group_size: int, importance: Tensor | None, weight: Tensor | None = None) -> None:
         self.twin, self.group_size, self.importance = twin, group_size, importance
