@@ -118,8 +118,8 @@ def gptq_codes(
     block_size: int = 128,
     percdamp: float = 0.01,
     keep: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """The GPTQ column loop on any grid: ``(codes [out, in] uint8 in the original column order, perm or None)``.
+) -> tuple[Tensor, Tensor | None, Any]:
+    """The GPTQ column loop on any grid: ``(codes [out, in] uint8 in the original column order, perm or None, the grid)``.
 
     ``make_grid(W)`` builds the grid from the (dead-column-zeroed, kept-entries-zeroed) float64 weight: an object
     with ``dynamic`` (whether each group's grid is set from its current values when its first column comes up),
@@ -189,7 +189,7 @@ def gptq_codes(
         # Lazy batch update: the columns after this block absorb its errors in one matmul.
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
-    return codes[:, inv_perm], (perm if act_order else None)
+    return codes[:, inv_perm], (perm if act_order else None), grid
 
 
 def gptq_encode_matrix(
@@ -211,14 +211,9 @@ def gptq_encode_matrix(
     and each one's "rounding" is to its original value, so the error compensation absorbed there
     on the way is passed on to the later columns like any rounding error. Their codes are meaningless.
     """
-    grids: list[RTNGrid] = []
-
-    def make_grid(w: Tensor) -> RTNGrid:
-        grids.append(RTNGrid(w, bits, group_size, sym, static_groups))
-        return grids[0]
-
-    codes, perm = gptq_codes(weight, hessian, make_grid, group_size, act_order, block_size, percdamp, keep)
-    return GPTQCodes(codes, grids[0].scale, grids[0].zero, perm)
+    codes, perm, grid = gptq_codes(weight, hessian, lambda w: RTNGrid(w, bits, group_size, sym, static_groups), group_size,
+                                   act_order, block_size, percdamp, keep)
+    return GPTQCodes(codes, grid.scale, grid.zero, perm)
 
 
 def gptq_quantize_matrix(

@@ -124,14 +124,9 @@ def gptq_ggml_fields(weight: Tensor, hessian: Tensor, twin: GGMLTypeQuantizer, a
     if weighted_scales:  # the Hessian's diagonal ∝ the mean squared input of each column (llama.cpp's imatrix)
         diag = hessian.diagonal().detach().float().to(weight.device)
         importance = diag.clamp_min(1e-12 * float(diag.max().clamp_min(1e-30)))  # a dead column weighs ~0, not 0
-    grids: list[GGMLGrid] = []
-
-    def make_grid(w: Tensor) -> GGMLGrid:
-        grids.append(GGMLGrid(twin, group, importance, w if static_groups else None))
-        return grids[0]
-
-    codes, _ = gptq_codes(weight, hessian, make_grid, group, act_order, block_size, percdamp)
-    parts = [grids[0].fields[g] for g in range(weight.shape[1] // group)]
+    codes, _, grid = gptq_codes(weight, hessian, lambda w: GGMLGrid(twin, group, importance, w if static_groups else None), group,
+                                act_order, block_size, percdamp)
+    parts = [grid.fields[g] for g in range(weight.shape[1] // group)]
     fields = {key: torch.cat([p[key] for p in parts], dim=1) for key in parts[0]}
     fields["codes"] = codes.to(fields["codes"].device)
     return fields
@@ -207,8 +202,8 @@ class GPTQGGML(GPTQ):
         if fields is None:
             raise UserError(f"quant {self.name}: no GPTQ pass has quantized {name}; a GGUF of {self.name} is written "
                             f"after eval.py scores it (gguf_out= with quant={self.name})")
-        ggml_type, twin = self._twin_of(name)
-        if tuple(self.decode_weight(fields).shape) != tuple(weight.shape):
+        _, twin = self._twin_of(name)
+        if tuple(fields["values" if twin is None else "codes"].shape) != tuple(weight.shape):
             raise UserError(f"quant {self.name}: {name} is {tuple(weight.shape)} but its GPTQ pass quantized another shape; "
                             f"score and export the same model")
         if twin is None:
