@@ -74,6 +74,12 @@ def test_weighted_scales_and_dead_columns() -> None:
     assert not torch.equal(weighted, unweighted)  # the Hessian's diagonal does steer the scale search
 
 
+def test_quantize_matrix_is_the_types_grid() -> None:
+    w, _, h = _problem(8, 64)
+    quantizer = GPTQGGML("q4_0")
+    assert torch.equal(quantizer.quantize_matrix(w, h), quantizer.twin.decode_weight(gptq_ggml_fields(w, h, quantizer.twin)))
+
+
 def test_refusals() -> None:
     with pytest.raises(ValueError, match="qtype=q2_k is not a ggml type GPTQ can round to; use one of q4_0"):
         GPTQGGML("q2_k")

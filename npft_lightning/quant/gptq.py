@@ -404,9 +404,8 @@ class GPTQ(WeightQuantizer):
         return {"codes": enc.codes, "scale": enc.scale, "zero": enc.zero}
 
     def quantize_matrix(self, weight: Tensor, hessian: Tensor) -> Tensor:
-        """This quantizer's settings applied to one matrix and its Hessian: the float32 weight."""
-        enc = self.encode_matrix(weight, hessian)
-        return rtn_decode(enc.codes, enc.scale, enc.zero, self.group_size)
+        """This quantizer's settings applied to one matrix and its Hessian: the float32 weight (a subclass's own grid too)."""
+        return self.decode_weight(self.matrix_fields(weight, hessian))
 
     def decode_weight(self, payload: Mapping[str, Tensor]) -> Tensor:
         """Float32 weight from RTN-grid fields ``codes`` / ``scale`` / ``zero`` (no permutation needed)."""
