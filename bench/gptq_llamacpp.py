@@ -10,7 +10,7 @@ control's gap at that type closed (paired by seed; F32 = the control's unquantiz
 cell (skipped when its metrics are complete); the GGUF files are deleted once scored unless --keep-gguf.
 
     python bench/gptq_llamacpp.py --cells control:gptq_q4_0 control:gptq_iq4_xs control:gptq_q4_k_m --seeds 0 \\
-        --llamacpp-study /work/study/llamacpp/eval --runs /work/study/llamacpp/train --study-dir /work/study/gptq_ggml
+        --llamacpp-study /work/study/llamacpp/eval --study-dir /work/study/gptq_ggml
 """
 
 from __future__ import annotations

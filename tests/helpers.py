@@ -468,6 +468,7 @@ def assert_gguf_reads_back(model: nn.Module, quantizer, path: Path, calibration:
     from npft_lightning.quant import fake_quantized
     from npft_lightning.quant.gguf_export import (
         BYTES,
+        gguf_size_report,
         read_gguf_weights,
         unpermute_rows,
         write_gguf,
@@ -475,12 +476,15 @@ def assert_gguf_reads_back(model: nn.Module, quantizer, path: Path, calibration:
 
     copied = copy.deepcopy(model)
     linears = decoder_linears(copied)
-    with torch.no_grad(), fake_quantized(copied, linears, quantizer, calibration=calibration):
+    sizes: dict = {}
+    with torch.no_grad(), fake_quantized(copied, linears, quantizer, calibration=calibration, sizes=sizes):
         expected = {name: lin.weight.clone() for name, lin in linears.items()}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     report = write_gguf(model, ByteTokenizer(), quantizer, path, BYTES)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # model untouched
     assert report["bytes"] == path.stat().st_size and not list(path.parent.glob(".*"))  # no temporary left
+    # the size the fake-quant validation reports is the linears' size in this very file
+    assert sizes["gguf_bits_per_weight"] == gguf_size_report(path)["bits_per_weight_linears"]
     cfg = model.config
     weights = read_gguf_weights(path)
     types = {t.name: t.tensor_type.name.lower() for t in GGUFReader(path).tensors}

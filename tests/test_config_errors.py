@@ -129,7 +129,10 @@ CASES = {
                              "quant_error noise needs one target: noise.distribution.quantizer, or a list of "
                              "noise.distribution.quantizers with quantizer=null"),
     "exact error towards a calibrated quantizer": ([*TINY, "noise=quant_error", "noise.distribution.quantizer._target_=npft_lightning.quant.GPTQ"],
-                                                   "quant_error noise needs a weight-local quantizer; gptq4 needs calibration data"),
+                                                   "quant_error noise needs a weight-local quantizer; gptq4 needs calibration data (GPTQ): "
+                                                   "target its grid instead, noise.distribution.quantizer='${{quant.rtn4}}'"),
+    "exact error towards GPTQ on a ggml grid": ([*TINY, "noise=quant_error", "quant=[gptq_q4_0]", "noise.distribution.quantizer=${{quant.gptq_q4_0}}"],
+                                                "target its grid instead, noise.distribution.quantizer='${{quant.q4_0}}' with q4_0 in quant"),
     "damage towards a grid without a step": ([*TINY, "outliers=damage", "~outliers.target", "+outliers.target={{_target_:npft_lightning.quant.NF4}}"],
                                              "outliers.method='damage' needs a target quantizer with a step size"),
     "binary corpus file": ([*TINY, "data=text_files", "data.corpus.train=[{binary}]"],

@@ -24,7 +24,11 @@ from npft_lightning.core.env import package_dir
 from npft_lightning.core.errors import UserError
 from npft_lightning.core.layers import decoder_linears
 from npft_lightning.npft.noise import QuantErrorNoise, quantization_error
-from npft_lightning.quant.artefact import load_quantized, save_quantized
+from npft_lightning.quant.artefact import (
+    load_quantized,
+    quantized_size_report,
+    save_quantized,
+)
 from npft_lightning.quant.base import fake_quantized
 from npft_lightning.quant.importance import gguf_weight_name
 from npft_lightning.quant.llamacpp_filetype import LlamaCppFileType, ggml_bytes, twin
@@ -234,12 +238,17 @@ def test_file_type_is_a_noise_target_from_the_config(tiny_llama) -> None:
 
 def test_artefact_round_trip(tiny_llama, tmp_path: Path) -> None:
     linears = decoder_linears(tiny_llama)
-    q = LlamaCppFileType("IQ4_XS")
-    with fake_quantized(tiny_llama, linears, q):
+    q = LlamaCppFileType("Q4_K_M")  # on 64 / 128 input features: Q5_0, Q8_0 and IQ4_NL... at their own widths
+    sizes: dict = {}
+    with fake_quantized(tiny_llama, linears, q, sizes=sizes):
         expected = {name: linear.weight.detach().clone() for name, linear in linears.items()}
-    loaded = load_quantized(save_quantized(tiny_llama, linears, q, tmp_path / "artefact"))
+    path = save_quantized(tiny_llama, linears, q, tmp_path / "artefact")
+    loaded = load_quantized(path)
     for name, linear in decoder_linears(loaded).items():
         assert torch.equal(linear.weight, expected[name])
+    # each tensor's codes packed at its own type's width, not all at 8 bits; the reported size is the artefact's
+    assert sizes["bits_per_weight"] == quantized_size_report(path)["linear_bits_per_weight"]
+    assert sizes["bits_per_weight"] < 1.2 * sizes["gguf_bits_per_weight"] < 8
 
 
 def test_errors(tiny_llama, tiny_opt) -> None:

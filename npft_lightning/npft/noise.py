@@ -277,8 +277,10 @@ class QuantErrorNoise(NoiseDistribution):
                 raise ValueError(f"noise.distribution.quantizers[{i}].weight={weight} must be a finite number > 0 "
                                  f"(the grid's share of the quantized steps is its weight over the sum)")
             if getattr(grid["quantizer"], "needs_calibration", False):
+                local = getattr(grid["quantizer"], "grid_name", "rtn4")
                 raise ValueError(f"quant_error noise needs a weight-local quantizer; {grid['quantizer'].name} needs "
-                                 f"calibration data (GPTQ): target its grid instead, e.g. noise.distribution.quantizer=rtn4")
+                                 f"calibration data (GPTQ): target its grid instead, "
+                                 f"noise.distribution.quantizer='${{quant.{local}}}' with {local} in quant (e.g. quant=[{local}])")
         probability = float(probability)
         if not (math.isfinite(probability) and 0.0 < probability <= 1.0):
             raise ValueError(f"noise.probability={probability} must be in (0, 1]: the chance that a selected weight "

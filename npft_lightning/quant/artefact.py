@@ -17,7 +17,8 @@ both go through the quantizer's ``encode``/``decode`` pair and the storage below
 Each field is stored in its smallest lossless form, and restored to its original dtype and shape:
 
 * integer codes (uint8 < 2^bits, and float32 tensors holding only such integers, e.g. RTN zero
-  points) are bit-packed at the quantizer's ``bits`` (:func:`pack_bits`);
+  points) are bit-packed at the quantizer's ``bits`` (:func:`pack_bits`), a llama.cpp file type's tensors each
+  at their own ggml type's;
 * float32 tensors that round-trip exactly through float16 / bfloat16 (e.g. the kept sparse values of
   a half-precision model) are stored in that dtype; other floats (scales, tables) stay float32;
 * int64 tensors that fit (sparse positions) are stored as int32.
@@ -149,8 +150,9 @@ def save_quantized(
     layout: dict[str, Any] = {}
     for name, linear in linears.items():
         entry = {"shape": list(linear.weight.shape), "dtype": str(linear.weight.dtype).removeprefix("torch."), "fields": {}}
+        width = code_bits(quantizer, name)  # a llama.cpp file type's tensors each at their own type's width
         for field, value in fields[name].items():
-            tensors[f"{name}.{field}"], entry["fields"][field] = stored_form(value, bits)
+            tensors[f"{name}.{field}"], entry["fields"][field] = stored_form(value, width)
         layout[name] = entry
     dtype = next(p.dtype for p in _hf_model(model).parameters() if p.is_floating_point())
     config = {

@@ -129,8 +129,9 @@ def fake_quantized(
     """Within the block, ``linears`` hold ``Q(W + delta)``; on exit the exact original ``W``.
 
     ``sizes``: a dict to fill with the stored size and effective bits per weight of the quantized
-    linears (:func:`~npft_lightning.quant.packing.encoding_size`); left empty for quantizers without
-    a stored form (activation quantization).
+    linears (:func:`~npft_lightning.quant.packing.encoding_size`), and for a ggml quantizer their size in
+    the GGUF file (:func:`~npft_lightning.quant.gguf_export.gguf_linear_size`); left empty for quantizers
+    without a stored form (activation quantization).
 
     ``deltas`` are the merged adapter updates (LoRA ``B @ A * scaling``), so the quantizer sees
     the weights a user would export; the caller disables the adapters meanwhile. The quantizer's
@@ -143,11 +144,13 @@ def fake_quantized(
                 linears[name].weight.add_(delta.to(linears[name].weight.dtype))
         _check_finite(linears, quantizer, before=True)
         if sizes is not None and quantizer.stores_weights:
+            from npft_lightning.quant.gguf_export import gguf_linear_size
             from npft_lightning.quant.packing import code_bits, encoding_size
 
             fields = quantize_encoded(model, linears, quantizer, calibration)
             n_weights = sum(linear.weight.numel() for linear in linears.values())
-            sizes.update(encoding_size(fields, code_bits(quantizer), n_weights))
+            sizes.update(encoding_size(fields, lambda name: code_bits(quantizer, name), n_weights))
+            sizes.update(gguf_linear_size(fields, {n: tuple(l.weight.shape) for n, l in linears.items()}, quantizer) or {})
             del fields
         else:
             quantizer.quantize_model(model, linears, calibration)

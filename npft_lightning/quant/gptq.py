@@ -384,6 +384,12 @@ class GPTQ(WeightQuantizer):
                 name += "_static"
         self.name = name
 
+    @property
+    def grid_name(self) -> str:
+        """The weight-local quantizer of the same grid (its ``quant`` config name): what the ``quant_error`` noise
+        can target in GPTQ's stead (GPTQ itself needs calibration activations)."""
+        return default_name("rtn", self.bits, self.group_size, self.sym)
+
     def quantize_weight(self, weight: Tensor, *, name: str | None = None) -> Tensor:
         raise NotImplementedError("GPTQ needs calibration activations: call quantize_model(model, linears, calibration)")
 

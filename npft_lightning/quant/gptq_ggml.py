@@ -159,6 +159,10 @@ class GPTQGGML(GPTQ):
         self.recorded: dict[str, dict[str, Tensor]] = {}  # canonical name -> fields of the last calibrated pass
 
     @property
+    def grid_name(self) -> str:
+        return self.twin.qtype if self.plan is None else f"llamacpp_{self.plan.file_type.lower()}"
+
+    @property
     def llama_file_type(self) -> str:
         return self.plan.file_type if self.plan is not None else self.twin.llama_file_type
 
@@ -167,6 +171,11 @@ class GPTQGGML(GPTQ):
             return self.twin.qtype, self.twin
         ggml_type = self.plan.type_of(name)
         return ggml_type, file_type_twin(ggml_type)
+
+    def code_bits_of(self, name: str) -> int:
+        """The width of the linear ``name``'s codes (a file type's tensors are of several ggml types)."""
+        _, twin = self._twin_of(name)
+        return self.bits if twin is None else twin.bits
 
     def matrix_fields(self, weight: Tensor, hessian: Tensor, keep: Tensor | None = None, name: str | None = None) -> dict[str, Tensor]:
         if keep is not None:

@@ -123,6 +123,11 @@ class LlamaCppFileType(ImportanceLookup, WeightQuantizer):
         """Canonical linear name -> ggml type, after :meth:`bind`."""
         return dict(self._types)
 
+    def code_bits_of(self, name: str) -> int:
+        """The width of the linear ``name``'s codes: its planned type's (the artefact packs each tensor at its own)."""
+        quantizer = twin(self.type_of(name))
+        return self.bits if quantizer is None else quantizer.bits
+
     def type_of(self, name: str | None) -> str:
         if name is None or name not in self._types:
             raise UserError(f"quant {self.name}: llama.cpp picks a type per tensor from the whole model, but "

@@ -4,7 +4,7 @@ other field, and the bits per weight that storage costs (what :mod:`~npft_lightn
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -114,12 +114,16 @@ def from_stored_form(stored: Tensor, meta: Mapping[str, Any], key: str) -> Tenso
     return stored.reshape(shape).to(dtype)
 
 
-def code_bits(quantizer: Any) -> int:
-    """The bit width of the quantizer's codes (a wrapper's base quantizer's)."""
+def code_bits(quantizer: Any, name: str | None = None) -> int:
+    """The bit width of the quantizer's codes (a wrapper's base quantizer's); with ``name``, of that linear's codes
+    where they differ per tensor (a llama.cpp file type's tensors are of several ggml types: ``code_bits_of``)."""
+    per_tensor = getattr(quantizer, "code_bits_of", None)
+    if name is not None and per_tensor is not None:
+        return per_tensor(name)
     if isinstance(getattr(quantizer, "bits", None), int):
         return quantizer.bits
     if getattr(quantizer, "base", None) is not None:  # a wrapper (dense-and-sparse, ReQuant): its base's codes
-        return code_bits(quantizer.base)
+        return code_bits(quantizer.base, name)
     raise ValueError(f"{type(quantizer).__name__} has no integer `bits` attribute; cannot pack its codes")
 
 
@@ -139,8 +143,11 @@ def tally_bytes(stored: list[tuple[str, int, torch.dtype]]) -> tuple[int, int, i
     return codes, meta, sparse, meta_fp32, sparse_fp32
 
 
-def encoding_size(fields: Mapping[str, Mapping[str, Tensor]], bits: int, n_weights: int) -> dict[str, float | int]:
+def encoding_size(fields: Mapping[str, Mapping[str, Tensor]], bits: int | Callable[[str], int],
+                  n_weights: int) -> dict[str, float | int]:
     """Effective bits per weight of encoded linears (canonical name -> the fields ``encode_model`` returns).
+
+    ``bits``: the width codes are packed at, or a function of the linear's name giving it (:func:`code_bits`).
 
     Each field is counted in the form :func:`save_quantized` stores it (bit-packed codes, float32 or exact
     half-precision floats, int32 positions), so ``bits_per_weight`` equals the artefact's
@@ -149,9 +156,10 @@ def encoding_size(fields: Mapping[str, Mapping[str, Tensor]], bits: int, n_weigh
     field (scales, tables, sparse values) at 2 bytes, as papers usually count fp16 scales and values.
     """
     stored = []
-    for payload in fields.values():
+    for name, payload in fields.items():
+        width = bits(name) if callable(bits) else bits
         for field, value in payload.items():
-            t, _ = stored_form(value, bits)
+            t, _ = stored_form(value, width)
             stored.append((field, t.numel() * t.element_size(), t.dtype))
     codes, meta, sparse, meta_fp32, sparse_fp32 = tally_bytes(stored)
     total = codes + meta + sparse

@@ -95,6 +95,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 if getattr(quantizer, "last_report", None):
                     reports[name] = quantizer.last_report
                 size = f", {sizes['bits_per_weight']:.3f} bits/weight" if sizes else ""
+                if "gguf_bits_per_weight" in sizes:  # what a user compares: the linears' size in the GGUF file
+                    size = f", {sizes['gguf_bits_per_weight']:.3f} bits/weight in a GGUF ({sizes['bits_per_weight']:.3f} packed)"
                 tqdm.write(f"quantized with {name} ({timings[f'quantize/{name}']:.0f} s{size})")
             for split, split_windows in windows.items():
                 split_start = time.perf_counter()
@@ -191,4 +193,7 @@ def print_eval_table(results: dict[str, dict[str, float]], bits: dict[str, dict[
         table.add_row(split, *[f"{row[n]:.3f}" for n in names], f"{row['_windows']} × {row['_tokens'] // max(row['_windows'], 1)}")
     if bits:
         table.add_row("bits/weight", *[f"{bits[n]['bits_per_weight']:.3f}" if n in bits else "—" for n in names], "")
+        if any("gguf_bits_per_weight" in b for b in bits.values()):  # a ggml type's linears in a GGUF file
+            table.add_row("GGUF bits/weight", *[f"{bits[n]['gguf_bits_per_weight']:.3f}" if "gguf_bits_per_weight" in bits.get(n, {})
+                                                else "—" for n in names], "")
     Console().print(table)
