@@ -274,3 +274,14 @@ def test_gptq_llamacpp_reuses_the_study_cells_windows_and_pairs_with_the_control
     assert wiki["gap_closed"] == pytest.approx({"Q4_0": 0.0, "Q4_0+imatrix": 0.5, "gptq_q4_0": 0.75})
     assert python["ppl"]["gptq_q4_0"] == 12.5 and python["gap_closed"]["gptq_q4_0"] == pytest.approx((15 - 12.5) / 4)
     assert "| control | 0 | Q4_0 | 10.000 | 14.000 (+0.00) | 12.000 (+0.50) | 11.000 (+0.75) | 0.9900 |" in gptq_llamacpp.render([row], "cmd")
+    assert "Over seeds" not in gptq_llamacpp.render([row], "cmd")  # one seed: no summary
+    # a second seed where the GPTQ file loses: mean and sample sd of the gap closed, 1 of 2 better
+    worse = {"gguf": {"gptq_q4_0": {"bytes": 99, "ppl": 12.2, "ppl_ratio": 1.0}}, "ppl": {"test": {"gptq_q4_0": 13.0}}}
+    rows = [row, gptq_llamacpp.row_of("control", 1, "gptq_q4_0", worse, control, control)]
+    (summary,) = gptq_llamacpp.seed_summary(rows, "validation")
+    assert summary["seeds"] == [0, 1] and summary["gptq_better"] == 1
+    assert summary["gptq"] == pytest.approx((0.6, 0.3 / 2**0.5)) and summary["imatrix"] == pytest.approx((0.5, 0.0))
+    assert "| control | Q4_0 | 0, 1 | 0.50 ± 0.00 | 0.60 ± 0.21 | 1 of 2 |" in gptq_llamacpp.render(rows, "cmd")
+    better = {"gguf": {"gptq_q4_0": {"bytes": 99, "ppl": 11.5, "ppl_ratio": 1.0}}, "ppl": {"test": {"gptq_q4_0": 13.0}}}
+    (summary,) = gptq_llamacpp.seed_summary([row, gptq_llamacpp.row_of("control", 2, "gptq_q4_0", better, control, control)], "validation")
+    assert summary["gptq_better"] == 2
