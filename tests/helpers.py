@@ -494,7 +494,9 @@ def assert_gguf_reads_back(model: nn.Module, quantizer, path: Path, calibration:
         leaf = ".".join(name.split(".")[3:])
         gguf_name = f"blk.{block}.{GGUF_LINEAR_NAMES[leaf]}.weight"
         stored = weights[gguf_name]
-        if leaf == "self_attn.q_proj":
+        if cfg.model_type != "llama":
+            pass  # gemma3: llama.cpp's NEOX-style rope reads q / k rows as they are
+        elif leaf == "self_attn.q_proj":
             stored = unpermute_rows(stored, cfg.num_attention_heads)
         elif leaf == "self_attn.k_proj":
             stored = unpermute_rows(stored, cfg.num_key_value_heads)

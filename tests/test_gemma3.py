@@ -17,7 +17,12 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
-from helpers import assert_export_exact, last_block_output, make_tiny_gemma3
+from helpers import (
+    assert_export_exact,
+    assert_gguf_reads_back,
+    last_block_output,
+    make_tiny_gemma3,
+)
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
@@ -181,6 +186,27 @@ def test_gguf_reads_back_to_the_fake_quant_weights(qtype: str, tmp_path: Path) -
     assert _field(reader, "gemma3.rope.freq_base") == cfg.rope_parameters["full_attention"]["rope_theta"]
     assert _field(reader, "gemma3.rope.freq_base_swa") == cfg.rope_parameters["sliding_attention"]["rope_theta"]
     assert "gemma3.final_logit_softcapping" not in reader.fields
+
+
+@pytest.mark.parametrize("file_type", ["Q4_K_M", pytest.param("IQ4_XS", marks=pytest.mark.slow)])
+def test_file_types_and_gptq_on_their_grids_write_the_planned_types(file_type: str, tmp_path: Path) -> None:
+    """A llama.cpp file type on Gemma 3 (its plan is llama.cpp's: test_plan_matches_llama_cpp_on_gemma3): the fake-quant
+    twin and GPTQ on the file's grids write each decoder linear in its planned type (K-quants, the more-bits layers),
+    and the file dequantizes to the fake-quant weights bit for bit, at the size the validation reports."""
+    from npft_lightning.lm.models import build_tiny_model
+    from npft_lightning.quant.gptq_ggml import GPTQGGML
+    from npft_lightning.quant.importance import gguf_weight_name
+    from npft_lightning.quant.llamacpp_filetype import LlamaCppFileType
+
+    model = build_tiny_model(arch="gemma3", hidden_size=256, intermediate_size=256, num_layers=4, num_heads=4,
+                             num_kv_heads=1, max_position_embeddings=256, seed=0).eval()
+    plan = {gguf_weight_name(n): t for n, t in LlamaCppFileType(file_type).with_importance({}).bind(decoder_linears(model)).types.items()}
+    assert len(set(plan.values())) > 1  # e.g. Q4_K_M: q4_k and the more-bits layers' q6_k
+    gptq = GPTQGGML(file_type=file_type, batch_size=2)
+    assert assert_gguf_reads_back(model, gptq, tmp_path / "gptq.gguf", calibration=_windows(4, 64)) == plan
+    twin = LlamaCppFileType(file_type)  # without an importance matrix: llama.cpp's plain plan
+    written = assert_gguf_reads_back(model, twin, tmp_path / "twin.gguf")
+    assert written == {gguf_weight_name(n): t for n, t in twin.bind(decoder_linears(model)).types.items()}
 
 
 @pytest.mark.parametrize("change, message", [

@@ -152,6 +152,34 @@ def test_plan_matches_the_file_llama_cpp_writes(tmp_path: Path, dims) -> None:
                 assert decoder <= set(linear_types(file_type)), (file_type, with_imatrix, decoder)
 
 
+@pytest.mark.parametrize("dims", [(8, 256, 256, 4, 1), (4, 96, 256, 3, 1)], ids=["k-quants", "fallbacks"])
+def test_plan_matches_llama_cpp_on_gemma3(tmp_path: Path, dims) -> None:
+    """Gemma 3 (the second model family): llama.cpp's rules have no gemma3 case, and the plan of its decoder linears
+    (LlamaCppFileType.bind on the model) is what llama_model_quantize writes for its GGUF, for every file type."""
+    from npft_lightning.lm.models import ByteTokenizer, build_tiny_model
+    from npft_lightning.quant.gguf_export import BYTES, write_gguf
+    from npft_lightning.quant.llamacpp_filetype import FILE_TYPES as TWIN_FILE_TYPES
+    from npft_lightning.quant.llamacpp_filetype import llama_model_shape
+
+    n_layer, hidden, ffn, heads, kv_heads = dims
+    model = build_tiny_model(arch="gemma3", hidden_size=hidden, intermediate_size=ffn, num_layers=n_layer, num_heads=heads,
+                             num_kv_heads=kv_heads, max_position_embeddings=256, seed=0)
+    src = tmp_path / "gemma3-f16.gguf"
+    write_gguf(model, ByteTokenizer(), "f16", src, BYTES)
+    linears = decoder_linears(model)
+    shape = llama_model_shape(linears)
+    for file_type in FILE_TYPES:
+        for with_imatrix in (False, True):
+            written = _assert_plan_matches(src, tmp_path / "out.gguf", file_type, shape, with_imatrix)
+            if file_type not in TWIN_FILE_TYPES:
+                continue  # Q2_K: no fake-quant twin
+            quantizer = LlamaCppFileType(file_type)
+            if with_imatrix:
+                quantizer.with_importance({})
+            planned = {gguf_weight_name(n): t for n, t in quantizer.bind(linears).types.items()}
+            assert planned == {name: written[name] for name in planned}, (file_type, with_imatrix)
+
+
 def test_plan_uses_more_bits_and_falls_back_as_documented() -> None:
     """The Q4_K_M rules the plan follows, on a 32-layer model with 4096 features and one with 576 (SmolLM2)."""
     def plan(hidden: int, file_type: str = "Q4_K_M", imatrix: bool = False) -> dict[str, str]:

@@ -50,12 +50,13 @@ def check_file_type(file_type: str) -> str:
 
 
 def llama_model_shape(linears: Mapping[str, nn.Linear]) -> ModelShape:
-    """The :class:`ModelShape` of a llama model from its decoder linears (canonical names)."""
+    """The :class:`ModelShape` of a llama or Gemma 3 model from its decoder linears (canonical names; llama.cpp's rules
+    have no gemma3 case, and its files of tiny Gemma 3 models follow the same plan: tests/test_llamacpp_filetype.py)."""
     for name in linears:
         try:
             gguf_weight_name(name)
         except ValueError:
-            raise UserError(f"a llama.cpp file type plans the tensors of a llama-architecture model, but the layer {name} "
+            raise UserError(f"a llama.cpp file type plans the tensors of a llama or gemma3 model, but the layer {name} "
                             f"has no llama GGUF name; use a single ggml type (e.g. quant=q4_0) for this model") from None
     n_layer = 1 + max(block_index(name) for name in linears)
     q = next((l for n, l in linears.items() if n.endswith("q_proj")), None)
