@@ -130,7 +130,7 @@ def fake_quantized(
 
     ``sizes``: a dict to fill with the stored size and effective bits per weight of the quantized
     linears (:func:`~npft_lightning.quant.packing.encoding_size`), and for a ggml quantizer their size in
-    the GGUF file (:func:`~npft_lightning.quant.gguf_export.gguf_linear_size`); left empty for quantizers
+    the GGUF file (:func:`~npft_lightning.quant.packing.gguf_linear_size`); left empty for quantizers
     without a stored form (activation quantization).
 
     ``deltas`` are the merged adapter updates (LoRA ``B @ A * scaling``), so the quantizer sees
@@ -144,8 +144,11 @@ def fake_quantized(
                 linears[name].weight.add_(delta.to(linears[name].weight.dtype))
         _check_finite(linears, quantizer, before=True)
         if sizes is not None and quantizer.stores_weights:
-            from npft_lightning.quant.gguf_export import gguf_linear_size
-            from npft_lightning.quant.packing import code_bits, encoding_size
+            from npft_lightning.quant.packing import (
+                code_bits,
+                encoding_size,
+                gguf_linear_size,
+            )
 
             fields = quantize_encoded(model, linears, quantizer, calibration)
             n_weights = sum(linear.weight.numel() for linear in linears.values())

@@ -40,7 +40,7 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -309,32 +309,6 @@ def gguf_linear_names(model: nn.Module) -> dict[str, str]:
 def writes_gguf(quantizer: Any) -> bool:
     """Whether ``quantizer`` gives the GGUF tensor of a weight (a ggml type's twin, a llama.cpp file type)."""
     return callable(getattr(quantizer, "gguf_tensor", None))
-
-
-def gguf_linear_size(fields: Mapping[str, Mapping[str, Tensor]], shapes: Mapping[str, tuple[int, int]],
-                     quantizer: Any) -> dict[str, float | int] | None:
-    """Bytes and bits per weight of the decoder linears in the GGUF file ``gguf_out=`` writes of ``fields``
-    (canonical name -> encoded fields; each tensor's ggml type: its ``ggml_type`` field, else the quantizer's one
-    ``qtype``), by llama.cpp's block sizes; None for a quantizer without a ggml layout."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    if not writes_gguf(quantizer):
-        return None
-    total = weights = 0
-    for name, payload in fields.items():
-        if "ggml_type" in payload:
-            ggml_type = GGMLQuantizationType(int(payload["ggml_type"][0]))
-        elif isinstance(getattr(quantizer, "qtype", None), str):
-            ggml_type = GGMLQuantizationType[quantizer.qtype.upper()]
-        else:
-            return None
-        block, block_bytes = GGML_QUANT_SIZES[ggml_type]
-        rows, cols = shapes[name]
-        if cols % block:
-            return None  # no GGUF of this type holds the tensor (the export says so)
-        total += rows * (cols // block) * block_bytes
-        weights += rows * cols
-    return {"gguf_linear_bytes": total, "gguf_bits_per_weight": 8 * total / weights if weights else 0.0}
 
 
 def gguf_tensors(model: nn.Module, quantizer: Any) -> dict[str, tuple[np.ndarray, Any]]:

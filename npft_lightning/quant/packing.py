@@ -171,3 +171,29 @@ def encoding_size(fields: Mapping[str, Mapping[str, Tensor]], bits: int | Callab
         "bits_per_weight": 8 * total / n_weights if n_weights else 0.0,
         "bits_per_weight_16bit_floats": 8 * (total - (meta_fp32 + sparse_fp32) // 2) / n_weights if n_weights else 0.0,
     }
+
+
+def gguf_linear_size(fields: Mapping[str, Mapping[str, Tensor]], shapes: Mapping[str, tuple[int, int]],
+                     quantizer: Any) -> dict[str, float | int] | None:
+    """Bytes and bits per weight of the decoder linears in the GGUF file ``gguf_out=`` writes of ``fields``
+    (canonical name -> encoded fields; each tensor's ggml type: its ``ggml_type`` field, else the quantizer's one
+    ``qtype``), by llama.cpp's block sizes; None for a quantizer without a ggml layout."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    if not callable(getattr(quantizer, "gguf_tensor", None)):  # gguf_export.writes_gguf
+        return None
+    total = weights = 0
+    for name, payload in fields.items():
+        if "ggml_type" in payload:
+            ggml_type = GGMLQuantizationType(int(payload["ggml_type"][0]))
+        elif isinstance(getattr(quantizer, "qtype", None), str):
+            ggml_type = GGMLQuantizationType[quantizer.qtype.upper()]
+        else:
+            return None
+        block, block_bytes = GGML_QUANT_SIZES[ggml_type]
+        rows, cols = shapes[name]
+        if cols % block:
+            return None  # no GGUF of this type holds the tensor (the export says so)
+        total += rows * (cols // block) * block_bytes
+        weights += rows * cols
+    return {"gguf_linear_bytes": total, "gguf_bits_per_weight": 8 * total / weights if weights else 0.0}
