@@ -35,6 +35,7 @@ The parts: study.py (plan, resume, lock, subprocess cells), study_corpora.py (th
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import statistics
 import sys
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", default="docs/bench/llamacpp_study.png", help="gap closed per file type and row")
     parser.add_argument("--finished-only", action="store_true",
                         help="run nothing: write the tables and plot of the cells finished so far (a partial study)")
+    parser.add_argument("--carry-json", default=None, metavar="JSON",
+                        help="an earlier result of this study (e.g. docs/bench/llamacpp_study.json): its cells of --rows / --seeds that "
+                             "--study-dir has not finished are carried into the tables (same settings only), so a fresh machine keeps them")
     return parser
 
 
@@ -158,6 +162,40 @@ def file_sizes(files: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[st
                     "cells": len(rs)} for label, rs in reports.items()}
 
 
+# Settings under which two results' cells are the same measurement (the eval overrides such as threads are not).
+CARRIED_SETTINGS = ("model", "columns", "max_eval_windows", "calib_windows", "eval_seq_len", "steps", "overrides", "train_overrides")
+
+
+def carry_cells(path: Path, args: argparse.Namespace, split_of_corpus: dict[str, str], cells: dict[str, dict[str, Any]],
+                files: dict[str, dict[str, Any]], corpora: dict[str, dict[str, Any]]) -> list[str]:
+    """Adds to ``cells`` / ``files`` the cells of an earlier result that this run did not finish, for its rows and
+    seeds; returns them as ``row:seed``. The earlier result must have been measured with the same settings."""
+    try:
+        earlier = json.loads(path.read_text())
+        settings, earlier_cells = earlier["settings"], earlier["cells"]
+    except (OSError, ValueError, KeyError) as err:
+        raise StudyError(f"--carry-json {path}: not a result of this study ({err}); give the JSON it wrote (--out-json)") from None
+    ours = {key: getattr(args, key) for key in CARRIED_SETTINGS}
+    differ = [f"{key} {settings.get(key)!r} (here {ours[key]!r})" for key in CARRIED_SETTINGS if settings.get(key) != ours[key]]
+    if earlier.get("eval_split_of_corpus") != split_of_corpus:
+        differ.append(f"corpora {earlier.get('eval_split_of_corpus')!r} (here {split_of_corpus!r})")
+    if differ:
+        raise StudyError(f"--carry-json {path}: its cells were measured with other settings: {'; '.join(differ)}; "
+                         "carry only a result of the same settings")
+    carried = []
+    for row in args.rows:
+        wanted = ["-"] if ROWS[row] is None else [str(seed) for seed in args.seeds]
+        for seed_key in wanted:
+            if seed_key in earlier_cells.get(row, {}) and seed_key not in cells.get(row, {}):
+                cells.setdefault(row, {})[seed_key] = earlier_cells[row][seed_key]
+                files.setdefault(row, {})[seed_key] = earlier["files"][row][seed_key]
+                carried.append(f"{row}:{seed_key}")
+    for corpus, info in corpora.items():
+        if "tokens" not in info and "tokens" in earlier.get("corpora", {}).get(corpus, {}):
+            info["tokens"] = earlier["corpora"][corpus]["tokens"]
+    return carried
+
+
 def study(args: argparse.Namespace, argv: list[str]) -> int:
     from npft_lightning.core.env import default_cache_dir
     from npft_lightning.core.errors import UserError
@@ -187,12 +225,16 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
     if args.dry_run:
         return 0
     print_outcome(ran, skipped, failures)
+    carried = carry_cells(Path(args.carry_json), args, split_of_corpus, cells, files, corpora) if args.carry_json else []
+    if carried:
+        print(f"carried from {args.carry_json}: {', '.join(carried)}")
     reduced = (args.rows != STUDY_ROWS or args.seeds != SEEDS or args.columns != COLUMNS or args.max_eval_windows < WINDOWS
                or args.calib_windows is not None or args.steps is not None or args.corpora != DEFAULT_CORPORA)
     settings = {"model": args.model, "rows": args.rows, "seeds": args.seeds, "columns": args.columns, "steps": args.steps,
                 "max_eval_windows": args.max_eval_windows, "calib_windows": args.calib_windows, "eval_seq_len": args.eval_seq_len,
                 "overrides": args.overrides, "train_overrides": args.train_overrides, "eval_overrides": args.eval_overrides,
-                "runs": args.runs, "reused_runs": args.reuse, "reduced": reduced}
+                "runs": args.runs, "reused_runs": args.reuse, "reduced": reduced,
+                "carried": {"from": args.carry_json, "cells": carried} if carried else None}
     result = {
         "bench": "llamacpp_study", "date": date.today().isoformat(), "machine": machine(),
         "command": "python bench/llamacpp_study.py " + shlex.join(argv),

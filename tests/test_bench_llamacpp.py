@@ -154,6 +154,34 @@ def test_study_resumes_and_derives_from_its_cells(tmp_path, monkeypatch, capsys)
     assert len(list((tmp_path / "study").rglob("m-F32.gguf"))) == 3
 
 
+def test_cells_of_an_earlier_result_are_carried_to_a_fresh_study_folder(tmp_path, monkeypatch, capsys):
+    """A fresh machine has no study folder: --carry-json keeps the committed result's cells (same settings only)."""
+    import shutil
+
+    fake = FakeCells()
+    monkeypatch.setattr(study, "run_cell", fake)
+    assert llamacpp_study.main(_args(tmp_path)) == 0
+    earlier = json.loads((tmp_path / "l.json").read_text())
+    shutil.copy(tmp_path / "l.json", tmp_path / "earlier.json")
+    shutil.rmtree(tmp_path / "study")
+    fake.commands.clear()
+    assert llamacpp_study.main([*_args(tmp_path), "--finished-only", "--carry-json", str(tmp_path / "earlier.json")]) == 0
+    assert fake.commands == [] and "carried from" in capsys.readouterr().out
+    result = json.loads((tmp_path / "l.json").read_text())
+    assert result["cells"] == earlier["cells"] and result["aggregate"] == earlier["aggregate"]
+    assert result["settings"]["carried"]["cells"] == ["pretrained:-", "control:0", "default:0"]
+    assert "carried from `" in (tmp_path / "l.md").read_text()
+    # a cell measured here wins over the carried one; only the rows and seeds asked for are carried
+    assert llamacpp_study.main([*_args(tmp_path), "--rows", "pretrained", "control", "--carry-json", str(tmp_path / "earlier.json")]) == 0
+    assert [c[1] for c in fake.commands] == ["eval.py", "train.py", "eval.py"]
+    result = json.loads((tmp_path / "l.json").read_text())
+    assert set(result["cells"]) == {"pretrained", "control"} and result["settings"]["carried"] is None
+    # cells of other settings are not the same measurement: one line, exit 2
+    assert llamacpp_study.main([*_args(tmp_path), "--max-eval-windows", "4", "--finished-only",
+                                "--carry-json", str(tmp_path / "earlier.json")]) == 2
+    assert "its cells were measured with other settings: max_eval_windows 8 (here 4)" in capsys.readouterr().err
+
+
 def test_runs_of_a_training_queue_are_used_waited_for_or_refused(tmp_path, monkeypatch, capsys):
     fake = FakeCells()
     monkeypatch.setattr(study, "run_cell", fake)
@@ -285,3 +313,29 @@ def test_gptq_llamacpp_reuses_the_study_cells_windows_and_pairs_with_the_control
     better = {"gguf": {"gptq_q4_0": {"bytes": 99, "ppl": 11.5, "ppl_ratio": 1.0}}, "ppl": {"test": {"gptq_q4_0": 13.0}}}
     (summary,) = gptq_llamacpp.seed_summary([row, gptq_llamacpp.row_of("control", 2, "gptq_q4_0", better, control, control)], "validation")
     assert summary["gptq_better"] == 2
+
+
+def test_gptq_llamacpp_on_a_fresh_machine_pairs_with_the_study_json_and_carries_earlier_rows(tmp_path, capsys):
+    """No study folders: the control's files come from the llama.cpp study's JSON, earlier rows from the bench's own."""
+    study_json = {"eval_split_of_corpus": {"wiki": "validation", "pydoc": "test"},
+                  "cells": {"control": {"0": {"wiki": {"F32": 10.0, "Q4_0": 14.0, "Q4_0+imatrix": 12.0, "fp_pytorch": 10.0},
+                                              "pydoc": {"F32": 11.0, "Q4_0": 15.0, "Q4_0+imatrix": 13.0, "fp_pytorch": 11.0}}}},
+                  "files": {"control": {"0": {"F32": {"bytes": 400}, "Q4_0": {"bytes": 100}, "Q4_0+imatrix": {"bytes": 101}}}}}
+    control = gptq_llamacpp.cell_from_study_json(study_json, "control", 0)
+    assert control["llamacpp"]["Q4_0+imatrix"] == {"bytes": 101, "splits": {"validation": {"ppl": 12.0}, "test": {"ppl": 13.0}}}
+    assert gptq_llamacpp.cell_from_study_json(study_json, "control", 1) is None
+    gptq = {"gguf": {"gptq_q4_0": {"bytes": 99, "ppl": 11.0, "ppl_ratio": 1.0}}, "ppl": {"test": {"gptq_q4_0": 12.0}}}
+    row = gptq_llamacpp.row_of("mixed_q4_0", 0, "gptq_q4_0", gptq, control, control)
+    assert row["corpora"]["validation"]["gap_closed"]["gptq_q4_0"] == pytest.approx(0.75)
+    assert row["corpora"]["test"]["gap_closed"]["gptq_q4_0"] == pytest.approx(0.75)
+
+    (tmp_path / "earlier.json").write_text(json.dumps({"rows": [row]}))
+    (tmp_path / "study.json").write_text(json.dumps(study_json))
+    args = ["--cells", "mixed_q4_0:gptq_q4_0", "control:gptq_q4_0", "--seeds", "0", "--llamacpp-study", str(tmp_path / "none"),
+            "--study-dir", str(tmp_path / "gptq"), "--out-json", str(tmp_path / "g.json"), "--results-md", str(tmp_path / "g.md"),
+            "--finished-only", "--carry-json", str(tmp_path / "earlier.json"), "--llamacpp-json", str(tmp_path / "study.json")]
+    assert gptq_llamacpp.main(args) == 0
+    assert "skipped control:gptq_q4_0 seed 0" in capsys.readouterr().out  # no cell of its own to run it from
+    result = json.loads((tmp_path / "g.json").read_text())
+    assert result["rows"] == [row] and result["carried"] == ["mixed_q4_0:gptq_q4_0 seed 0"]
+    assert "carried from the previous result: mixed_q4_0:gptq_q4_0 seed 0" in (tmp_path / "g.md").read_text()
