@@ -41,8 +41,9 @@ def render_markdown(result: dict[str, Any]) -> str:
                  f"imatrix on {s['calib_windows'] or 'conf/calibration default'} calibration windows of the Wikipedia train split. "
                  "Every file is made by llama.cpp's quantizer from the merged model's F32 GGUF and scored by llama.cpp's forward "
                  "(PPL of every token); mean ± std over seeds (no ± with one seed).")
-    if carried := s.get("carried"):
-        lines += ["", f"Cells measured earlier, carried from `{carried['from']}` (the same settings): {', '.join(carried['cells'])}."]
+    if merged := s.get("merged"):
+        lines += ["", "With the cells of earlier runs measured the same way (a cell measured here wins), from:", "",
+                  *[f"- `{m['json']}`: `{m['command']}`" for m in merged]]
     sizes = result.get("file_sizes", {})
     if sizes:
         lines += ["", "Files (mean over the cells; tokens/s: median, on shared CPU cores, not a speed comparison):", ""]

@@ -18,11 +18,13 @@ domain). Derived (paired by seed with the control): gap closed at each file type
 control's file of the same type with an imatrix, what the imatrix adds to each row, the unquantized cost.
 
 Every cell is a train.py / eval.py subprocess writing into --study-dir; a finished cell is never run again, so an
-interrupted study resumes. The GGUF files of a cell are deleted once its metrics are in (--keep-gguf keeps them).
+interrupted study resumes; --merge joins an earlier result's cells (its JSON), so a study goes on in another folder or
+on another machine. The GGUF files of a cell are deleted once its metrics are in (--keep-gguf keeps them).
 
     python bench/llamacpp_study.py                                   # the full study (days on a CPU)
     python bench/llamacpp_study.py --rows pretrained control --seeds 0 --runs /work/study/llamacpp/train --no-train
     python bench/llamacpp_study.py --finished-only                   # the tables of the cells finished so far
+    python bench/llamacpp_study.py --rows mixed_q4_k --seeds 1 --merge docs/bench/llamacpp_study.json   # add to the result
 
 ``--runs DIR`` uses the runs a training queue makes in DIR/<row>_s<seed> (their config is checked like --reuse's;
 one still without metrics.json is waited for: its evals are left out this time); other runs are trained in the
@@ -58,6 +60,7 @@ from llamacpp_rows import (
 )
 from study import (
     add_study_arguments,
+    merge_cells,
     parse_reuse,
     print_outcome,
     run_plan,
@@ -94,9 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", default="docs/bench/llamacpp_study.png", help="gap closed per file type and row")
     parser.add_argument("--finished-only", action="store_true",
                         help="run nothing: write the tables and plot of the cells finished so far (a partial study)")
-    parser.add_argument("--carry-json", default=None, metavar="JSON",
-                        help="an earlier result of this study (e.g. docs/bench/llamacpp_study.json): its cells of --rows / --seeds that "
-                             "--study-dir has not finished are carried into the tables (same settings only), so a fresh machine keeps them")
+    parser.add_argument("--merge", action="append", default=[], metavar="JSON",
+                        help="an earlier result of this study (its --out-json, e.g. docs/bench/llamacpp_study.json) measured the same "
+                             "way: its cells join this run's tables (a cell finished here wins), so a study goes on in another folder or session")
     return parser
 
 
@@ -162,38 +165,25 @@ def file_sizes(files: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[st
                     "cells": len(rs)} for label, rs in reports.items()}
 
 
-# Settings under which two results' cells are the same measurement (the eval overrides such as threads are not).
-CARRIED_SETTINGS = ("model", "columns", "max_eval_windows", "calib_windows", "eval_seq_len", "steps", "overrides", "train_overrides")
+# Settings under which two results' cells are the same measurement (eval overrides such as llama.cpp's threads are not).
+MERGE_SETTINGS = ("model", "columns", "max_eval_windows", "calib_windows", "eval_seq_len", "steps", "overrides", "train_overrides")
 
 
-def carry_cells(path: Path, args: argparse.Namespace, split_of_corpus: dict[str, str], cells: dict[str, dict[str, Any]],
-                files: dict[str, dict[str, Any]], corpora: dict[str, dict[str, Any]]) -> list[str]:
-    """Adds to ``cells`` / ``files`` the cells of an earlier result that this run did not finish, for its rows and
-    seeds; returns them as ``row:seed``. The earlier result must have been measured with the same settings."""
+def load_earlier(path: Path, settings: dict[str, Any], split_of_corpus: dict[str, str]) -> dict[str, Any]:
+    """An earlier result of this study (its --out-json), checked to be measured like this one."""
     try:
-        earlier = json.loads(path.read_text())
-        settings, earlier_cells = earlier["settings"], earlier["cells"]
-    except (OSError, ValueError, KeyError) as err:
-        raise StudyError(f"--carry-json {path}: not a result of this study ({err}); give the JSON it wrote (--out-json)") from None
-    ours = {key: getattr(args, key) for key in CARRIED_SETTINGS}
-    differ = [f"{key} {settings.get(key)!r} (here {ours[key]!r})" for key in CARRIED_SETTINGS if settings.get(key) != ours[key]]
-    if earlier.get("eval_split_of_corpus") != split_of_corpus:
-        differ.append(f"corpora {earlier.get('eval_split_of_corpus')!r} (here {split_of_corpus!r})")
+        other = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise StudyError(f"--merge {path}: cannot read it ({err}); give the --out-json of an earlier bench/llamacpp_study.py run") from None
+    if not isinstance(other, dict) or other.get("bench") != "llamacpp_study" or not isinstance(other.get("cells"), dict):
+        raise StudyError(f"--merge {path}: not a llama.cpp study's JSON (no bench=llamacpp_study with cells); give an earlier --out-json")
+    theirs = other.get("settings", {})
+    differ = [f"{key} {theirs.get(key)!r} (here {settings[key]!r})" for key in MERGE_SETTINGS if theirs.get(key) != settings[key]]
+    if other.get("eval_split_of_corpus") != split_of_corpus:
+        differ.append(f"corpora {other.get('eval_split_of_corpus')!r} (here {split_of_corpus!r})")
     if differ:
-        raise StudyError(f"--carry-json {path}: its cells were measured with other settings: {'; '.join(differ)}; "
-                         "carry only a result of the same settings")
-    carried = []
-    for row in args.rows:
-        wanted = ["-"] if ROWS[row] is None else [str(seed) for seed in args.seeds]
-        for seed_key in wanted:
-            if seed_key in earlier_cells.get(row, {}) and seed_key not in cells.get(row, {}):
-                cells.setdefault(row, {})[seed_key] = earlier_cells[row][seed_key]
-                files.setdefault(row, {})[seed_key] = earlier["files"][row][seed_key]
-                carried.append(f"{row}:{seed_key}")
-    for corpus, info in corpora.items():
-        if "tokens" not in info and "tokens" in earlier.get("corpora", {}).get(corpus, {}):
-            info["tokens"] = earlier["corpora"][corpus]["tokens"]
-    return carried
+        raise StudyError(f"--merge {path}: measured another way: {'; '.join(differ)}; only results measured the same way share a table")
+    return other
 
 
 def study(args: argparse.Namespace, argv: list[str]) -> int:
@@ -225,23 +215,33 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
     if args.dry_run:
         return 0
     print_outcome(ran, skipped, failures)
-    carried = carry_cells(Path(args.carry_json), args, split_of_corpus, cells, files, corpora) if args.carry_json else []
-    if carried:
-        print(f"carried from {args.carry_json}: {', '.join(carried)}")
     reduced = (args.rows != STUDY_ROWS or args.seeds != SEEDS or args.columns != COLUMNS or args.max_eval_windows < WINDOWS
                or args.calib_windows is not None or args.steps is not None or args.corpora != DEFAULT_CORPORA)
     settings = {"model": args.model, "rows": args.rows, "seeds": args.seeds, "columns": args.columns, "steps": args.steps,
                 "max_eval_windows": args.max_eval_windows, "calib_windows": args.calib_windows, "eval_seq_len": args.eval_seq_len,
                 "overrides": args.overrides, "train_overrides": args.train_overrides, "eval_overrides": args.eval_overrides,
-                "runs": args.runs, "reused_runs": args.reuse, "reduced": reduced,
-                "carried": {"from": args.carry_json, "cells": carried} if carried else None}
+                "runs": args.runs, "reused_runs": args.reuse, "reduced": reduced}
+    rows = list(args.rows)
+    if args.merge:
+        others = [load_earlier(study_path(p), settings, split_of_corpus) for p in args.merge]
+        for other in others:
+            cells, files = merge_cells(cells, other["cells"]), merge_cells(files, other.get("files", {}))
+            for corpus, info in corpora.items():
+                info.setdefault("tokens", other.get("corpora", {}).get(corpus, {}).get("tokens"))
+        rows += [r for other in others for r in other["settings"].get("rows", []) if r not in rows and r in cells]
+        # provenance: every command whose cells are in the tables, through merges of merges
+        settings["merged"] = [entry for p, other in zip(args.merge, others)
+                              for entry in [*other["settings"].get("merged", []), {"json": str(p), "command": other.get("command", "")}]]
+        # the settings describe the merged tables: every row and seed in them
+        settings["rows"] = rows
+        settings["seeds"] = sorted({int(seed) for seeds in cells.values() for seed in seeds if seed != "-"} | set(args.seeds))
     result = {
         "bench": "llamacpp_study", "date": date.today().isoformat(), "machine": machine(),
         "command": "python bench/llamacpp_study.py " + shlex.join(argv),
         "settings": settings, "corpora": corpora, "eval_split_of_corpus": split_of_corpus,
-        "cells": {row: cells[row] for row in args.rows if row in cells},
+        "cells": {row: cells[row] for row in rows if row in cells},
         "files": files, "file_sizes": file_sizes(files),
-        "aggregate": aggregate({row: cells[row] for row in args.rows if row in cells}, args.columns),
+        "aggregate": aggregate({row: cells[row] for row in rows if row in cells}, args.columns),
         "failures": failures,
     }
     write_json(study_path(args.out_json), result)

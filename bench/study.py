@@ -285,15 +285,21 @@ def load_merged_study(path: Path, settings: dict[str, Any], corpora: list[str]) 
 def merge_studies(cells: dict[str, Any], timing: dict[str, Any], others: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
     """This study's cells and step clocks plus those of ``others`` for the (row, seed) pairs this study lacks:
     a cell measured here wins over an earlier copy of it."""
-    cells = {k: dict(v) for k, v in cells.items()}
-    timing = {k: dict(v) for k, v in timing.items()}
     for other in others:
         steps = other.get("settings", {}).get("steps")
-        for mine, theirs in ((cells, keyed_by_steps(other["cells"], steps)), (timing, keyed_by_steps(other.get("timing", {}), steps))):
-            for key, seeds in theirs.items():
-                for seed, value in seeds.items():
-                    mine.setdefault(key, {}).setdefault(seed, value)
+        cells = merge_cells(cells, keyed_by_steps(other["cells"], steps))
+        timing = merge_cells(timing, keyed_by_steps(other.get("timing", {}), steps))
     return cells, timing
+
+
+def merge_cells(mine: dict[str, dict[str, Any]], theirs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``mine`` (row -> seed -> value) plus the (row, seed) entries of ``theirs`` that it lacks: a cell measured here
+    wins over an earlier copy of it."""
+    merged = {k: dict(v) for k, v in mine.items()}
+    for key, seeds in theirs.items():
+        for seed, value in seeds.items():
+            merged.setdefault(key, {}).setdefault(seed, value)
+    return merged
 
 
 # --------------------------------------------------------------------------------------------

@@ -154,8 +154,8 @@ def test_study_resumes_and_derives_from_its_cells(tmp_path, monkeypatch, capsys)
     assert len(list((tmp_path / "study").rglob("m-F32.gguf"))) == 3
 
 
-def test_cells_of_an_earlier_result_are_carried_to_a_fresh_study_folder(tmp_path, monkeypatch, capsys):
-    """A fresh machine has no study folder: --carry-json keeps the committed result's cells (same settings only)."""
+def test_an_earlier_result_merges_into_a_fresh_study_folder(tmp_path, monkeypatch, capsys):
+    """A fresh machine has no study folder: --merge keeps the committed result's cells (measured the same way only)."""
     import shutil
 
     fake = FakeCells()
@@ -165,21 +165,23 @@ def test_cells_of_an_earlier_result_are_carried_to_a_fresh_study_folder(tmp_path
     shutil.copy(tmp_path / "l.json", tmp_path / "earlier.json")
     shutil.rmtree(tmp_path / "study")
     fake.commands.clear()
-    assert llamacpp_study.main([*_args(tmp_path), "--finished-only", "--carry-json", str(tmp_path / "earlier.json")]) == 0
-    assert fake.commands == [] and "carried from" in capsys.readouterr().out
+    merge = ["--merge", str(tmp_path / "earlier.json")]
+    assert llamacpp_study.main([*_args(tmp_path), "--finished-only", *merge]) == 0
+    assert fake.commands == []
     result = json.loads((tmp_path / "l.json").read_text())
     assert result["cells"] == earlier["cells"] and result["aggregate"] == earlier["aggregate"]
-    assert result["settings"]["carried"]["cells"] == ["pretrained:-", "control:0", "default:0"]
-    assert "carried from `" in (tmp_path / "l.md").read_text()
-    # a cell measured here wins over the carried one; only the rows and seeds asked for are carried
-    assert llamacpp_study.main([*_args(tmp_path), "--rows", "pretrained", "control", "--carry-json", str(tmp_path / "earlier.json")]) == 0
-    assert [c[1] for c in fake.commands] == ["eval.py", "train.py", "eval.py"]
+    assert result["settings"]["merged"] == [{"json": str(tmp_path / "earlier.json"), "command": earlier["command"]}]
+    assert f"- `{tmp_path / 'earlier.json'}`: `python bench/llamacpp_study.py" in (tmp_path / "l.md").read_text()
+    # new seeds of one row join the earlier rows; a cell measured here wins over the earlier copy
+    monkeypatch.setitem(FAKE_PPL, "default", (10.0, 12.5, 11.5, 10.1))
+    assert llamacpp_study.main([*_args(tmp_path), "--rows", "default", "--seeds", "0", "1", *merge]) == 0
+    assert [c[1] for c in fake.commands] == ["train.py", "eval.py"] * 2
     result = json.loads((tmp_path / "l.json").read_text())
-    assert set(result["cells"]) == {"pretrained", "control"} and result["settings"]["carried"] is None
-    # cells of other settings are not the same measurement: one line, exit 2
-    assert llamacpp_study.main([*_args(tmp_path), "--max-eval-windows", "4", "--finished-only",
-                                "--carry-json", str(tmp_path / "earlier.json")]) == 2
-    assert "its cells were measured with other settings: max_eval_windows 8 (here 4)" in capsys.readouterr().err
+    assert set(result["cells"]) == {"default", "pretrained", "control"} and result["settings"]["rows"] == ["default", "pretrained", "control"] and result["settings"]["seeds"] == [0, 1]
+    assert result["cells"]["default"]["0"]["wiki"]["Q4_0"] == 12.5 and result["cells"]["control"] == earlier["cells"]["control"]
+    # results measured another way do not share a table: one line, exit 2
+    assert llamacpp_study.main([*_args(tmp_path), "--max-eval-windows", "4", "--finished-only", *merge]) == 2
+    assert "measured another way: max_eval_windows 8 (here 4)" in capsys.readouterr().err
 
 
 def test_runs_of_a_training_queue_are_used_waited_for_or_refused(tmp_path, monkeypatch, capsys):
@@ -333,9 +335,9 @@ def test_gptq_llamacpp_on_a_fresh_machine_pairs_with_the_study_json_and_carries_
     (tmp_path / "study.json").write_text(json.dumps(study_json))
     args = ["--cells", "mixed_q4_0:gptq_q4_0", "control:gptq_q4_0", "--seeds", "0", "--llamacpp-study", str(tmp_path / "none"),
             "--study-dir", str(tmp_path / "gptq"), "--out-json", str(tmp_path / "g.json"), "--results-md", str(tmp_path / "g.md"),
-            "--finished-only", "--carry-json", str(tmp_path / "earlier.json"), "--llamacpp-json", str(tmp_path / "study.json")]
+            "--finished-only", "--merge", str(tmp_path / "earlier.json"), "--llamacpp-json", str(tmp_path / "study.json")]
     assert gptq_llamacpp.main(args) == 0
     assert "skipped control:gptq_q4_0 seed 0" in capsys.readouterr().out  # no cell of its own to run it from
     result = json.loads((tmp_path / "g.json").read_text())
-    assert result["rows"] == [row] and result["carried"] == ["mixed_q4_0:gptq_q4_0 seed 0"]
-    assert "carried from the previous result: mixed_q4_0:gptq_q4_0 seed 0" in (tmp_path / "g.md").read_text()
+    assert result["rows"] == [row] and result["merged"] == {"json": str(tmp_path / "earlier.json"), "rows": 1}
+    assert f"measured earlier by the command recorded in `{tmp_path / 'earlier.json'}`" in (tmp_path / "g.md").read_text()
