@@ -191,3 +191,34 @@ def test_needs_calibration(tiny_opt: nn.Module) -> None:
         GPTQ().quantize_model(tiny_opt, decoder_linears(tiny_opt), None)
     with pytest.raises(NotImplementedError, match="GPTQ needs calibration activations"):
         GPTQ().quantize_weight(torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_linears_reading_one_input_share_its_product(tiny_llama: nn.Module, token_windows: Tensor, monkeypatch, true_sequential: bool) -> None:
+    """q, k, v (gate, up) read the same tensor: its x xᵀ is computed once per batch, and every Hessian equals the one
+    accumulated from that linear's own inputs alone, bit for bit."""
+    from npft_lightning.core.layers import block_index, decoder_blocks
+    from npft_lightning.quant.gptq import capture_block_inputs
+
+    _, blocks = decoder_blocks(tiny_llama)
+    inputs = capture_block_inputs(tiny_llama, blocks[0], token_windows, 3)
+    linears = {n: lin for n, lin in decoder_linears(tiny_llama).items() if block_index(n) == 0}
+    own = {name: HessianAccumulator(lin.in_features, lin.weight.device) for name, lin in linears.items()}
+    handles = [lin.register_forward_hook(lambda mod, args, out, name=name: own[name].add(args[0])) for name, lin in linears.items()]
+    with torch.no_grad():
+        for hidden, args, kwargs in inputs:
+            blocks[0](hidden, *args, **kwargs)
+    for handle in handles:
+        handle.remove()
+
+    products = []
+    plain_product = HessianAccumulator.product
+    monkeypatch.setattr(HessianAccumulator, "product", staticmethod(lambda x, device: products.append(x) or plain_product(x, device)))
+    stages = sequential_stages(list(linears)) if true_sequential else [list(linears)]
+    quantizer = GPTQ(4, true_sequential=true_sequential)
+    with torch.no_grad():
+        hessians = {name: h for stage in stages for name, h in quantizer._hessians(blocks[0], inputs, {n: linears[n] for n in stage}).items()}
+    assert set(hessians) == set(linears)
+    assert all(torch.equal(hessians[name], own[name].hessian()) for name in linears)
+    # per batch: one product for q/k/v, one for o, one for gate/up, one for down: 4 of 7
+    assert len(products) == 4 * len(inputs) and len(linears) == 7

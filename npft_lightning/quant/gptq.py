@@ -240,9 +240,17 @@ class HessianAccumulator:
         self.count = 0
 
     def add(self, x: Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(device=self.sum.device, dtype=torch.float32)
-        self.sum += (x.T @ x).double()
-        self.count += x.shape[0]
+        self.add_product(*self.product(x, self.sum.device))
+
+    @staticmethod
+    def product(x: Tensor, device: torch.device) -> tuple[Tensor, int]:
+        """``(x xᵀ summed over rows, in float64; the number of rows)``: what :meth:`add` adds for one input."""
+        x = x.detach().reshape(-1, x.shape[-1]).to(device=device, dtype=torch.float32)
+        return (x.T @ x).double(), x.shape[0]
+
+    def add_product(self, product: Tensor, rows: int) -> None:
+        self.sum += product
+        self.count += rows
 
     def hessian(self) -> Tensor:
         if self.count == 0:
@@ -427,9 +435,17 @@ class GPTQ(WeightQuantizer):
         """
         accumulators = {name: HessianAccumulator(lin.in_features, lin.weight.device) for name, lin in linears.items()}
         pending: set[str] = set()
+        # This batch's inputs and their products: q, k and v (gate and up) read the same tensor, so its product is
+        # computed once and added to each; holding the tensors keeps ``is`` exact (no reused memory can match).
+        products: list[tuple[Tensor, tuple[Tensor, int]]] = []
 
         def record(name: str, args: tuple) -> None:
-            accumulators[name].add(args[0])
+            x, accumulator = args[0], accumulators[name]
+            product = next((p for seen, p in products if seen is x and p[0].device == accumulator.sum.device), None)
+            if product is None:
+                product = HessianAccumulator.product(x, accumulator.sum.device)
+                products.append((x, product))
+            accumulator.add_product(*product)
             pending.discard(name)
             if not pending:
                 raise _StopForward
@@ -442,10 +458,12 @@ class GPTQ(WeightQuantizer):
             for hidden, args, kwargs in inputs:
                 stop_if_interrupted()
                 pending.update(linears)
+                products.clear()
                 try:
                     block(hidden, *args, **kwargs)
                 except _StopForward:
                     pass
+            products.clear()
         finally:
             for handle in handles:
                 handle.remove()
