@@ -37,7 +37,6 @@ The parts: study.py (plan, resume, lock, subprocess cells), study_corpora.py (th
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
@@ -63,6 +62,7 @@ from study import (
     merge_cells,
     parse_reuse,
     print_outcome,
+    read_study_json,
     run_plan,
     study_main,
     study_path,
@@ -171,12 +171,7 @@ MERGE_SETTINGS = ("model", "columns", "max_eval_windows", "calib_windows", "eval
 
 def load_earlier(path: Path, settings: dict[str, Any], split_of_corpus: dict[str, str]) -> dict[str, Any]:
     """An earlier result of this study (its --out-json), checked to be measured like this one."""
-    try:
-        other = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise StudyError(f"--merge {path}: cannot read it ({err}); give the --out-json of an earlier bench/llamacpp_study.py run") from None
-    if not isinstance(other, dict) or other.get("bench") != "llamacpp_study" or not isinstance(other.get("cells"), dict):
-        raise StudyError(f"--merge {path}: not a llama.cpp study's JSON (no bench=llamacpp_study with cells); give an earlier --out-json")
+    other = read_study_json(path, "llamacpp_study")
     theirs = other.get("settings", {})
     differ = [f"{key} {theirs.get(key)!r} (here {settings[key]!r})" for key in MERGE_SETTINGS if theirs.get(key) != settings[key]]
     if other.get("eval_split_of_corpus") != split_of_corpus:

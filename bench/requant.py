@@ -36,7 +36,15 @@ from typing import Any
 
 from common import StudyError, machine, write_json
 from quality_rows import train_overrides
-from study import add_study_arguments, print_outcome, run_plan, study_main, study_path, trained_row, write_results_block
+from study import (
+    add_study_arguments,
+    print_outcome,
+    run_plan,
+    study_main,
+    study_path,
+    trained_row,
+    write_results_block,
+)
 from study_corpora import CORPORA, DEFAULT_CORPORA, corpus_setup
 
 BASES = ["rtn4", "rtn3_g32", "gptq4", "gptq3_g32", "kmeans3"]

@@ -262,12 +262,7 @@ def print_outcome(ran: int, skipped: int, failures: list[str]) -> None:
 
 def load_merged_study(path: Path, settings: dict[str, Any], corpora: list[str]) -> dict[str, Any]:
     """An earlier study's --out-json, checked to be measured like this one (``MERGE_SETTINGS``, corpora, quantizers)."""
-    try:
-        other = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise StudyError(f"--merge {path}: cannot read it ({err}); give the --out-json of an earlier bench/quality.py run") from None
-    if not isinstance(other, dict) or other.get("bench") != "quality" or not isinstance(other.get("cells"), dict):
-        raise StudyError(f"--merge {path}: not a quality study's JSON (no bench=quality with cells); give an earlier --out-json")
+    other = read_study_json(path, "quality")
     theirs = other.get("settings", {})
     for key in MERGE_SETTINGS:
         if theirs.get(key) != settings[key]:
@@ -279,6 +274,17 @@ def load_merged_study(path: Path, settings: dict[str, Any], corpora: list[str]) 
     missing = [q for q in settings["quantizers"] if q not in theirs.get("quantizers", [])]
     if missing:
         raise StudyError(f"--merge {path}: it has no {', '.join(missing)} column; drop {' '.join(missing)} from --quantizers or merge a study that has them")
+    return other
+
+
+def read_study_json(path: Path, bench: str) -> dict[str, Any]:
+    """The --out-json of an earlier run of ``bench/<bench>.py``, for --merge: one line when it is not one."""
+    try:
+        other = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise StudyError(f"--merge {path}: cannot read it ({err}); give the --out-json of an earlier bench/{bench}.py run") from None
+    if not isinstance(other, dict) or other.get("bench") != bench or not isinstance(other.get("cells"), dict):
+        raise StudyError(f"--merge {path}: not a JSON of bench/{bench}.py (no bench={bench} with cells); give an earlier --out-json")
     return other
 
 
