@@ -6,7 +6,8 @@ grid, writes the GGUF (gguf_out=) and has llama.cpp score it (llamacpp_ppl=true)
 the cell's command with its llama.cpp files swapped for the GPTQ quantizer, so the corpora, windows and calibration
 windows are the cell's. The table sets each GPTQ file beside llama.cpp's files of the same type from the cell (with
 and without the importance matrix, computed from the same calibration windows), with sizes, and the fraction of the
-control's gap at that type closed (paired by seed; F32 = the control's unquantized PPL). Each eval is a resumable
+control's gap at that type closed (paired by seed; F32 = the control's unquantized PPL; the row ``pretrained``, the
+model with no adapter, is run once and measured against its own plain file and F32). Each eval is a resumable
 cell (skipped when its metrics are complete); the GGUF files are deleted once scored unless --keep-gguf.
 
     python bench/gptq_llamacpp.py --cells control:gptq_q4_0 control:gptq_iq4_xs control:gptq_q4_k_m --seeds 0 \\
@@ -121,7 +122,7 @@ def render(rows: list[dict[str, Any]], command: str, merged: str | None = None) 
         for r in rows:
             c, t = r["corpora"][split], r["file_type"]
             cell = lambda n: f"{c['ppl'][n]:.3f} ({c['gap_closed'][n]:+.2f})"  # noqa: E731
-            lines.append(f"| {r['row']} | {r['seed']} | {t} | {c['ppl']['F32']:.3f} | {cell(t)} | {cell(t + '+imatrix')} | "
+            lines.append(f"| {r['row']} | {'-' if r['seed'] is None else r['seed']} | {t} | {c['ppl']['F32']:.3f} | {cell(t)} | {cell(t + '+imatrix')} | "
                          f"{cell(r['quantizer'])} | {r['bytes'] / r['llamacpp_bytes'][t + '+imatrix']:.4f} |")
         lines.append("")
         summary = seed_summary(rows, split)
@@ -168,12 +169,16 @@ def main(argv: list[str] | None = None) -> int:
             row, _, quantizer = spec.partition(":")
             if quantizer not in FILE_TYPE:
                 parser.error(f"--cells {spec}: the quantizer must be one of {', '.join(FILE_TYPE)}")
-            out = out_root / f"{row}_{quantizer}_s{seed}"
-            study_cell = study / row / f"seed{seed}" / "eval"
+            if row == "pretrained" and seed != args.seeds[0]:
+                continue  # no training, no seed: once
+            pretrained = row == "pretrained"
+            out = out_root / (f"pretrained_{quantizer}" if pretrained else f"{row}_{quantizer}_s{seed}")
+            study_cell = study / "pretrained" / "eval" if pretrained else study / row / f"seed{seed}" / "eval"
             cell = complete(study_cell / "metrics.json")
-            if (row, seed, quantizer) in earlier_rows and complete(out / "metrics.json") is None:
+            row_seed, row_control = (None, cell) if pretrained else (seed, control)  # the pretrained model's own gap
+            if (row, row_seed, quantizer) in earlier_rows and complete(out / "metrics.json") is None:
                 continue  # measured earlier: merged below, not run again
-            if cell is None or control is None:
+            if cell is None or row_control is None:
                 print(f"skipped {spec} seed {seed}: the llama.cpp study has no finished cell for it or its control yet")
                 continue
             gptq = complete(out / "metrics.json")
@@ -189,11 +194,11 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.keep_gguf:
                     (out / "m.gguf").unlink(missing_ok=True)
             if gptq is not None:
-                rows.append(row_of(row, seed, quantizer, gptq, cell, control))
+                rows.append(row_of(row, row_seed, quantizer, gptq, cell, row_control))
     command = "python bench/gptq_llamacpp.py " + " ".join(argv if argv is not None else sys.argv[1:])
     measured = {(r["row"], r["seed"], r["quantizer"]) for r in rows}
     merged = [r for key, r in earlier_rows.items() if key not in measured]
-    rows = sorted(rows + merged, key=lambda r: r["seed"])  # seed by seed, as a run over several seeds orders them
+    rows = sorted(rows + merged, key=lambda r: -1 if r["seed"] is None else r["seed"])  # pretrained, then seed by seed
     if merged:
         print(f"merged from {args.merge}: {len(merged)} rows measured earlier")
     summary = {split: seed_summary(rows, split) for split in CORPUS}

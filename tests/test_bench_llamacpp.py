@@ -341,3 +341,23 @@ def test_gptq_llamacpp_on_a_fresh_machine_pairs_with_the_study_json_and_carries_
     result = json.loads((tmp_path / "g.json").read_text())
     assert result["rows"] == [row] and result["merged"] == {"json": str(tmp_path / "earlier.json"), "rows": 1}
     assert f"measured earlier by the command recorded in `{tmp_path / 'earlier.json'}`" in (tmp_path / "g.md").read_text()
+
+
+def test_gptq_llamacpp_pretrained_row_runs_once_against_its_own_files(tmp_path, capsys):
+    def llama(fp, plain, imatrix):
+        split = lambda v: {"splits": {"validation": {"ppl": v}, "test": {"ppl": v + 1}}, "bytes": 100}  # noqa: E731
+        return {"complete": True, "llamacpp": {"F32": split(fp), "Q4_0": split(plain), "Q4_0+imatrix": split(imatrix)}}
+
+    cell = tmp_path / "study" / "pretrained" / "eval"
+    cell.mkdir(parents=True)
+    (cell / "metrics.json").write_text(json.dumps(llama(13.0, 17.0, 15.0)))
+    out = tmp_path / "gptq" / "pretrained_gptq_q4_0"
+    out.mkdir(parents=True)
+    (out / "metrics.json").write_text(json.dumps({"complete": True, "gguf": {"gptq_q4_0": {"bytes": 100, "ppl": 14.0}},
+                                                  "ppl": {"test": {"gptq_q4_0": 15.0}}}))
+    args = ["--cells", "pretrained:gptq_q4_0", "--seeds", "0", "1", "--llamacpp-study", str(tmp_path / "study"), "--study-dir",
+            str(tmp_path / "gptq"), "--out-json", str(tmp_path / "g.json"), "--results-md", str(tmp_path / "g.md"), "--finished-only"]
+    assert gptq_llamacpp.main(args) == 0
+    (row,) = json.loads((tmp_path / "g.json").read_text())["rows"]  # once, not per seed; no control needed
+    assert row["seed"] is None and row["corpora"]["validation"]["gap_closed"]["gptq_q4_0"] == pytest.approx(0.75)
+    assert "| pretrained | - | Q4_0 | 13.000 | 17.000 (+0.00) | 15.000 (+0.50) | 14.000 (+0.75) | 1.0000 |" in (tmp_path / "g.md").read_text()
