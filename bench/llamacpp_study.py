@@ -220,7 +220,10 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
     if args.merge:
         others = [load_earlier(study_path(p), settings, split_of_corpus) for p in args.merge]
         for other in others:
-            cells, files = merge_cells(cells, other["cells"]), merge_cells(files, other.get("files", {}))
+            # corpora in this study's order (a JSON has its keys sorted), so the tables keep theirs
+            theirs = {row: {seed: {c: per[c] for c in split_of_corpus if c in per} for seed, per in seeds.items()}
+                      for row, seeds in other["cells"].items()}
+            cells, files = merge_cells(cells, theirs), merge_cells(files, other.get("files", {}))
             for corpus, info in corpora.items():
                 info.setdefault("tokens", other.get("corpora", {}).get(corpus, {}).get("tokens"))
         rows += [r for other in others for r in other["settings"].get("rows", []) if r not in rows and r in cells]

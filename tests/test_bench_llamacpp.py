@@ -331,7 +331,7 @@ def test_gptq_llamacpp_on_a_fresh_machine_pairs_with_the_study_json_and_carries_
     assert row["corpora"]["validation"]["gap_closed"]["gptq_q4_0"] == pytest.approx(0.75)
     assert row["corpora"]["test"]["gap_closed"]["gptq_q4_0"] == pytest.approx(0.75)
 
-    (tmp_path / "earlier.json").write_text(json.dumps({"rows": [row]}))
+    (tmp_path / "earlier.json").write_text(json.dumps({"rows": [row], "command": "python bench/gptq_llamacpp.py --earlier"}))
     (tmp_path / "study.json").write_text(json.dumps(study_json))
     args = ["--cells", "mixed_q4_0:gptq_q4_0", "control:gptq_q4_0", "--seeds", "0", "--llamacpp-study", str(tmp_path / "none"),
             "--study-dir", str(tmp_path / "gptq"), "--out-json", str(tmp_path / "g.json"), "--results-md", str(tmp_path / "g.md"),
@@ -339,8 +339,8 @@ def test_gptq_llamacpp_on_a_fresh_machine_pairs_with_the_study_json_and_carries_
     assert gptq_llamacpp.main(args) == 0
     assert "skipped control:gptq_q4_0 seed 0" in capsys.readouterr().out  # no cell of its own to run it from
     result = json.loads((tmp_path / "g.json").read_text())
-    assert result["rows"] == [row] and result["merged"] == {"json": str(tmp_path / "earlier.json"), "rows": 1}
-    assert f"measured earlier by the command recorded in `{tmp_path / 'earlier.json'}`" in (tmp_path / "g.md").read_text()
+    assert result["rows"] == [row] and result["merged"] == [{"json": str(tmp_path / "earlier.json"), "command": "python bench/gptq_llamacpp.py --earlier"}]
+    assert f"- `python bench/gptq_llamacpp.py --earlier` (`{tmp_path / 'earlier.json'}`)" in (tmp_path / "g.md").read_text()
 
 
 def test_gptq_llamacpp_pretrained_row_runs_once_against_its_own_files(tmp_path, capsys):
