@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     merged = [r for key, r in earlier_rows.items() if key not in measured]
     rows = sorted(rows + merged, key=lambda r: -1 if r["seed"] is None else r["seed"])  # pretrained, then seed by seed
     # provenance: every command whose rows are in the table, through merges of merges
-    provenance = [*(earlier.get("merged") or []), {"json": args.merge, "command": earlier["command"]}] if merged else []
+    provenance = [*(earlier.get("merged") or []), {"json": args.merge, "command": earlier.get("command", "")}] if merged else []
     if merged:
         print(f"merged from {args.merge}: {len(merged)} rows measured earlier")
     summary = {split: seed_summary(rows, split) for split in CORPUS}
