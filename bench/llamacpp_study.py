@@ -60,6 +60,7 @@ from llamacpp_rows import (
 from study import (
     add_study_arguments,
     merge_cells,
+    merge_provenance,
     parse_reuse,
     print_outcome,
     read_study_json,
@@ -227,9 +228,7 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
             for corpus, info in corpora.items():
                 info.setdefault("tokens", other.get("corpora", {}).get(corpus, {}).get("tokens"))
         rows += [r for other in others for r in other["settings"].get("rows", []) if r not in rows and r in cells]
-        # provenance: every command whose cells are in the tables, through merges of merges
-        settings["merged"] = [entry for p, other in zip(args.merge, others)
-                              for entry in [*other["settings"].get("merged", []), {"json": str(p), "command": other.get("command", "")}]]
+        settings["merged"] = merge_provenance(args.merge, others)
         # the settings describe the merged tables: every row and seed in them
         settings["rows"] = rows
         settings["seeds"] = sorted({int(seed) for seeds in cells.values() for seed in seeds if seed != "-"} | set(args.seeds))

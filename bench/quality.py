@@ -68,6 +68,7 @@ from render import (
 from study import (
     add_study_arguments,
     load_merged_study,
+    merge_provenance,
     merge_studies,
     parse_reuse,
     print_outcome,
@@ -168,8 +169,7 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
         cells, timing = merge_studies(keyed_by_steps(cells, args.steps), keyed_by_steps(timing, args.steps), others)
         rows += [r for other in others for r in other["settings"].get("rows", []) if r not in rows]
         # provenance: every command whose cells are in the tables, through merges of merges (a study seed by seed)
-        settings["merged"] = [entry for p, other in zip(args.merge, others)
-                              for entry in [*other["settings"].get("merged", []), {"json": str(p), "command": other.get("command", "")}]]
+        settings["merged"] = merge_provenance(args.merge, others)
         # the settings describe the merged tables: every row, seed and length in them
         settings["rows"] = rows
         settings["seeds"] = sorted({int(seed) for seeds in cells.values() for seed in seeds if seed != "-"} | set(args.seeds))

@@ -298,6 +298,13 @@ def merge_studies(cells: dict[str, Any], timing: dict[str, Any], others: list[di
     return cells, timing
 
 
+def merge_provenance(paths: list[str], others: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Every command whose cells a merged table holds, through merges of merges: each earlier result's own list, then
+    that result's JSON and command."""
+    return [entry for path, other in zip(paths, others)
+            for entry in [*other["settings"].get("merged", []), {"json": str(path), "command": other.get("command", "")}]]
+
+
 def merge_cells(mine: dict[str, dict[str, Any]], theirs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """``mine`` (row -> seed -> value) plus the (row, seed) entries of ``theirs`` that it lacks: a cell measured here
     wins over an earlier copy of it."""
