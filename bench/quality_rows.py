@@ -37,6 +37,18 @@ ROWS: dict[str, list[str] | None] = {
     "qerr_all_ramp": ["noise=quant_error", "outliers=all", "noise.ramp=linear"],
     "qerr_2_mix0.5": ["noise=quant_error", "outliers.ratio=2", "noise.step_probability=0.5"],
     "npft_paper": ["noise=npft_paper"],
+    # --- issue 29's levers on the mixed objective: distillation on the perturbed steps, several target grids, the
+    # perturbed steps in the last quarter (share 0.6 there: the same expected count as 0.15 over the whole run)
+    "qerr_all_mix0.15_kd_self": ["noise=quant_error", "outliers=all", "noise.step_probability=0.15", "noise.distill.teacher=self"],
+    "qerr_all_mix0.15_kd_frozen": ["noise=quant_error", "outliers=all", "noise.step_probability=0.15",
+                                   "noise.distill.teacher=frozen"],
+    "qerr_all_mix0.5_kd_self": ["noise=quant_error", "outliers=all", "noise.step_probability=0.5", "noise.distill.teacher=self"],
+    "qerr_all_mix0.15_multi": ["noise=quant_error", "outliers=all", "noise.step_probability=0.15", "quant=[rtn4,q4_0,nf4]",
+                               "noise.distribution.quantizer=null",
+                               "noise.distribution.quantizers=[{quantizer:${quant.rtn4},weight:1},"
+                               "{quantizer:${quant.q4_0},weight:1},{quantizer:${quant.nf4},weight:1}]"],
+    "qerr_all_last0.25": ["noise=quant_error", "outliers=all", "noise.step_probability=0.6", "noise.placement=last",
+                          "noise.last_fraction=0.25"],
     # --- whole recipes as their experiment configures them (own length, learning rate, outliers, schedule)
     "paper_recipe": ["experiment=npft_paper"],
     "paper_recipe_control": ["experiment=npft_paper", "noise=none"],
