@@ -70,6 +70,11 @@ ROW_LABELS = {
     "npft_paper": "the paper's noise in our setting, not the paper's recipe (`noise=npft_paper`)",
     "paper_recipe": "the paper's recipe (`experiment=npft_paper`: lr 5e-6, 3 epochs x 64 steps, 0.05 % Fisher outliers, per-epoch noise)",
     "paper_recipe_control": "LoRA control of the paper's recipe (`experiment=npft_paper noise=none`)",
+    "qerr_all_mix0.15_kd_self": "mixed objective, its perturbed steps distilled from the clean model (`noise.distill.teacher=self`)",
+    "qerr_all_mix0.15_kd_frozen": "mixed objective, its perturbed steps distilled from the model before fine-tuning (`noise.distill.teacher=frozen`)",
+    "qerr_all_mix0.5_kd_self": "half the steps at the exact error, distilled from the clean model (`noise.step_probability=0.5 noise.distill.teacher=self`)",
+    "qerr_all_mix0.15_multi": "mixed objective, each perturbed step towards one of RTN-4, `q4_0`, NF4 (`noise.distribution.quantizers=[...]`)",
+    "qerr_all_last0.25": "mixed objective, its perturbed steps in the last quarter (`noise.placement=last noise.last_fraction=0.25 noise.step_probability=0.6`)",
 }
 QUANTIZERS = ["rtn4", "rtn3_g32", "gptq4", "gptq3_g32", "kmeans3", "cuberoot4", "nf4"]
 # The config every row overrides: NPFT as first built (16 steps of step noise on 0.5 % Fisher outliers). Pinned,
