@@ -10,6 +10,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+# One target grid per perturbed step, drawn from RTN-4 per channel, ggml q4_0 and NF4 (equal weights).
+THREE_GRIDS = ["quant=[rtn4,q4_0,nf4]", "noise.distribution.quantizer=null",
+               "noise.distribution.quantizers=[{quantizer:${quant.rtn4},weight:1},{quantizer:${quant.q4_0},weight:1},"
+               "{quantizer:${quant.nf4},weight:1}]"]
 ROWS: dict[str, list[str] | None] = {
     "pretrained": None,
     "control": ["noise=none"],
@@ -43,12 +47,16 @@ ROWS: dict[str, list[str] | None] = {
     "qerr_all_mix0.15_kd_frozen": ["noise=quant_error", "outliers=all", "noise.step_probability=0.15",
                                    "noise.distill.teacher=frozen"],
     "qerr_all_mix0.5_kd_self": ["noise=quant_error", "outliers=all", "noise.step_probability=0.5", "noise.distill.teacher=self"],
-    "qerr_all_mix0.15_multi": ["noise=quant_error", "outliers=all", "noise.step_probability=0.15", "quant=[rtn4,q4_0,nf4]",
-                               "noise.distribution.quantizer=null",
-                               "noise.distribution.quantizers=[{quantizer:${quant.rtn4},weight:1},"
-                               "{quantizer:${quant.q4_0},weight:1},{quantizer:${quant.nf4},weight:1}]"],
+    "qerr_all_mix0.15_multi": ["noise=quant_error", "outliers=all", "noise.step_probability=0.15", *THREE_GRIDS],
     "qerr_all_last0.25": ["noise=quant_error", "outliers=all", "noise.step_probability=0.6", "noise.placement=last",
                           "noise.last_fraction=0.25"],
+    # the next screen, after the first one (docs/screening_levers.md): distillation mixed with the data loss, more
+    # perturbed steps per grid, a longer cooldown window at the default's expected count
+    "qerr_all_mix0.15_kd_self_w0.5": ["noise=quant_error", "outliers=all", "noise.step_probability=0.15",
+                                      "noise.distill.teacher=self", "noise.distill.weight=0.5", "noise.distill.temperature=2"],
+    "qerr_all_mix0.5_multi": ["noise=quant_error", "outliers=all", "noise.step_probability=0.5", *THREE_GRIDS],
+    "qerr_all_last0.5": ["noise=quant_error", "outliers=all", "noise.step_probability=0.3", "noise.placement=last",
+                         "noise.last_fraction=0.5"],
     # --- whole recipes as their experiment configures them (own length, learning rate, outliers, schedule)
     "paper_recipe": ["experiment=npft_paper"],
     "paper_recipe_control": ["experiment=npft_paper", "noise=none"],
@@ -75,6 +83,9 @@ ROW_LABELS = {
     "qerr_all_mix0.5_kd_self": "half the steps at the exact error, distilled from the clean model (`noise.step_probability=0.5 noise.distill.teacher=self`)",
     "qerr_all_mix0.15_multi": "mixed objective, each perturbed step towards one of RTN-4, `q4_0`, NF4 (`noise.distribution.quantizers=[...]`)",
     "qerr_all_last0.25": "mixed objective, its perturbed steps in the last quarter (`noise.placement=last noise.last_fraction=0.25 noise.step_probability=0.6`)",
+    "qerr_all_mix0.15_kd_self_w0.5": "mixed objective, its perturbed steps half data loss, half distilled from the clean model at T = 2 (`noise.distill.teacher=self noise.distill.weight=0.5 noise.distill.temperature=2`)",
+    "qerr_all_mix0.5_multi": "half the steps at the exact error, each towards one of RTN-4, `q4_0`, NF4",
+    "qerr_all_last0.5": "30 % of the last half's steps at the exact error (`noise.placement=last noise.last_fraction=0.5 noise.step_probability=0.3`)",
 }
 QUANTIZERS = ["rtn4", "rtn3_g32", "gptq4", "gptq3_g32", "kmeans3", "cuberoot4", "nf4"]
 # The config every row overrides: NPFT as first built (16 steps of step noise on 0.5 % Fisher outliers). Pinned,
