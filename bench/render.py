@@ -83,7 +83,7 @@ def render_markdown(result: dict[str, Any]) -> str:
             for row in npft_rows:
                 lines.append(f"| {row_label(row)} | " + " | ".join(_cell(derived[row][q]["gap_closed"]) for q in quantizers) + " |")
         reach = derived.get("rtn4_vs_pretrained_gptq4")
-        if reach:
+        if reach and any(r != "pretrained" for r in reach):  # a pretrained-only table has no trained row to compare
             lines += ["", "RTN-4 after training vs GPTQ-4 on the pretrained model "
                       f"({next(iter(reach.values()))['pretrained_gptq4']:.2f}): " + "; ".join(
                           f"{row_label(r)} {v['rtn4']:.2f} ({'reaches it' if v['reaches'] else 'does not'})"

@@ -399,3 +399,23 @@ def test_the_neutral_values_of_added_options_are_the_recipes_defaults(experiment
             assert node[leaf] == neutral, dotted
             checked += 1
     assert checked >= 5
+
+
+def test_reach_of_pretrained_gptq4_is_said_only_with_a_trained_row(tmp_path, monkeypatch):
+    """The "RTN-4 after training vs GPTQ-4 on the pretrained model" line names the trained rows; a table of the
+    pretrained row alone (a study's first cell) has no such line, not an empty one."""
+    ppl = {("pretrained", None): (14.0, 24.0, 18.0), ("control", 0): (13.0, 22.0, 17.0)}
+
+    def run_plan(plan, lock, dry_run, desc, finished_only=False):
+        evals = [(step, {"ppl": {"validation": dict(zip(("fp", "rtn4", "gptq4"), ppl[step["row"], step["seed"]]), _tokens=16384)}})
+                 for step in plan if step["kind"] == "eval" and (step["row"], step["seed"]) in ppl]
+        return evals, len(evals), 0, []
+
+    monkeypatch.setattr(quality, "run_plan", run_plan)
+    common = ["--seeds", "0", "--steps", "16", "--corpora", "wiki_val", "--quantizers", "rtn4", "gptq4", "--max-eval-windows", "8"]
+    for name, rows in (("alone", ["pretrained"]), ("trained", ["pretrained", "control"])):
+        assert quality.main(["--rows", *rows, *common, "--study-dir", str(tmp_path / name), "--out-json", str(tmp_path / f"{name}.json"),
+                             "--results-md", str(tmp_path / f"{name}.md"), "--plot", str(tmp_path / f"{name}.png")]) == 0
+    assert "after training vs GPTQ-4" not in (tmp_path / "alone.md").read_text()
+    line = next(x for x in (tmp_path / "trained.md").read_text().splitlines() if "after training vs GPTQ-4" in x)
+    assert "(18.00)" in line and "22.00 (does not)" in line
