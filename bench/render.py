@@ -82,12 +82,13 @@ def render_markdown(result: dict[str, Any]) -> str:
                       "| row | " + " | ".join(names[1:]) + " |", "|---|" + "---|" * len(quantizers)]
             for row in npft_rows:
                 lines.append(f"| {row_label(row)} | " + " | ".join(_cell(derived[row][q]["gap_closed"]) for q in quantizers) + " |")
-        reach = derived.get("rtn4_vs_pretrained_gptq4")
-        if reach and any(r != "pretrained" for r in reach):  # a pretrained-only table has no trained row to compare
+        # the trained rows only: a pretrained-only table (a study's first cell) has nothing to compare
+        reach = {r: v for r, v in (derived.get("rtn4_vs_pretrained_gptq4") or {}).items() if r != "pretrained"}
+        if reach:
             lines += ["", "RTN-4 after training vs GPTQ-4 on the pretrained model "
                       f"({next(iter(reach.values()))['pretrained_gptq4']:.2f}): " + "; ".join(
                           f"{row_label(r)} {v['rtn4']:.2f} ({'reaches it' if v['reaches'] else 'does not'})"
-                          for r, v in reach.items() if r != "pretrained")]
+                          for r, v in reach.items())]
     lines += render_timing(result.get("timing", {}))
     lines += ["", BLOCK_END]
     return "\n".join(lines)
