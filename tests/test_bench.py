@@ -235,10 +235,10 @@ def test_recipes_train_what_the_study_measured(recipe, row, steps, target):
 
 
 def _fake_evals(ppl: dict[tuple[str, int | None], tuple[float, float]]):
-    """A ``run_plan`` stand-in: every eval of the plan "finished" with the validation PPL given for its (row, seed)."""
+    """A ``run_plan`` stand-in: every eval of the plan "finished" with the validation PPL given for its (row, seed):
+    (fp, rtn4) or (fp, rtn4, gptq4)."""
     def run_plan(plan, lock, dry_run, desc, finished_only=False):
-        evals = [(step, {"ppl": {"validation": {"fp": ppl[step["row"], step["seed"]][0], "rtn4": ppl[step["row"], step["seed"]][1],
-                                                "_tokens": 16384}}})
+        evals = [(step, {"ppl": {"validation": {**dict(zip(("fp", "rtn4", "gptq4"), ppl[step["row"], step["seed"]])), "_tokens": 16384}}})
                  for step in plan if step["kind"] == "eval" and (step["row"], step["seed"]) in ppl]
         return evals, len(evals), 0, []
     return run_plan
@@ -404,14 +404,7 @@ def test_the_neutral_values_of_added_options_are_the_recipes_defaults(experiment
 def test_reach_of_pretrained_gptq4_is_said_only_with_a_trained_row(tmp_path, monkeypatch):
     """The "RTN-4 after training vs GPTQ-4 on the pretrained model" line names the trained rows; a table of the
     pretrained row alone (a study's first cell) has no such line, not an empty one."""
-    ppl = {("pretrained", None): (14.0, 24.0, 18.0), ("control", 0): (13.0, 22.0, 17.0)}
-
-    def run_plan(plan, lock, dry_run, desc, finished_only=False):
-        evals = [(step, {"ppl": {"validation": dict(zip(("fp", "rtn4", "gptq4"), ppl[step["row"], step["seed"]]), _tokens=16384)}})
-                 for step in plan if step["kind"] == "eval" and (step["row"], step["seed"]) in ppl]
-        return evals, len(evals), 0, []
-
-    monkeypatch.setattr(quality, "run_plan", run_plan)
+    monkeypatch.setattr(quality, "run_plan", _fake_evals({("pretrained", None): (14.0, 24.0, 18.0), ("control", 0): (13.0, 22.0, 17.0)}))
     common = ["--seeds", "0", "--steps", "16", "--corpora", "wiki_val", "--quantizers", "rtn4", "gptq4", "--max-eval-windows", "8"]
     for name, rows in (("alone", ["pretrained"]), ("trained", ["pretrained", "control"])):
         assert quality.main(["--rows", *rows, *common, "--study-dir", str(tmp_path / name), "--out-json", str(tmp_path / f"{name}.json"),
