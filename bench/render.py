@@ -10,6 +10,7 @@ that keep 0 (and, for the gap, 1: the whole gap) in view, so that a 1 % differen
 from __future__ import annotations
 
 import statistics
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -141,9 +142,16 @@ def _color(i: int, n: int) -> Any:
     return f"C{i}" if n <= 10 else matplotlib.colormaps["tab20"](i % 20)
 
 
+LEGEND_LINE_CHARS = 140  # characters of 7-point legend text that fit across a 9-inch figure, all columns together
+
+
 def _legend_below(ax: Any, columns: int = 1) -> None:
-    """The legend under the axes, where it hides no data (tight_layout makes room for it)."""
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=columns, frameon=False)
+    """The legend under the axes, where it hides no data (tight_layout makes room for it); a long row label is
+    wrapped onto several lines, so that the columns stay inside the figure."""
+    handles, labels = ax.get_legend_handles_labels()
+    width = LEGEND_LINE_CHARS // columns
+    ax.legend(handles, [textwrap.fill(label, width, break_on_hyphens=False) for label in labels], fontsize=7,
+              loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=columns, frameon=False)
 
 
 def _seeds_label(label: str, n: int, counts: list[int]) -> str:

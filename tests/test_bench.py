@@ -383,6 +383,16 @@ def test_figures_follow_the_plot_rules(tmp_path, monkeypatch):
     assert "± std over 2 seeds" in drawn[-1]["title"] and "SINGLE SEED" not in drawn[-1]["title"]
     assert any(text.endswith("(1 seed)") and "paper" in text for text in drawn[-1]["axes"][0]["legend"])
 
+    # a row label longer than the figure is wide is wrapped, so that the 2-column legend stays inside it
+    long = {"control": cells["control"], "qerr_all_mix0.15_kd_self_w0.5": cells["qerr_all"]}
+    result = {"settings": {"quantizers": ["rtn4"], "seeds": [0, 1]}, "aggregate": quality_rows.aggregate(long, ["rtn4"])}
+    render.plot_quality(result, tmp_path / "q3.png")
+    label = quality_rows.row_label("qerr_all_mix0.15_kd_self_w0.5")
+    assert len(label) > render.LEGEND_LINE_CHARS // 2
+    legend = drawn[-1]["axes"][0]["legend"]
+    assert max(len(line) for text in legend for line in text.splitlines()) <= render.LEGEND_LINE_CHARS // 2
+    assert any(text.replace("\n", " ") == label for text in legend)
+
 
 @pytest.mark.parametrize("experiment", ["npft_smollm2", "npft_fisher", "mixed_q4_0", "qat_rtn4"])
 def test_the_neutral_values_of_added_options_are_the_recipes_defaults(experiment):

@@ -17,7 +17,8 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
     path = Path(path)
     fig.tight_layout()
     with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+        # "tight": a legend or title that tight_layout could not fit still lands in the file, not off its edge
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png", bbox_inches="tight")
     plt.close(fig)
     return path
 
