@@ -26,6 +26,8 @@ from pathlib import Path
 
 from common import ROOT, load_config, machine, write_json
 
+DEFAULT_MODEL = "smollm2-135m"  # also the model of every result written before --model existed
+
 
 def run_row(name: str, adapter: str | None, args) -> dict:
     run_dir = Path(args.out_dir) / name
@@ -77,7 +79,7 @@ def check_same_settings(before: dict, args) -> None:
     """``--add-to``: the earlier rows were measured with this model, these windows and these quantizers (results
     written before ``--model`` existed are SmolLM2's)."""
     for key in ("model", "max_eval_windows", "quantizers"):
-        then = before.get(key, "smollm2-135m" if key == "model" else None)
+        then = before.get(key, DEFAULT_MODEL if key == "model" else None)
         if then != getattr(args, key):
             shown = " ".join(then) if isinstance(then, list) else then
             raise SystemExit(f"error: --add-to {args.add_to} was measured with {key}={then}, not {getattr(args, key)}; "
@@ -86,7 +88,7 @@ def check_same_settings(before: dict, args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m", help="a conf/model name with an original GGUF (smollm2-135m, gemma3-270m)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="a conf/model name with an original GGUF (smollm2-135m, gemma3-270m)")
     parser.add_argument("--quantizers", nargs="+", default=["q4_0", "q4_1", "q8_0"])
     parser.add_argument("--adapter", action="append", default=[], help="name=<run>/adapter, one more row")
     parser.add_argument("--max-eval-windows", type=int, default=4)
