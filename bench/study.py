@@ -74,9 +74,23 @@ def strip_ignored(tree: Any) -> Any:
     return tree
 
 
+NO_NOISE = "npft_lightning.npft.noise.NoNoise"
+
+
 def train_signature(config: dict[str, Any]) -> dict[str, Any]:
-    """The part of a resolved training config that determines the trained adapter."""
-    return strip_ignored({k: config.get(k) for k in TRAIN_KEYS})
+    """The part of a resolved training config that determines the trained adapter.
+
+    A run without noise (a control) trains the same whatever its noise schedule options and outlier score say: the
+    perturbed steps are drawn from their own stream, and outliers are selected only for the noise or for the
+    curvature probe, which like the rest of validation is left out. Its signature keeps the noise distribution alone
+    and no outliers, so the control of one study (``experiment=npft_fisher noise=none``) is the control of another
+    (``experiment=npft_smollm2 noise=none``).
+    """
+    signature = {k: config.get(k) for k in TRAIN_KEYS}
+    noise = signature.get("noise") or {}
+    if (noise.get("distribution") or {}).get("_target_") == NO_NOISE:
+        signature["noise"], signature["outliers"] = {"distribution": noise["distribution"]}, None
+    return strip_ignored(signature)
 
 
 # Options added to the training config after runs were trained, with the value that trains exactly as before
@@ -95,8 +109,10 @@ NEUTRAL_ADDED_OPTIONS: dict[str, Any] = {
 
 def config_difference(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str | None:
     """The first dotted key where two nested dicts differ, with both values; None when equal. A key ``a`` (the
-    trained run's config) lacks counts as equal when ``b`` holds it at its :data:`NEUTRAL_ADDED_OPTIONS` value."""
-    for key in sorted(set(a) | set(b)):
+    trained run's config) lacks counts as equal when ``b`` holds it at its :data:`NEUTRAL_ADDED_OPTIONS` value. Keys
+    both hold come first (a control's noise against a recipe's differs at its distribution, not at an option the
+    control's signature leaves out)."""
+    for key in sorted(set(a) & set(b)) + sorted(set(a) ^ set(b)):
         va, vb = a.get(key), b.get(key)
         dotted = f"{prefix}{key}"
         if key not in a and dotted in NEUTRAL_ADDED_OPTIONS and vb == NEUTRAL_ADDED_OPTIONS[dotted]:

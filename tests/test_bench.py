@@ -91,6 +91,19 @@ def test_config_difference_names_the_first_differing_key():
     assert signature["trainer"] == {"max_steps": 2} and signature["data"] == {"seq_len": 4}
 
 
+def test_a_control_is_the_control_whatever_its_recipe_s_noise_options():
+    """Without noise, the schedule options and the outlier score train nothing: the quality study's control
+    (experiment=npft_fisher) stands for the llama.cpp study's (experiment=npft_smollm2); with noise they differ."""
+    base = ["model=tiny-llama", "seed=0", "trainer.max_steps=4", "optimizer.lr=2e-4"]
+    fisher, smollm2 = ["experiment=npft_fisher"], ["experiment=npft_smollm2"]
+    signature = lambda *o: study.expected_train_signature([*o, *base])  # noqa: E731
+    assert study.config_difference(signature(*fisher, "noise=none"), signature(*smollm2, "noise=none")) is None
+    assert study.config_difference(signature(*fisher, "noise=none"), signature(*smollm2, "noise=none", "curvature=null")) is None
+    assert study.config_difference(signature(*fisher), signature(*smollm2)) is not None
+    other_seed = study.expected_train_signature([*fisher, "noise=none", *base, "seed=1"])
+    assert study.config_difference(signature(*fisher, "noise=none"), other_seed) == "data.seed: 0 vs 1"
+
+
 def test_info_nodes_drop_headers_menus_and_indexes():
     text = ("preamble\n\x1f\nFile: py.info,  Node: Intro,  Next: B,  Up: Top\n\nIntro\n*****\n\nSome text.\n\n* Menu:\n\n* B::\n"
             "\x1f\nFile: py.info,  Node: Index,  Up: Top\n\n* a: 1.\n\x1f\nTag Table:\nNode: Intro\x7f1\n\x1f\nEnd Tag Table\n")
