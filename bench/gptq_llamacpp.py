@@ -82,7 +82,10 @@ def row_of(key: str, seed: int, quantizer: str, gptq: dict[str, Any], cell: dict
         values = {"F32": cell["llamacpp"]["F32"]["splits"][split]["ppl"], **{n: v["splits"][split]["ppl"] for n, v in llama.items()},
                   quantizer: gptq_ppl}
         gap = ctrl_q - ctrl_fp
-        row["corpora"][split] = {"ppl": values, "gap_closed": {n: (ctrl_q - v) / gap for n, v in values.items() if n != "F32"},
+        # no gap to close where the control's file is no worse than its unquantized model (a fraction of it would
+        # flip sign: Gemma 3's Q4_K_M file out of domain, whose grid its original weights lie on)
+        row["corpora"][split] = {"ppl": values, "gap_closed": {n: (ctrl_q - v) / gap if gap > 0 else None
+                                                               for n, v in values.items() if n != "F32"},
                                  "gptq_scored_by": "llama.cpp" if split == "validation" else "fake-quant"}
     return row
 
@@ -96,6 +99,7 @@ def seed_summary(rows: list[dict[str, Any]], split: str) -> list[dict[str, Any]]
         groups.setdefault((r["row"], r["file_type"]), []).append(r)
     out = []
     for (row, file_type), group in groups.items():
+        group = [r for r in group if r["corpora"][split]["gap_closed"][r["quantizer"]] is not None]
         if len(group) < 2:
             continue
         entry: dict[str, Any] = {"row": row, "file_type": file_type, "seeds": [r["seed"] for r in group]}
@@ -116,13 +120,13 @@ def render(rows: list[dict[str, Any]], command: str, merged: list[dict[str, str]
                   *[f"- `{m['command']}` (`{m['json']}`)" for m in merged], ""]
     for split, corpus in CORPUS.items():
         lines += [f"**{corpus}** (PPL; in brackets the fraction of the control's gap at that type closed, against the "
-                  "control's plain llama.cpp file of the type; GPTQ scored by "
+                  "control's plain llama.cpp file of the type, — where that file is no worse than the control unquantized; GPTQ scored by "
                   + ("llama.cpp" if split == "validation" else "the fake-quant forward, bit for bit the file's weights") + "):", "",
                   "| adapter | seed | type | unquantized | llama.cpp | llama.cpp + imatrix | GPTQ file | GPTQ bytes vs llama.cpp + imatrix |",
                   "|---|---:|---|---:|---:|---:|---:|---:|"]
         for r in rows:
             c, t = r["corpora"][split], r["file_type"]
-            cell = lambda n: f"{c['ppl'][n]:.3f} ({c['gap_closed'][n]:+.2f})"  # noqa: E731
+            cell = lambda n: f"{c['ppl'][n]:.3f} ({'—' if c['gap_closed'][n] is None else format(c['gap_closed'][n], '+.2f')})"  # noqa: E731
             lines.append(f"| {r['row']} | {'-' if r['seed'] is None else r['seed']} | {t} | {c['ppl']['F32']:.3f} | {cell(t)} | {cell(t + '+imatrix')} | "
                          f"{cell(r['quantizer'])} | {r['bytes'] / r['llamacpp_bytes'][t + '+imatrix']:.4f} |")
         lines.append("")

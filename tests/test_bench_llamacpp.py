@@ -316,6 +316,13 @@ def test_gptq_llamacpp_reuses_the_study_cells_windows_and_pairs_with_the_control
     better = {"gguf": {"gptq_q4_0": {"bytes": 99, "ppl": 11.5, "ppl_ratio": 1.0}}, "ppl": {"test": {"gptq_q4_0": 13.0}}}
     (summary,) = gptq_llamacpp.seed_summary([row, gptq_llamacpp.row_of("control", 2, "gptq_q4_0", better, control, control)], "validation")
     assert summary["gptq_better"] == 2
+    # a control whose file is no better unquantized (the gap is negative): no fraction to close, left out of the summary
+    no_gap = llama(10.0, 9.5, 9.8)
+    flat = gptq_llamacpp.row_of("control", 3, "gptq_q4_0", gptq, no_gap, no_gap)
+    assert flat["corpora"]["validation"]["gap_closed"] == {"Q4_0": None, "Q4_0+imatrix": None, "gptq_q4_0": None}
+    assert "| control | 3 | Q4_0 | 10.000 | 9.500 (—) | 9.800 (—) | 11.000 (—) |" in gptq_llamacpp.render([flat], "cmd")
+    (summary,) = gptq_llamacpp.seed_summary(rows + [flat], "validation")
+    assert summary["seeds"] == [0, 1]
 
 
 def test_gptq_llamacpp_on_a_fresh_machine_pairs_with_the_study_json_and_carries_earlier_rows(tmp_path, capsys):
