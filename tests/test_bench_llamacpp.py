@@ -384,3 +384,35 @@ def test_gguf_bench_adds_rows_only_to_a_result_of_the_same_model_windows_and_typ
         gguf_llamacpp.check_same_settings(earlier, SimpleNamespace(**{**vars(same), "quantizers": ["q8_0"]}))
     bundled = {"ppl": 20.6, "ppl_second_half": 19.9, "bytes": 2**20, "tokens_per_s": 900.0, "path": "/c/gemma-3-270m-q4_k_m.gguf"}
     assert "| pretrained | original file gemma-3-270m-q4_k_m.gguf | 20.600 |" in gguf_llamacpp.table({"rows": {}, "bundled": bundled})
+
+
+def test_update_kept_is_zero_where_the_file_snaps_back_and_one_where_it_follows():
+    """bench/update_kept.py: a model born on a file type's grid loses a sub-step update to that file type
+    (pretrained on the grid, nothing kept); a fine grid (Q8_0) keeps an update of a few of its steps about whole."""
+    import torch
+    import update_kept
+
+    from npft_lightning.core.layers import decoder_linears
+    from npft_lightning.lm.models import build_tiny_model
+    from npft_lightning.quant.llamacpp_filetype import LlamaCppFileType
+
+    model = build_tiny_model(arch="llama", hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4, num_kv_heads=4,
+                             max_position_embeddings=64, seed=0)
+    linears = decoder_linears(model)
+    q4_0 = LlamaCppFileType("Q4_0").bind(linears)
+    with torch.no_grad():  # the pretrained model: a Q4_0 file dequantized
+        for name, linear in linears.items():
+            linear.weight.copy_(q4_0.quantize_weight(linear.weight.float(), name=name))
+    base = {n: l.weight.detach().clone() for n, l in linears.items()}
+    born = update_kept.update_kept(base, linears, q4_0)
+    assert born["pretrained_on_grid"] == 1.0
+    with torch.no_grad():  # a tiny update, far below half a step: the file puts every weight back
+        for linear in linears.values():
+            linear.weight.add_(1e-6 * torch.randn_like(linear.weight))
+    snapped = update_kept.update_kept(base, linears, q4_0)
+    assert snapped["update_kept"] == pytest.approx(0.0, abs=1e-6) and set(snapped["by_type"]) == {"q4_0"}
+    with torch.no_grad():  # Q8_0 (256 levels) follows an update of a few of its steps
+        for name, linear in linears.items():
+            linear.weight.copy_(base[name] + 0.02 * base[name].abs().amax() * torch.randn_like(linear.weight))
+    followed = update_kept.update_kept(base, linears, LlamaCppFileType("Q8_0").bind(linears))
+    assert followed["update_kept"] == pytest.approx(1.0, abs=0.05)
