@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from common import ROOT, machine, write_json
+from quality_rows import gap_closed
 from study import write_results_block
 
 # GPTQ quantizer -> the llama.cpp file type it competes with (same per-tensor types as llama-quantize --imatrix).
@@ -81,11 +83,10 @@ def row_of(key: str, seed: int, quantizer: str, gptq: dict[str, Any], cell: dict
         gptq_ppl = report["ppl"] if split == "validation" else gptq["ppl"][split][quantizer]
         values = {"F32": cell["llamacpp"]["F32"]["splits"][split]["ppl"], **{n: v["splits"][split]["ppl"] for n, v in llama.items()},
                   quantizer: gptq_ppl}
-        gap = ctrl_q - ctrl_fp
-        # no gap to close where the control's file is no worse than its unquantized model (a fraction of it would
-        # flip sign: Gemma 3's Q4_K_M file out of domain, whose grid its original weights lie on)
-        row["corpora"][split] = {"ppl": values, "gap_closed": {n: (ctrl_q - v) / gap if gap > 0 else None
-                                                               for n, v in values.items() if n != "F32"},
+        # None (JSON null) where the control's file is no worse than its unquantized model: no gap to close there
+        # (Gemma 3's Q4_K_M file out of domain, whose grid its original weights lie on)
+        closed = {n: gap_closed(ctrl_fp, ctrl_q, v) for n, v in values.items() if n != "F32"}
+        row["corpora"][split] = {"ppl": values, "gap_closed": {n: None if math.isnan(c) else c for n, c in closed.items()},
                                  "gptq_scored_by": "llama.cpp" if split == "validation" else "fake-quant"}
     return row
 
