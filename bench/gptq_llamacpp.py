@@ -30,7 +30,7 @@ from typing import Any
 
 from common import ROOT, machine, write_json
 from quality_rows import gap_closed
-from study import write_results_block
+from study import merge_provenance, write_results_block
 
 # GPTQ quantizer -> the llama.cpp file type it competes with (same per-tensor types as llama-quantize --imatrix).
 FILE_TYPE = {"gptq_q4_0": "Q4_0", "gptq_iq4_xs": "IQ4_XS", "gptq_q4_k_m": "Q4_K_M"}
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     merged = [r for key, r in earlier_rows.items() if key not in measured]
     rows = sorted(rows + merged, key=lambda r: -1 if r["seed"] is None else r["seed"])  # pretrained, then seed by seed
     # provenance: every command whose rows are in the table, through merges of merges
-    provenance = [*(earlier.get("merged") or []), {"json": args.merge, "command": earlier.get("command", "")}] if merged else []
+    provenance = merge_provenance([args.merge], [earlier], command) if merged else []
     if merged:
         print(f"merged from {args.merge}: {len(merged)} rows measured earlier")
     summary = {split: seed_summary(rows, split) for split in CORPUS}

@@ -218,6 +218,7 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
                 "overrides": args.overrides, "train_overrides": args.train_overrides, "eval_overrides": args.eval_overrides,
                 "runs": args.runs, "reused_runs": args.reuse, "reduced": reduced}
     rows = list(args.rows)
+    command = "python bench/llamacpp_study.py " + shlex.join(argv)
     if args.merge:
         others = [load_earlier(study_path(p), settings, split_of_corpus) for p in args.merge]
         for other in others:
@@ -228,13 +229,13 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
             for corpus, info in corpora.items():
                 info.setdefault("tokens", other.get("corpora", {}).get(corpus, {}).get("tokens"))
         rows += [r for other in others for r in other["settings"].get("rows", []) if r not in rows and r in cells]
-        settings["merged"] = merge_provenance(args.merge, others)
+        settings["merged"] = merge_provenance(args.merge, others, command)
         # the settings describe the merged tables: every row and seed in them
         settings["rows"] = rows
         settings["seeds"] = sorted({int(seed) for seeds in cells.values() for seed in seeds if seed != "-"} | set(args.seeds))
     result = {
         "bench": "llamacpp_study", "date": date.today().isoformat(), "machine": machine(),
-        "command": "python bench/llamacpp_study.py " + shlex.join(argv),
+        "command": command,
         "settings": settings, "corpora": corpora, "eval_split_of_corpus": split_of_corpus,
         "cells": {row: cells[row] for row in rows if row in cells},
         "files": files, "file_sizes": file_sizes(files),

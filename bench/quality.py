@@ -164,12 +164,13 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
                 "reused_runs": {f"{r}:{s}": str(p) for (r, s), p in reuse.items()},
                 "default_row": args.default_row, "deploy_row": args.deploy_row}
     rows = list(args.rows)
+    command = "python bench/quality.py " + shlex.join(argv)
     if args.merge:
         others = [load_merged_study(study_path(p), settings, list(corpora)) for p in args.merge]
         cells, timing = merge_studies(keyed_by_steps(cells, args.steps), keyed_by_steps(timing, args.steps), others)
         rows += [r for other in others for r in other["settings"].get("rows", []) if r not in rows]
         # provenance: every command whose cells are in the tables, through merges of merges (a study seed by seed)
-        settings["merged"] = merge_provenance(args.merge, others)
+        settings["merged"] = merge_provenance(args.merge, others, command)
         # the settings describe the merged tables: every row, seed and length in them
         settings["rows"] = rows
         settings["seeds"] = sorted({int(seed) for seeds in cells.values() for seed in seeds if seed != "-"} | set(args.seeds))
@@ -179,7 +180,7 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
                or args.calib_windows is not None or args.steps is not None or args.corpora != DEFAULT_CORPORA)
     result = {
         "bench": "quality", "date": date.today().isoformat(), "machine": machine(),
-        "command": "python bench/quality.py " + shlex.join(argv),
+        "command": command,
         "settings": {**settings, "reduced": reduced},
         "corpora": corpora, "eval_split_of_corpus": split_of_corpus,
         "cells": cells,

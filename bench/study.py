@@ -314,11 +314,19 @@ def merge_studies(cells: dict[str, Any], timing: dict[str, Any], others: list[di
     return cells, timing
 
 
-def merge_provenance(paths: list[str], others: list[dict[str, Any]]) -> list[dict[str, str]]:
+def merge_provenance(paths: list[str], others: list[dict[str, Any]], command: str | None = None) -> list[dict[str, str]]:
     """Every command whose cells a merged table holds, through merges of merges: each earlier result's own list, then
-    that result's JSON and command."""
-    return [entry for path, other in zip(paths, others)
-            for entry in [*other["settings"].get("merged", []), {"json": str(path), "command": other.get("command", "")}]]
+    that result's JSON and command. Each command once, and not ``command`` (the one writing this table): a study
+    merged into itself seed after seed (``--merge X --out-json X``) would otherwise list the same command again at
+    every run."""
+    seen, chain = {command}, []
+    for path, other in zip(paths, others):
+        earlier = other.get("settings", other).get("merged") or []  # gptq_llamacpp keeps its list at the top level
+        for entry in [*earlier, {"json": str(path), "command": other.get("command", "")}]:
+            if entry["command"] not in seen:
+                seen.add(entry["command"])
+                chain.append(entry)
+    return chain
 
 
 def merge_cells(mine: dict[str, dict[str, Any]], theirs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

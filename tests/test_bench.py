@@ -287,6 +287,16 @@ def test_merge_joins_an_earlier_study_of_another_length(tmp_path, monkeypatch, c
     assert quality.main(["--rows", "control", "--seeds", "0", "--steps", "64", *common, *out("chain"), "--merge", str(tmp_path / "late.json")]) == 0
     chain = json.loads((tmp_path / "chain.json").read_text())["settings"]["merged"]
     assert [m["json"] for m in chain] == [str(tmp_path / "early.json"), str(tmp_path / "late.json")]
+    # a study merged into itself run after run (seed by seed, --merge X --out-json X) lists each command once,
+    # and not the command that wrote it
+    itself = ["--rows", "control", "--seeds", "0", "--steps", "64", *common, *out("chain"), "--merge", str(tmp_path / "chain.json")]
+    for _ in range(2):
+        assert quality.main(itself) == 0
+    again = json.loads((tmp_path / "chain.json").read_text())
+    assert [m["json"] for m in again["settings"]["merged"]] == [str(tmp_path / "early.json"), str(tmp_path / "late.json"),
+                                                               str(tmp_path / "chain.json")]
+    assert len({m["command"] for m in again["settings"]["merged"]} | {again["command"]}) == 4
+    assert (tmp_path / "chain.md").read_text().count("made by:") == 3
 
     # measured with other windows: not one table
     other = [*common[:5], "4", *common[6:]]
