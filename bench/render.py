@@ -131,7 +131,9 @@ def seed_note(counts: list[int], seeds: list[int], marked: str = "points") -> st
         which = f"seed {seeds[0]}" if len(seeds) == 1 else f"one seed per {marked[:-1]}"
         return f"SINGLE SEED ({which}): no error bars, no spread measured"
     if min(counts) == 1:
-        return f"error bars: ± std over {max(counts)} seeds; {marked} marked (1 seed) have none"
+        return f"error bars: ± std over {max(counts)} seeds (a marked {marked[:-1]}: over its own seeds, none with 1 seed)"
+    if min(counts) < max(counts):
+        return f"error bars: ± std over {max(counts)} seeds (a marked {marked[:-1]}: over its own seeds)"
     return f"error bars: ± std over {max(counts)} seeds"
 
 
@@ -155,8 +157,9 @@ def _legend_below(ax: Any, columns: int = 1) -> None:
 
 
 def _seeds_label(label: str, n: int, counts: list[int]) -> str:
-    """``label`` marked (1 seed) when its point has one seed and others more (all single: the figure says so)."""
-    return label + (" (1 seed)" if n == 1 and max(counts) > 1 else "")
+    """``label`` marked with its number of seeds, (1 seed) or (2 seeds), when other points have more (all single: the
+    figure says so)."""
+    return label + (f" ({n} seed{'s' if n > 1 else ''})" if 0 < n < max(counts) else "")
 
 
 def _keep_in_view(ax: Any, axis: str, low: float, high: float) -> None:

@@ -405,6 +405,15 @@ def test_figures_follow_the_plot_rules(tmp_path, monkeypatch):
     render.plot_quality(result, tmp_path / "q2.png")
     assert "± std over 2 seeds" in drawn[-1]["title"] and "SINGLE SEED" not in drawn[-1]["title"]
     assert any(text.endswith("(1 seed)") and "paper" in text for text in drawn[-1]["axes"][0]["legend"])
+    # a row with fewer seeds than the others, but more than one, says how many
+    three = {row: {**seeds, "2": seeds["1"]} for row, seeds in cells.items() if row != "npft_paper"}
+    result = {"settings": {"quantizers": ["rtn4"], "seeds": [0, 1, 2]},
+              "aggregate": quality_rows.aggregate({**three, "npft_paper": {**cells["npft_paper"], "1": cells["npft_paper"]["0"]}}, ["rtn4"])}
+    render.plot_quality(result, tmp_path / "q3.png")
+    assert "± std over 3 seeds (a marked row: over its own seeds)" in drawn[-1]["title"]
+    legend = drawn[-1]["axes"][0]["legend"]
+    assert any(text.endswith("(2 seeds)") and "paper" in text for text in legend)
+    assert not any(text.endswith("seeds)") for text in legend if "paper" not in text)
 
     # a row label longer than the figure is wide is wrapped, so that the 2-column legend stays inside it
     long = {"control": cells["control"], "qerr_all_mix0.15_kd_self_w0.5": cells["qerr_all"]}
