@@ -250,6 +250,28 @@ def test_figure_draws_the_gap_closed_of_each_recipe_and_file(tmp_path, monkeypat
                                            tmp_path / "none.png") is None
 
 
+def test_figure_cuts_a_bar_of_a_near_zero_gap_and_writes_its_value(tmp_path, monkeypatch):
+    """The control's Q8_0 gap is noise-sized: a recipe 0.06 PPL worse there is -5 gaps, which would flatten the other
+    bars; the axis stops at the limit and the cut bar carries its value."""
+    from npft_lightning.tasks import figures as project_io
+
+    cells = {"control": {"0": {"wiki": {"F32": 10.0, "Q4_0": 14.0, "Q4_0+imatrix": 12.0, "Q8_0": 10.01}}},
+             "mixed_q4_0": {"0": {"wiki": {"F32": 10.2, "Q4_0": 12.0, "Q4_0+imatrix": 11.0, "Q8_0": 10.06}}}}
+    result = {"settings": {"columns": COLUMNS, "seeds": [0]}, "aggregate": llamacpp_rows.aggregate(cells, COLUMNS)}
+    drawn, save = [], project_io.save_figure
+
+    def spy(fig, path, dpi=120):
+        ax = fig.axes[0]
+        drawn.append({"ylim": ax.get_ylim(), "texts": [t.get_text() for t in ax.texts]})
+        return save(fig, path, dpi)
+
+    monkeypatch.setattr(project_io, "save_figure", spy)
+    llamacpp_render.plot_gap_closed(result, tmp_path / "g.png")
+    (fig,) = drawn
+    assert fig["ylim"][0] == pytest.approx(-llamacpp_render.GAP_AXIS_LIMIT) and fig["ylim"][1] >= 1
+    assert fig["texts"] == ["-5.0"]  # only the cut bar is labelled, with its value
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not __import__("npft_lightning.quant.llamacpp", fromlist=["x"]).llama_cpp_installed(),
                     reason="the llamacpp extra is not installed (make llamacpp)")
