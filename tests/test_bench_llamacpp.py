@@ -225,22 +225,29 @@ def test_bad_rows_and_columns_are_one_line(tmp_path, monkeypatch, capsys):
     assert "--columns: 'Q9_9' is not a llama.cpp file type" in capsys.readouterr().err
 
 
-def test_figure_draws_the_gap_closed_of_each_recipe_and_file(tmp_path, monkeypatch):
+def _drawn_figures(monkeypatch) -> list[dict]:
+    """What each saved figure's first panel shows: title, bar heights, horizontal lines, y range and texts."""
     from npft_lightning.tasks import figures as project_io
 
-    cells = {"control": {"0": {"wiki": {"F32": 10.0, "Q4_0": 14.0, "Q4_0+imatrix": 12.0, "Q8_0": 10.2}}},
-             "default": {"0": {"wiki": {"F32": 10.1, "Q4_0": 12.0, "Q4_0+imatrix": 11.5, "Q8_0": 10.2}}},
-             "mixed_q4_0": {"0": {"wiki": {"F32": 10.2, "Q4_0": 11.0, "Q4_0+imatrix": 10.5, "Q8_0": 10.3}}}}
-    result = {"settings": {"columns": COLUMNS, "seeds": [0]}, "aggregate": llamacpp_rows.aggregate(cells, COLUMNS)}
     drawn, save = [], project_io.save_figure
 
     def spy(fig, path, dpi=120):
         ax = fig.axes[0]
         drawn.append({"title": fig._suptitle.get_text(), "heights": [p.get_height() for p in ax.patches],
-                      "lines": [ln.get_ydata()[0] for ln in ax.lines if len(set(ln.get_ydata())) == 1], "ylim": ax.get_ylim()})
+                      "lines": [ln.get_ydata()[0] for ln in ax.lines if len(set(ln.get_ydata())) == 1],
+                      "ylim": ax.get_ylim(), "texts": [t.get_text() for t in ax.texts]})
         return save(fig, path, dpi)
 
     monkeypatch.setattr(project_io, "save_figure", spy)
+    return drawn
+
+
+def test_figure_draws_the_gap_closed_of_each_recipe_and_file(tmp_path, monkeypatch):
+    cells = {"control": {"0": {"wiki": {"F32": 10.0, "Q4_0": 14.0, "Q4_0+imatrix": 12.0, "Q8_0": 10.2}}},
+             "default": {"0": {"wiki": {"F32": 10.1, "Q4_0": 12.0, "Q4_0+imatrix": 11.5, "Q8_0": 10.2}}},
+             "mixed_q4_0": {"0": {"wiki": {"F32": 10.2, "Q4_0": 11.0, "Q4_0+imatrix": 10.5, "Q8_0": 10.3}}}}
+    result = {"settings": {"columns": COLUMNS, "seeds": [0]}, "aggregate": llamacpp_rows.aggregate(cells, COLUMNS)}
+    drawn = _drawn_figures(monkeypatch)
     assert llamacpp_render.plot_gap_closed(result, tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
     (fig,) = drawn
     assert fig["heights"] == pytest.approx([0.5, 0.25, 0.0, 0.75, 0.75, -0.5])  # per row, each column's (q_ctrl - q_row) / gap
@@ -253,19 +260,10 @@ def test_figure_draws_the_gap_closed_of_each_recipe_and_file(tmp_path, monkeypat
 def test_figure_cuts_a_bar_of_a_near_zero_gap_and_writes_its_value(tmp_path, monkeypatch):
     """The control's Q8_0 gap is noise-sized: a recipe 0.06 PPL worse there is -5 gaps, which would flatten the other
     bars; the axis stops at the limit and the cut bar carries its value."""
-    from npft_lightning.tasks import figures as project_io
-
     cells = {"control": {"0": {"wiki": {"F32": 10.0, "Q4_0": 14.0, "Q4_0+imatrix": 12.0, "Q8_0": 10.01}}},
              "mixed_q4_0": {"0": {"wiki": {"F32": 10.2, "Q4_0": 12.0, "Q4_0+imatrix": 11.0, "Q8_0": 10.06}}}}
     result = {"settings": {"columns": COLUMNS, "seeds": [0]}, "aggregate": llamacpp_rows.aggregate(cells, COLUMNS)}
-    drawn, save = [], project_io.save_figure
-
-    def spy(fig, path, dpi=120):
-        ax = fig.axes[0]
-        drawn.append({"ylim": ax.get_ylim(), "texts": [t.get_text() for t in ax.texts]})
-        return save(fig, path, dpi)
-
-    monkeypatch.setattr(project_io, "save_figure", spy)
+    drawn = _drawn_figures(monkeypatch)
     llamacpp_render.plot_gap_closed(result, tmp_path / "g.png")
     (fig,) = drawn
     assert fig["ylim"][0] == pytest.approx(-llamacpp_render.GAP_AXIS_LIMIT) and fig["ylim"][1] >= 1
