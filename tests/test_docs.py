@@ -271,11 +271,15 @@ def placeholders(text: str, source: str) -> list[str]:
     return [name for name in UPPER_NAME.findall(text) if name not in source]
 
 
+def source_text(patterns) -> str:
+    this_file = Path(__file__).resolve()  # its own example placeholder must not count as a use
+    return "\n".join(p.read_text(errors="replace") for pattern in patterns for p in sorted(ROOT.glob(pattern))
+                     if p.is_file() and p.resolve() != this_file)
+
+
 def test_docs_have_no_placeholders():
     """Every upper-case name the README and docs/ show exists in the code: no unfilled placeholder ships."""
-    this_file = Path(__file__).resolve()  # its own example placeholder must not count as a use
-    source = "\n".join(p.read_text(errors="replace") for pattern in SOURCE_GLOBS for p in sorted(ROOT.glob(pattern))
-                       if p.is_file() and p.resolve() != this_file)
+    source = source_text(SOURCE_GLOBS)
     found = [f"{path.relative_to(ROOT)}:{number}: {name}" for path in DOCS
              for number, line in enumerate(path.read_text().splitlines(), 1) for name in placeholders(line, source)]
     assert not found, f"placeholders left in the docs (fill in the measured value): {found}"
@@ -284,9 +288,7 @@ def test_docs_have_no_placeholders():
 def test_config_comments_have_no_placeholders():
     """A config's comments, what a user reads beside an option, name only what the code names: the configs are
     the source the docs check counts, so a placeholder there (a "COST_QAT_Q4_0") needs its own check."""
-    this_file = Path(__file__).resolve()
-    code = "\n".join(p.read_text(errors="replace") for pattern in SOURCE_GLOBS if not pattern.startswith("conf/")
-                     for p in sorted(ROOT.glob(pattern)) if p.is_file() and p.resolve() != this_file)
+    code = source_text(g for g in SOURCE_GLOBS if not g.startswith("conf/"))
     found = [f"{path.relative_to(ROOT)}:{number}: {name}" for path in sorted(ROOT.glob("conf/**/*.yaml"))
              for number, line in enumerate(path.read_text().splitlines(), 1) if "#" in line
              for name in placeholders(line.split("#", 1)[1], code)]
