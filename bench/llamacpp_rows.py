@@ -20,6 +20,7 @@ ROWS: dict[str, list[str] | None] = {
     "mixed_q4_0_imatrix": ["experiment=mixed_q4_0_imatrix"],
     "mixed_q4_k_imatrix": ["experiment=mixed_q4_k_imatrix"],
     "qat_q4_0": ["experiment=qat_q4_0"],
+    "qat_q4_0_imatrix": ["experiment=qat_q4_0_imatrix"],
     "qat_q4_k": ["experiment=qat_q4_k"],
     "qat_rtn4": ["experiment=qat_rtn4"],
 }
