@@ -22,6 +22,7 @@ ROWS: dict[str, list[str] | None] = {
     "qat_q4_0": ["experiment=qat_q4_0"],
     "qat_q4_0_imatrix": ["experiment=qat_q4_0_imatrix"],
     "qat_q4_k": ["experiment=qat_q4_k"],
+    "qat_q4_k_imatrix": ["experiment=qat_q4_k_imatrix"],
     "qat_rtn4": ["experiment=qat_rtn4"],
 }
 ROW_LABELS = {

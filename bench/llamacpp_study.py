@@ -7,8 +7,8 @@ Rows (each trained once per seed with train.py, same data / steps / seed as the 
   control              the default recipe without noise (experiment=npft_smollm2 noise=none)
   default              the default recipe (experiment=npft_smollm2: mixed objective, RTN-4 error)
   mixed_q4_0 ...       experiment=<row>: mixed_q4_0, mixed_q4_k, mixed_q4_0_imatrix, mixed_q4_k_imatrix,
-                       qat_q4_0, qat_q4_0_imatrix, qat_q4_k, qat_rtn4 (a row whose config this checkout
-                       lacks is refused)
+                       qat_q4_0, qat_q4_0_imatrix, qat_q4_k, qat_q4_k_imatrix, qat_rtn4 (a row whose
+                       config this checkout lacks is refused)
 
 Columns: llama.cpp files made by eval.py's ``llamacpp_types`` (llama.cpp's quantizer on the merged model, the
 imatrix computed on the calibration windows of the Wikipedia train split), each scored by llama.cpp's forward:

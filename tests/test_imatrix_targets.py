@@ -50,6 +50,7 @@ RECIPES = {
     "qat_q4_0": (GGMLQuantizer, "q4_0", 1.0, None),
     "mixed_q4_0_imatrix": (LlamaCppFileType, "Q4_0", 0.15, "calibration"),
     "qat_q4_0_imatrix": (LlamaCppFileType, "Q4_0", 1.0, "calibration"),
+    "qat_q4_k_imatrix": (LlamaCppFileType, "Q4_K_M", 1.0, "calibration"),
 }
 
 
