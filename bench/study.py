@@ -8,7 +8,8 @@ and ``row``; a train step also carries its Hydra ``overrides`` (to check a finis
 folder: wait for it, never train it here); an eval step may name the train folder it needs in ``after`` and
 the files to delete once its metrics are in (``discard``: glob patterns in its folder).
 A finished cell is never run again: a train step whose folder holds a run of the same training config, an
-eval step whose metrics exist for the same command.
+eval step whose metrics exist for the same command. An interrupted train step goes on from its last checkpoint
+(train.py saves one every 50 steps) when the study runs again with the same command.
 """
 
 from __future__ import annotations
@@ -146,6 +147,22 @@ def finished_train(run_dir: Path, signature: dict[str, Any]) -> tuple[bool, str 
     return diff is None, (f"its config differs at {diff}" if diff else None)
 
 
+# What the driver records in a train step's folder before it launches train.py there: the command, so that a later
+# run of the study can tell an interrupted training of this very command (resume it) from another one's leftovers.
+TRAIN_COMMAND = "driver_command.json"
+
+
+def interrupted_train(run_dir: Path, command: list[str]) -> Path | None:
+    """The last checkpoint of a training this driver started in ``run_dir`` with ``command`` and that was interrupted
+    (a resume from it gives the uninterrupted adapter, tests/test_resume.py), else None."""
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    try:
+        same = json.loads((run_dir / TRAIN_COMMAND).read_text())[1:] == command[1:]  # [0] is the interpreter
+    except (OSError, ValueError):
+        return None
+    return checkpoint if same and checkpoint.is_file() else None
+
+
 def finished_eval(cell: Path, command: list[str]) -> dict[str, Any] | None:
     """The metrics of an eval cell that already ran this exact command, else None."""
     try:
@@ -180,8 +197,8 @@ def held(lock: str | None) -> contextlib.AbstractContextManager:
 def run_cell(command: list[str], log: Path, lock: str | None) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "HYDRA_FULL_ERROR": "1"}
-    with held(lock), open(log, "w") as out:
-        out.write("$ " + shlex.join(command) + "\n")
+    with held(lock), open(log, "a") as out:  # a resumed or rerun cell keeps the log of its earlier runs
+        out.write(("\n" if out.tell() else "") + "$ " + shlex.join(command) + "\n")  # a killed run may end mid-line
         out.flush()
         code = subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
     if code != 0:
@@ -230,11 +247,13 @@ def run_plan(plan: list[dict[str, Any]], lock: str | None, dry_run: bool, desc: 
                 skipped += 1
             elif finished_only:
                 failed_train.add(step["dir"])  # not trained yet: its eval is left out
-            elif dry_run:
-                print(shlex.join(step["command"]))
             else:
+                command = train_command(step, dry_run)
+                if dry_run:
+                    print(shlex.join(command))
+                    continue
                 try:
-                    run_cell(step["command"], step["dir"] / "driver.log", lock)
+                    run_cell(command, step["dir"] / "driver.log", lock)
                     ran += 1
                 except RuntimeError as err:
                     failures.append(str(err))
@@ -263,6 +282,29 @@ def run_plan(plan: list[dict[str, Any]], lock: str | None, dry_run: bool, desc: 
             skipped += 1
         evals.append((step, metrics))
     return evals, ran, skipped, failures
+
+
+def train_command(step: dict[str, Any], dry_run: bool) -> list[str]:
+    """The train.py command of a train step not finished yet: its command, resuming from the last checkpoint when an
+    earlier run of the study launched the same command there and was interrupted. A fresh start records its command
+    and removes another command's last checkpoint (train.py would overwrite it at its first checkpoint anyway), so
+    that an interruption before then never resumes from it."""
+    from npft_lightning.core.io import atomic_write_json
+
+    run_dir, command = step["dir"], step["command"]
+    checkpoint = interrupted_train(run_dir, command)
+    if checkpoint is not None:
+        if not dry_run:
+            tqdm.write(f"resuming the interrupted training in {run_dir} from {checkpoint}")
+        return [*command, f"ckpt_path={checkpoint}"]
+    if not dry_run:
+        stale = run_dir / "checkpoints" / "last.ckpt"
+        if stale.is_file():
+            tqdm.write(f"training {run_dir} afresh: its {stale} is not of this command (removed)")
+            stale.unlink()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / TRAIN_COMMAND, command)
+    return command
 
 
 def print_outcome(ran: int, skipped: int, failures: list[str]) -> None:

@@ -216,6 +216,45 @@ def test_runs_of_a_training_queue_are_used_waited_for_or_refused(tmp_path, monke
     assert f"error: --reuse default:0={runs / 'default_s0'} (from --runs) cannot be used" in err and "noise.distribution._target_" in err
 
 
+class InterruptedTraining(FakeCells):
+    """train.py is interrupted after its first checkpoint: it leaves checkpoints/last.ckpt and no finished run."""
+
+    def __call__(self, command, log, lock):
+        if command[1] != "train.py":
+            return super().__call__(command, log, lock)
+        self.commands.append(command)
+        (Path(_value(command, "hydra.run.dir")) / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (Path(_value(command, "hydra.run.dir")) / "checkpoints" / "last.ckpt").write_bytes(b"step 50")
+        raise RuntimeError("exit code -9: train.py")
+
+
+def test_an_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """A study stopped mid-training (the machine went away) goes on from the run's last checkpoint when it runs again
+    with the same command; another command in that folder trains afresh and never resumes the leftover checkpoint."""
+    args = [*_args(tmp_path), "--rows", "control"]
+    run_dir = tmp_path / "study" / "control" / "seed0" / "train"
+    monkeypatch.setattr(study, "run_cell", InterruptedTraining())
+    assert llamacpp_study.main(args) == 1
+    assert "cells: 0 run, 0 reused" in capsys.readouterr().out
+    fake = FakeCells()
+    monkeypatch.setattr(study, "run_cell", fake)
+    assert llamacpp_study.main(["--dry-run", *args]) == 0
+    assert f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().out and fake.commands == []
+    assert llamacpp_study.main(args) == 0
+    train, evaluate = fake.commands
+    assert train[-1] == f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}" and evaluate[1] == "eval.py"
+    assert f"resuming the interrupted training in {run_dir}" in capsys.readouterr().out
+
+    # another command (here another number of steps) in the same folder: a fresh start, the leftover checkpoint removed
+    monkeypatch.setattr(study, "run_cell", InterruptedTraining())
+    assert llamacpp_study.main([*args, "--steps", "3"]) == 1
+    monkeypatch.setattr(study, "run_cell", fake)
+    fake.commands.clear()
+    assert llamacpp_study.main([*args, "--steps", "4"]) == 0
+    assert not any(c.startswith("ckpt_path=") for c in fake.commands[0]) and "trainer.max_steps=4" in fake.commands[0]
+    assert f"training {run_dir} afresh" in capsys.readouterr().out and not (run_dir / "checkpoints" / "last.ckpt").exists()
+
+
 def test_bad_rows_and_columns_are_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(llamacpp_rows, "ROOT", tmp_path)  # a checkout without the recipe configs
     assert llamacpp_study.main(_args(tmp_path)) == 2
