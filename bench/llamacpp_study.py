@@ -19,8 +19,9 @@ domain). Derived (paired by seed with the control): gap closed at each file type
 control's file of the same type with an imatrix, what the imatrix adds to each row, the unquantized cost.
 
 Every cell is a train.py / eval.py subprocess writing into --study-dir; a finished cell is never run again, so an
-interrupted study resumes (an interrupted training from its last checkpoint); --merge joins an earlier result's cells (its JSON), so a study goes on in another folder or
-on another machine. The GGUF files of a cell are deleted once its metrics are in (--keep-gguf keeps them).
+interrupted study resumes (an interrupted training from its last checkpoint); --merge joins an earlier result's
+cells (its JSON), so a study goes on in another folder or on another machine. The GGUF files of a cell are deleted
+once its metrics are in (--keep-gguf keeps them).
 
     python bench/llamacpp_study.py                                   # the full study (days on a CPU)
     python bench/llamacpp_study.py --rows pretrained control --seeds 0 --runs /work/study/llamacpp/train --no-train

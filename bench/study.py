@@ -152,22 +152,19 @@ def finished_train(run_dir: Path, signature: dict[str, Any]) -> tuple[bool, str 
 TRAIN_COMMAND = "driver_command.json"
 
 
-def interrupted_train(run_dir: Path, command: list[str]) -> Path | None:
-    """The last checkpoint of a training this driver started in ``run_dir`` with ``command`` and that was interrupted
-    (a resume from it gives the uninterrupted adapter, tests/test_resume.py), else None."""
-    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+def recorded_command_is(record: Path, command: list[str]) -> bool:
+    """Whether ``record`` (the JSON a driver wrote for a cell) holds ``command``; [0], the interpreter, may differ."""
     try:
-        same = json.loads((run_dir / TRAIN_COMMAND).read_text())[1:] == command[1:]  # [0] is the interpreter
+        return json.loads(record.read_text())[1:] == command[1:]
     except (OSError, ValueError):
-        return None
-    return checkpoint if same and checkpoint.is_file() else None
+        return False
 
 
 def finished_eval(cell: Path, command: list[str]) -> dict[str, Any] | None:
     """The metrics of an eval cell that already ran this exact command, else None."""
+    if not recorded_command_is(cell / "command.json", command):
+        return None
     try:
-        if json.loads((cell / "command.json").read_text())[1:] != command[1:]:  # [0] is the interpreter
-            return None
         return json.loads((cell / "metrics.json").read_text())
     except (OSError, ValueError):
         return None
@@ -286,22 +283,22 @@ def run_plan(plan: list[dict[str, Any]], lock: str | None, dry_run: bool, desc: 
 
 def train_command(step: dict[str, Any], dry_run: bool) -> list[str]:
     """The train.py command of a train step not finished yet: its command, resuming from the last checkpoint when an
-    earlier run of the study launched the same command there and was interrupted. A fresh start records its command
-    and removes another command's last checkpoint (train.py would overwrite it at its first checkpoint anyway), so
-    that an interruption before then never resumes from it."""
+    earlier run of the study launched the same command there and was interrupted (a resume gives the uninterrupted
+    adapter, tests/test_resume.py). A fresh start records its command and removes another command's last checkpoint
+    (train.py would overwrite it at its first checkpoint anyway), so that an interruption before then never resumes
+    from it."""
     from npft_lightning.core.io import atomic_write_json
 
     run_dir, command = step["dir"], step["command"]
-    checkpoint = interrupted_train(run_dir, command)
-    if checkpoint is not None:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file() and recorded_command_is(run_dir / TRAIN_COMMAND, command):
         if not dry_run:
-            tqdm.write(f"resuming the interrupted training in {run_dir} from {checkpoint}")
-        return [*command, f"ckpt_path={checkpoint}"]
+            tqdm.write(f"resuming the interrupted training in {run_dir} from {last}")
+        return [*command, f"ckpt_path={last}"]
     if not dry_run:
-        stale = run_dir / "checkpoints" / "last.ckpt"
-        if stale.is_file():
-            tqdm.write(f"training {run_dir} afresh: its {stale} is not of this command (removed)")
-            stale.unlink()
+        if last.is_file():
+            tqdm.write(f"training {run_dir} afresh: its {last} is not of this command (removed)")
+            last.unlink()
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / TRAIN_COMMAND, command)
     return command
