@@ -223,8 +223,9 @@ class InterruptedTraining(FakeCells):
         if command[1] != "train.py":
             return super().__call__(command, log, lock)
         self.commands.append(command)
-        (Path(_value(command, "hydra.run.dir")) / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (Path(_value(command, "hydra.run.dir")) / "checkpoints" / "last.ckpt").write_bytes(b"step 50")
+        checkpoints = Path(_value(command, "hydra.run.dir")) / "checkpoints"
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        (checkpoints / "last.ckpt").write_bytes(b"step 50")
         raise RuntimeError("exit code -9: train.py")
 
 
