@@ -9,6 +9,7 @@ Rows (each trained once per seed with train.py, same data / steps / seed as the 
   mixed_q4_0 ...       experiment=<row>: mixed_q4_0, mixed_q4_k, mixed_q4_0_imatrix, mixed_q4_k_imatrix,
                        qat_q4_0, qat_q4_0_imatrix, qat_q4_k, qat_q4_k_imatrix, qat_rtn4 (a row whose
                        config this checkout lacks is refused)
+  qat75_q4_k_imatrix   experiment=qat_q4_k_imatrix noise.step_probability=0.75 (three quarters of the steps)
 
 Columns: llama.cpp files made by eval.py's ``llamacpp_types`` (llama.cpp's quantizer on the merged model, the
 imatrix computed on the calibration windows of the Wikipedia train split), each scored by llama.cpp's forward:
