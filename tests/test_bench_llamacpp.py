@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -57,6 +58,22 @@ def test_derived_numbers_by_hand():
     # the unquantized cost: F32 against the control's F32, 10.5/10 and 12/12
     assert row["vs_control_pct"]["F32"]["mean"] == pytest.approx(2.5)
     assert "gap_closed" not in agg["derived"]["wiki"]["control"] and "gap_closed" not in agg["derived"]["wiki"]["pretrained"]
+
+
+@pytest.mark.parametrize("row", [r for r, overrides in llamacpp_rows.ROWS.items() if overrides])
+def test_every_row_composes_into_a_valid_training_config(row, tmp_path):
+    """A row's overrides are ones train.py takes (a misspelt key or a bad value fails here, not hours into a study)."""
+    from hydra import compose, initialize_config_dir
+
+    from npft_lightning.tasks.checks import validate_config
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*llamacpp_rows.train_overrides(row, 0, None, [], []), f"paths.output_dir={tmp_path}"])
+    validate_config(cfg, "train")
+    for override in llamacpp_rows.ROWS[row]:
+        key, value = override.split("=", 1)
+        if "." in key:  # a value (a group choice, experiment=… or noise=none, is a config of its own)
+            assert str(OmegaConf.select(cfg, key)) == value, override
 
 
 def test_queue_runs_have_the_study_rows_training_config():
