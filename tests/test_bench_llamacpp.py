@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import compose
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,12 +64,9 @@ def test_derived_numbers_by_hand():
 @pytest.mark.parametrize("row", [r for r, overrides in llamacpp_rows.ROWS.items() if overrides])
 def test_every_row_composes_into_a_valid_training_config(row, tmp_path):
     """A row's overrides are ones train.py takes (a misspelt key or a bad value fails here, not hours into a study)."""
-    from hydra import compose, initialize_config_dir
-
     from npft_lightning.tasks.checks import validate_config
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*llamacpp_rows.train_overrides(row, 0, None, [], []), f"paths.output_dir={tmp_path}"])
+    cfg = compose("train", *llamacpp_rows.train_overrides(row, 0, None, [], []), f"paths.output_dir={tmp_path}")
     validate_config(cfg, "train")
     for override in llamacpp_rows.ROWS[row]:
         key, value = override.split("=", 1)
