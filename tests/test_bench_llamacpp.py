@@ -74,6 +74,14 @@ def test_every_row_composes_into_a_valid_training_config(row, tmp_path):
             assert str(OmegaConf.select(cfg, key)) == value, override
 
 
+@pytest.mark.parametrize("row", ["qat75_q4_k_imatrix"])
+def test_a_named_recipe_trains_what_its_study_row_measured(row):
+    """A recipe named after a study row (conf/experiment/<row>.yaml) trains exactly that row's config."""
+    named = study.expected_train_signature([f"experiment={row}"])
+    assert study.config_difference(named, study.expected_train_signature(llamacpp_rows.ROWS[row])) is None
+    assert study.config_difference(named, study.expected_train_signature(["experiment=qat_q4_k_imatrix"])) is not None
+
+
 def test_queue_runs_have_the_study_rows_training_config():
     """The training queue's commands (validation-only overrides aside) train what the study's rows train."""
     queue = {"control": ["experiment=npft_smollm2", "noise=none", "quant=none", "seed=0", "curvature=null", "data.max_eval_windows=1"],

@@ -51,6 +51,7 @@ RECIPES = {
     "mixed_q4_0_imatrix": (LlamaCppFileType, "Q4_0", 0.15, "calibration"),
     "qat_q4_0_imatrix": (LlamaCppFileType, "Q4_0", 1.0, "calibration"),
     "qat_q4_k_imatrix": (LlamaCppFileType, "Q4_K_M", 1.0, "calibration"),
+    "qat75_q4_k_imatrix": (LlamaCppFileType, "Q4_K_M", 0.75, "calibration"),
 }
 
 
